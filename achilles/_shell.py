@@ -1,0 +1,159 @@
+"""The Twisted half of the wire protocol, shared by server, node and controller.
+
+:class:`FramedProtocol` is a ``LineReceiver`` whose header lines and raw payloads go
+through the sans-IO :class:`~achilles.protocol.framing.HeaderParser`; a protocol error
+from a peer becomes an error frame and a close, never an exception in the reactor.
+:class:`ClientProtocol` adds the peer side of the handshake (nodes, controllers, admin).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import socket
+from typing import Any
+
+from twisted.internet import protocol
+from twisted.protocols.basic import LineReceiver
+
+from achilles.errors import AuthenticationError, ProtocolError
+from achilles.protocol import auth
+from achilles.protocol.framing import MAX_HEADER_LENGTH, Frame, HeaderParser, Need, encode
+from achilles.protocol.messages import (PROTOCOL_VERSION, AuthReply, Challenge, ErrorFrame,
+                                        Message, Welcome)
+
+log = logging.getLogger("achilles")
+
+PYTHON = "%s.%s" % platform.python_version_tuple()[:2]
+
+
+class FramedProtocol(LineReceiver):
+    delimiter = b"\n"
+    MAX_LENGTH = MAX_HEADER_LENGTH
+    max_payload = 512 * 1024 * 1024
+    peer_desc = "peer"
+
+    def connectionMade(self) -> None:
+        self.parser = HeaderParser(self.max_payload)
+        self.authenticated = False
+
+    def send(self, msg: Message, payload: bytes = b"") -> None:
+        if self.transport is not None:
+            self.transport.writeSequence(encode(msg, payload))
+
+    def fail(self, code: str, detail: str) -> None:
+        """Tell the peer what was wrong, then close."""
+        self.send(ErrorFrame(code, detail[:2000]))
+        self.transport.loseConnection()
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self._protocol_error(ProtocolError(
+            "header-too-long", f"header line over {MAX_HEADER_LENGTH} bytes"))
+
+    def lineReceived(self, line: bytes) -> None:
+        try:
+            got = self.parser.header(line)
+        except ProtocolError as exc:
+            return self._protocol_error(exc)
+        if isinstance(got, Need):
+            self.setRawMode()
+        else:
+            self._dispatch(got)
+
+    def rawDataReceived(self, data: bytes) -> None:
+        frame, rest = self.parser.payload(data)
+        if frame is not None:
+            self._dispatch(frame)
+            if not self.transport.disconnecting:
+                self.setLineMode(rest)
+
+    def _dispatch(self, frame: Frame) -> None:
+        try:
+            self.frameReceived(frame)
+        except ProtocolError as exc:
+            self._protocol_error(exc)
+
+    def _protocol_error(self, exc: ProtocolError) -> None:
+        log.warning("protocol error from %s: %s", self.peer_desc, exc)
+        self.fail(exc.code, exc.detail)
+
+    def frameReceived(self, frame: Frame) -> None:
+        raise NotImplementedError
+
+
+def node_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class ClientProtocol(FramedProtocol):
+    """The peer side: answer the server's challenge, check its proof, then serve."""
+
+    role = "controller"
+    peer_desc = "server"
+
+    def __init__(self, secret: str, username: str = "achilles", slots: int = 0) -> None:
+        self.secret = secret
+        self.username = username
+        self.slots = slots
+        self._nonce = ""
+        self.peer_id = -1
+
+    def frameReceived(self, frame: Frame) -> None:
+        msg = frame.msg
+        if self.authenticated:
+            return self.messageReceived(msg, frame.payload)
+        if isinstance(msg, ErrorFrame):
+            self.refused(msg)
+            self.transport.loseConnection()
+        elif isinstance(msg, Challenge) and not self._nonce:
+            try:
+                auth.check_versions(msg.version, msg.python, PYTHON, "the server")
+            except AuthenticationError as exc:
+                self.refused(ErrorFrame("version-mismatch", str(exc)))
+                self.transport.loseConnection()
+                return
+            self._server_nonce = msg.nonce
+            self._nonce = auth.make_nonce(os.urandom(auth.NONCE_BYTES))
+            digest = auth.peer_digest(self.secret, msg.nonce, self._nonce, self.role,
+                                      self.username)
+            self.send(AuthReply(self.role, self.username, self._nonce, digest,
+                                PROTOCOL_VERSION, PYTHON, self.slots, node_name()))
+        elif isinstance(msg, Welcome) and self._nonce:
+            expected = auth.server_digest(self.secret, self._server_nonce, self._nonce)
+            try:
+                auth.verify(expected, msg.digest, "the server")
+            except AuthenticationError as exc:
+                self.refused(ErrorFrame("bad-server", str(exc)))
+                self.transport.loseConnection()
+                return
+            self.authenticated = True
+            self.parser.allow_payload = True
+            self.peer_id = msg.peer_id
+            self.ready()
+        else:
+            raise ProtocolError("unexpected", f"{msg.TYPE!r} frame during the handshake")
+
+    def ready(self) -> None:
+        """Authenticated both ways: start work."""
+
+    def refused(self, err: ErrorFrame) -> None:
+        """The server refused us (or could not prove itself)."""
+        log.error("server refused the connection: %s", err.detail)
+
+    def messageReceived(self, msg: Message, payload: bytes) -> None:
+        raise NotImplementedError
+
+
+class ClientFactory(protocol.Factory):
+    """Builds one protocol per connection attempt, passing the same arguments."""
+
+    def __init__(self, cls: type[ClientProtocol], owner: Any, **kwargs: Any) -> None:
+        self.cls = cls
+        self.owner = owner
+        self.kwargs = kwargs
+
+    def buildProtocol(self, addr: Any) -> ClientProtocol:
+        proto = self.cls(**self.kwargs)
+        proto.factory = self
+        proto.owner = self.owner  # type: ignore[attr-defined]
+        return proto

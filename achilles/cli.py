@@ -1,0 +1,174 @@
+"""Command line: ``achilles server|node|local|kill|status`` (and the
+``achilles-server`` / ``achilles-node`` scripts). Errors go to stderr with a non-zero
+exit code."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import threading
+from typing import Any, Sequence
+
+from achilles.config import Settings, resolve
+from achilles.errors import AchillesError
+
+
+def _common(p: argparse.ArgumentParser, secret: bool = True) -> None:
+    p.add_argument("--host", help="server address (ACHILLES_HOST; default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="server port (ACHILLES_PORT; default 9999)")
+    p.add_argument("--username", help="name to log in as (ACHILLES_USERNAME)")
+    if secret:
+        p.add_argument("--secret-key", dest="secret_key",
+                       help="cluster secret (prefer ACHILLES_SECRET_KEY or .env: a "
+                            "command line is visible to every user in `ps`)")
+    p.add_argument("--log-level", dest="log_level", help="DEBUG, INFO, WARNING, ERROR")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="achilles", description=(
+        "Distributed multiprocessing.Pool: run a server, nodes, or manage a cluster."))
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("server", help="run the server nodes and controllers connect to")
+    _common(p)
+    p = sub.add_parser("node", help="run a node: all cores of this machine work for the "
+                                    "cluster")
+    _common(p)
+    p.add_argument("--processes", type=int, help="worker processes (default: all cores)")
+    p = sub.add_parser("local", help="server and node in one process on 127.0.0.1 "
+                                     "(what Pool() starts when no cluster is configured)")
+    p.add_argument("--processes", type=int)
+    p.add_argument("--port", type=int, default=0)
+    p.add_argument("--log-level", dest="log_level")
+    p = sub.add_parser("kill", help="stop every node of the cluster")
+    _common(p)
+    p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    p = sub.add_parser("status", help="show the cluster's nodes and jobs")
+    _common(p)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    return parser
+
+
+def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
+    keys = ("host", "port", "username", "secret_key", "processes", "log_level")
+    return resolve(**{k: getattr(args, k, None) for k in keys}, **extra)
+
+
+def _logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+
+
+def _listening(port: Any) -> None:
+    host = port.getHost()
+    print(f"listening on {host.host}:{host.port}", flush=True)
+
+
+def cmd_server(args: argparse.Namespace) -> int:
+    from twisted.internet import reactor
+    from achilles import server
+    settings = _settings(args)
+    if not settings.secret_key:
+        raise AchillesError("the server needs a secret: set ACHILLES_SECRET_KEY (or "
+                            "--secret-key, or write .env with achilles.genConfig)")
+    _logging(settings.log_level)
+    _listening(server.listen(settings, reactor))
+    reactor.run()
+    return 0
+
+
+def cmd_node(args: argparse.Namespace) -> int:
+    from achilles import node
+    settings = _settings(args)
+    _logging(settings.log_level)
+    if settings.processes is not None and settings.processes < 1:
+        raise AchillesError("--processes must be at least 1")
+    return node.run_node(settings)
+
+
+def cmd_local(args: argparse.Namespace) -> int:
+    from twisted.internet import reactor
+    from achilles import node, server
+    settings = resolve(host="127.0.0.1", port=args.port, processes=args.processes,
+                       log_level=args.log_level or "WARNING")
+    if not settings.secret_key:
+        raise AchillesError("achilles local needs ACHILLES_SECRET_KEY in its environment")
+    _logging(settings.log_level)
+    port = server.listen(settings, reactor)
+    bound = port.getHost().port
+    nd = node.Node(Settings(host="127.0.0.1", port=bound, secret_key=settings.secret_key,
+                            processes=settings.processes), reactor,
+                   on_stop=lambda code: reactor.callLater(0, reactor.stop))
+    reactor.callWhenRunning(nd.start)
+    reactor.addSystemEventTrigger("before", "shutdown", nd.executor.close)
+    _listening(port)
+
+    def watch_parent() -> None:  # our stdin closes when the process that started us dies
+        try:
+            while os.read(0, 1024):
+                pass
+        except OSError:
+            pass
+        reactor.callFromThread(reactor.stop)
+
+    threading.Thread(target=watch_parent, daemon=True).start()
+    reactor.run()
+    return 0
+
+
+def cmd_kill(args: argparse.Namespace) -> int:
+    from achilles.pool import killCluster
+    n = killCluster(host=args.host, port=args.port, username=args.username,
+                    secret_key=args.secret_key, command_verified=args.yes)
+    print(f"told {n} node(s) to stop")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from achilles.pool import getClusterStatus
+    status = getClusterStatus(host=args.host, port=args.port, username=args.username,
+                              secret_key=args.secret_key)
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0
+    print(f"{len(status['nodes'])} node(s), {status['controllers']} controller(s), "
+          f"{len(status['jobs'])} job(s)")
+    print(f"{'NODE':<32} {'SLOTS':>5} {'BUSY':>5} {'DONE':>8} {'SEEN':>7}")
+    for n in status["nodes"]:
+        print(f"{n['name']:<32} {n['slots']:>5} {n['inflight']:>5} {n['done']:>8} "
+              f"{n['last_seen_age']:>6.1f}s")
+    if status["jobs"]:
+        print(f"{'JOB':<34} {'DONE':>8} {'QUEUED':>7} {'FLIGHT':>7} {'RETRIES':>7}")
+        for j in status["jobs"]:
+            print(f"{j['id']:<34} {j['done']:>8} {j['queued']:>7} {j['inflight']:>7} "
+                  f"{j['retries']:>7}")
+    return 0
+
+
+COMMANDS = {"server": cmd_server, "node": cmd_node, "local": cmd_local, "kill": cmd_kill,
+            "status": cmd_status}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (AchillesError, OSError) as exc:
+        print(f"achilles {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def server_main() -> None:
+    sys.exit(main(["server", *sys.argv[1:]]))
+
+
+def node_main() -> None:
+    sys.exit(main(["node", *sys.argv[1:]]))
+
+
+def main_entry() -> None:
+    sys.exit(main())

@@ -1,0 +1,266 @@
+"""The controller: the reactor-side client in the user's process.
+
+A :class:`Controller` owns one connection to a server (reconnecting with backoff) and
+the jobs submitted through it. Each job is a :class:`JobHandle`: the sans-IO
+:class:`~achilles.core.job.Job` behind a ``threading.Condition``, shared between the
+reactor thread (which delivers results) and the pool's threads (which feed input and
+consume output). Nothing here blocks; blocking lives in :mod:`achilles.pool`.
+
+After a reconnect (the server restarted, or the network blinked) every job is
+submitted again with the chunks it still holds; results are de-duplicated by sequence
+number, so output stays exactly once.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import uuid
+from collections import deque
+from typing import Any, Callable
+
+from twisted.application.internet import ClientService, backoffPolicy
+from twisted.internet import defer, endpoints
+
+from achilles._shell import ClientFactory, ClientProtocol
+from achilles.config import Settings
+from achilles.core.job import AdaptiveChunker, Job, Outcome
+from achilles.errors import AuthenticationError, ConnectionLostError
+from achilles.protocol.messages import (Cancel, Chunk, Cluster, End, ErrorFrame, JobFailed,
+                                        Kill, Killed, Message, Result, Status, StatusRequest,
+                                        Submit)
+
+log = logging.getLogger("achilles.controller")
+
+
+class JobHandle:
+    """One job, shared by the reactor thread and the pool's threads (under ``cond``)."""
+
+    def __init__(self, function: bytes, ordered: bool, window: int, max_attempts: int = 3,
+                 timeout: float = 0.0, limit: int = 0,
+                 on_outcome: Callable[["JobHandle"], None] | None = None) -> None:
+        self.id = uuid.uuid4().hex
+        self.function = function
+        self.max_attempts = max_attempts
+        self.timeout = timeout
+        self.limit = limit
+        self.core = Job(ordered, window)
+        self.chunker = AdaptiveChunker()
+        self.cond = threading.Condition()
+        self.error: BaseException | None = None  # the connection failed for good
+        self.cancelled = False
+        self.on_outcome = on_outcome  # called in the reactor thread after each result
+
+    # reactor thread ----------------------------------------------------------------
+    def deliver(self, seq: int, status: str, payload: bytes, elapsed: float) -> None:
+        with self.cond:
+            pos = self.core.position(seq)
+            if not self.core.on_result(seq, status, payload):
+                return
+            if pos is not None and status == "ok":
+                self.chunker.observe(pos[1] - pos[0], elapsed)
+            self.cond.notify_all()
+        if self.on_outcome is not None:
+            self.on_outcome(self)
+
+    def deliver_failure(self, seq: int, detail: str) -> None:
+        with self.cond:
+            if not self.core.on_failed(seq, detail):
+                return
+            self.cond.notify_all()
+        if self.on_outcome is not None:
+            self.on_outcome(self)
+
+    def fail(self, exc: BaseException) -> None:
+        with self.cond:
+            if self.error is None:
+                self.error = exc
+            self.cond.notify_all()
+        if self.on_outcome is not None:
+            self.on_outcome(self)
+
+    def unfinished(self) -> list[tuple[int, bytes]]:
+        with self.cond:
+            return self.core.unfinished()
+
+    # any thread (callers hold cond) ------------------------------------------------------
+    def take(self) -> list[Outcome]:
+        outs = self.core.take()
+        if outs:
+            self.cond.notify_all()  # room in the window for the feeder
+        return outs
+
+
+class ControllerProtocol(ClientProtocol):
+    role = "controller"
+    owner: "Controller"
+
+    def ready(self) -> None:
+        self.owner.connected(self)
+
+    def refused(self, err: ErrorFrame) -> None:
+        self.owner.refused(err)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.owner.disconnected(self)
+
+    def messageReceived(self, msg: Message, payload: bytes) -> None:
+        self.owner.message(msg, payload)
+
+
+class Controller:
+    """A connection to one server, shared by every pool that targets it."""
+
+    def __init__(self, settings: Settings, reactor: Any, role: str = "controller") -> None:
+        self.settings = settings
+        self.reactor = reactor
+        self.jobs: dict[str, JobHandle] = {}
+        self.proto: ControllerProtocol | None = None
+        self.cluster = Cluster(0, 0)
+        self.fatal: BaseException | None = None
+        self._ready: list[defer.Deferred[Any]] = []
+        self._replies: dict[type, deque[defer.Deferred[Any]]] = {
+            Status: deque(), Killed: deque()}
+        self._give_up: Any = None
+        self.closing = False
+        endpoint = endpoints.TCP4ClientEndpoint(reactor, settings.host, settings.port,
+                                                timeout=10)
+        cls = type("Proto", (ControllerProtocol,), {"role": role})
+        factory = ClientFactory(cls, self, secret=settings.secret_key or "",
+                                username=settings.username)
+        self.service = ClientService(endpoint, factory, clock=reactor,
+                                     retryPolicy=backoffPolicy(initialDelay=0.1, maxDelay=2.0))
+        self.service.startService()
+        self._arm_give_up()
+
+    # -- connection -------------------------------------------------------------------
+    def _arm_give_up(self) -> None:
+        if self._give_up is None or not self._give_up.active():
+            self._give_up = self.reactor.callLater(self.settings.reconnect_timeout,
+                                                   self._unreachable)
+
+    def _unreachable(self) -> None:
+        self._fail_all(ConnectionLostError(
+            f"cannot reach the achilles server at {self.settings.host}:"
+            f"{self.settings.port} (tried for {self.settings.reconnect_timeout:g} s)"),
+            final=False)
+
+    def connected(self, proto: ControllerProtocol) -> None:
+        self.proto = proto
+        if self._give_up is not None and self._give_up.active():
+            self._give_up.cancel()
+        for handle in list(self.jobs.values()):
+            self._send_submit(handle)
+            for seq, payload in handle.unfinished():
+                proto.send(Chunk(handle.id, seq), payload)
+        waiting, self._ready = self._ready, []
+        for d in waiting:
+            d.callback(self)
+
+    def disconnected(self, proto: ControllerProtocol) -> None:
+        if self.proto is proto:
+            self.proto = None
+            self.cluster = Cluster(0, 0)
+            if self.fatal is None and not self.closing:
+                log.warning("lost the achilles server; reconnecting")
+                self._arm_give_up()
+        for replies in self._replies.values():
+            while replies:
+                replies.popleft().errback(ConnectionLostError("lost the server"))
+
+    def refused(self, err: ErrorFrame) -> None:
+        self.service.stopService()
+        self._fail_all(AuthenticationError(
+            f"the achilles server at {self.settings.host}:{self.settings.port} refused "
+            f"this controller: {err.detail}"), final=True)
+
+    def _fail_all(self, exc: BaseException, final: bool) -> None:
+        if final:
+            self.fatal = exc
+        for handle in list(self.jobs.values()):
+            handle.fail(exc)
+        self.jobs.clear()
+        waiting, self._ready = self._ready, []
+        for d in waiting:
+            d.errback(exc)
+
+    def when_ready(self) -> defer.Deferred[Any]:
+        """Fires once authenticated (at once if already)."""
+        if self.fatal is not None:
+            return defer.fail(self.fatal)
+        if self.proto is not None:
+            return defer.succeed(self)
+        d: defer.Deferred[Any] = defer.Deferred()
+        self._ready.append(d)
+        return d
+
+    def close(self) -> defer.Deferred[Any]:
+        self.closing = True
+        if self._give_up is not None and self._give_up.active():
+            self._give_up.cancel()
+        return self.service.stopService()
+
+    # -- jobs -------------------------------------------------------------------------
+    def _send(self, msg: Message, payload: bytes = b"") -> None:
+        if self.proto is not None:
+            self.proto.send(msg, payload)
+
+    def _send_submit(self, handle: JobHandle) -> None:
+        self._send(Submit(handle.id, handle.max_attempts, handle.timeout, handle.limit),
+                   handle.function)
+
+    def submit(self, handle: JobHandle) -> None:
+        if self.fatal is not None:
+            return handle.fail(self.fatal)
+        self.jobs[handle.id] = handle
+        self._send_submit(handle)
+
+    def send_chunk(self, handle: JobHandle, seq: int, payload: bytes) -> None:
+        if handle.id in self.jobs:
+            self._send(Chunk(handle.id, seq), payload)
+
+    def end(self, handle: JobHandle) -> None:
+        if self.jobs.pop(handle.id, None) is not None:
+            self._send(End(handle.id))
+
+    def cancel(self, handle: JobHandle) -> None:
+        if self.jobs.pop(handle.id, None) is not None:
+            self._send(Cancel(handle.id))
+
+    # -- admin ------------------------------------------------------------------------
+    def request(self, msg: Message, reply: type) -> defer.Deferred[Any]:
+        def send(_: Any) -> defer.Deferred[Any]:
+            d: defer.Deferred[Any] = defer.Deferred()
+            self._replies[reply].append(d)
+            self._send(msg)
+            return d
+        return self.when_ready().addCallback(send)
+
+    def status(self) -> defer.Deferred[Any]:
+        return self.request(StatusRequest(), Status)
+
+    def kill(self) -> defer.Deferred[Any]:
+        return self.request(Kill(), Killed)
+
+    # -- frames -----------------------------------------------------------------------
+    def message(self, msg: Message, payload: bytes) -> None:
+        if isinstance(msg, Result):
+            handle = self.jobs.get(msg.job)
+            if handle is not None:
+                handle.deliver(msg.seq, msg.status, payload, msg.elapsed)
+        elif isinstance(msg, JobFailed):
+            handle = self.jobs.get(msg.job)
+            if handle is not None:
+                handle.deliver_failure(msg.seq, payload.decode("utf-8", "replace"))
+        elif isinstance(msg, Cluster):
+            self.cluster = msg
+        elif isinstance(msg, Status):
+            self._reply(Status, json.loads(payload))
+        elif isinstance(msg, Killed):
+            self._reply(Killed, msg.nodes)
+        elif isinstance(msg, ErrorFrame):
+            log.error("server says: %s %s", msg.code, msg.detail)
+
+    def _reply(self, kind: type, value: Any) -> None:
+        if self._replies[kind]:
+            self._replies[kind].popleft().callback(value)

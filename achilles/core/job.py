@@ -1,0 +1,141 @@
+"""The controller's bookkeeping for one job, sans-IO.
+
+A job's input is cut into chunks; each chunk is kept (``pending``) until its result
+arrives, so it can be sent again after a reconnect, and results are de-duplicated by
+sequence number, so output is exactly once even where execution was not. At most
+``window`` chunks are outstanding (sent and not yet consumed by the caller): that is
+the backpressure that keeps a ten-million-item generator out of memory, and keeps a
+slow ``imap`` consumer from making anyone buffer without bound.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+FAILED = "failed"  # a chunk the server gave up on (attempts exhausted)
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkInfo:
+    start: int  # position of the chunk's first argument in the input
+    count: int
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    seq: int
+    status: str  # messages.OK / messages.ERROR / FAILED
+    payload: bytes
+    start: int
+    count: int
+
+
+def default_chunksize(n_items: int, slots: int) -> int:
+    """multiprocessing's rule: about four chunks per worker slot."""
+    if n_items == 0:
+        return 1
+    chunksize, extra = divmod(n_items, max(1, slots) * 4)
+    return chunksize + 1 if extra else chunksize
+
+
+class AdaptiveChunker:
+    """Chunk sizes for inputs of unknown length: aim for ``target`` seconds of work.
+
+    Starts at one item per chunk and follows the measured compute rate, at most
+    doubling per step, so a slow function never gets a huge first chunk and a fast
+    one quickly stops paying per-chunk overhead.
+    """
+
+    def __init__(self, target: float = 0.05, maximum: int = 65536) -> None:
+        self.target = target
+        self.maximum = maximum
+        self.size = 1
+
+    def observe(self, count: int, elapsed: float) -> None:
+        if count <= 0:
+            return
+        if elapsed <= 0:
+            want = self.maximum
+        else:
+            want = int(self.target * count / elapsed)
+        self.size = max(1, min(self.maximum, want, self.size * 2))
+
+
+class Job:
+    """State of one job on the controller side. Not thread-safe: callers hold a lock."""
+
+    def __init__(self, ordered: bool, window: int) -> None:
+        self.ordered = ordered
+        self.window = max(1, window)
+        self.pending: dict[int, ChunkInfo] = {}
+        self._ready: dict[int, Outcome] = {}
+        self._next = 0  # next sequence number to hand out (ordered)
+        self.added = 0  # chunks created
+        self.items = 0  # arguments read from the input
+        self.consumed = 0  # chunks handed to the caller
+        self.input_done = False
+        self.failed = False  # an error or a failed chunk was seen: add no more
+
+    @property
+    def outstanding(self) -> int:
+        return self.added - self.consumed
+
+    def can_add(self) -> bool:
+        return not self.failed and self.outstanding < self.window
+
+    def add(self, payload: bytes, count: int) -> int:
+        """Record a new chunk of ``count`` arguments; return its sequence number."""
+        seq = self.added
+        self.pending[seq] = ChunkInfo(self.items, count, payload)
+        self.added += 1
+        self.items += count
+        return seq
+
+    def close_input(self) -> None:
+        self.input_done = True
+
+    def on_result(self, seq: int, status: str, payload: bytes) -> bool:
+        """Take a result; return False for a duplicate or unknown one (dropped)."""
+        info = self.pending.pop(seq, None)
+        if info is None:
+            return False
+        self._ready[seq] = Outcome(seq, status, payload, info.start, info.count)
+        if status != "ok":
+            self.failed = True
+        return True
+
+    def on_failed(self, seq: int, detail: str) -> bool:
+        """The server gave up on chunk ``seq``."""
+        return self.on_result(seq, FAILED, detail.encode("utf-8"))
+
+    def take(self) -> list[Outcome]:
+        """Outcomes the caller may have now: in input order if ordered, else all."""
+        if self.ordered:
+            out = []
+            while self._next in self._ready:
+                out.append(self._ready.pop(self._next))
+                self._next += 1
+        else:
+            out = list(self._ready.values())
+            self._ready.clear()
+        self.consumed += len(out)
+        return out
+
+    def finished(self) -> bool:
+        """Every chunk of a closed input has been handed to the caller."""
+        return self.input_done and self.consumed == self.added
+
+    def unfinished(self) -> list[tuple[int, bytes]]:
+        """Chunks still waiting for a result, to send again after a reconnect."""
+        return [(seq, info.payload) for seq, info in sorted(self.pending.items())]
+
+    def position(self, seq: int) -> tuple[int, int] | None:
+        info = self.pending.get(seq)
+        return None if info is None else (info.start, info.start + info.count)
+
+
+def window_for(slots: int, limit: int = 0) -> int:
+    """How many chunks a job keeps outstanding: a few per slot it can use."""
+    usable = min(slots, limit) if limit > 0 else slots
+    return max(4, math.ceil(usable * 3))

@@ -1,0 +1,417 @@
+"""The server's brain: nodes, jobs, chunks; events in, instructions out.
+
+    controller --Submit/Chunk--> [ job.queue ] --dispatch--> node.inflight --Task--> node
+        ^                             ^   requeue on NodeLost,                 |
+        |                             |   crash or timeout (attempts < max)    |
+        +------ForwardResult----------+-------------- ResultReceived <---------+
+
+A node announces ``slots`` worker processes; it is given up to ``slots * PREFETCH``
+chunks so that the next chunk is already there when a worker frees up (round trips
+hide behind work). Whenever a slot frees, the job with the fewest chunks in flight
+gets it, so concurrent jobs share the cluster fairly. Payloads are opaque ``bytes``:
+the scheduler keeps a chunk's payload until its result arrives, so it can resend it
+to another node, and never looks inside.
+
+Execution is at least once: a chunk on a lost node runs again elsewhere. Results are
+forwarded once per chunk; a late or unknown result is dropped here.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Union
+
+from achilles.protocol.messages import CANCELLED, CRASHED, ERROR, OK, TIMEOUT
+
+PREFETCH = 2
+
+
+# --- events --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class NodeJoined:
+    node: int
+    slots: int
+    name: str
+
+
+@dataclass(frozen=True)
+class NodeLost:
+    node: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class NodeDraining:
+    node: int
+
+
+@dataclass(frozen=True)
+class HeardFrom:
+    node: int
+
+
+@dataclass(frozen=True)
+class JobSubmitted:
+    job: str
+    owner: int
+    function: bytes
+    max_attempts: int = 3
+    timeout: float = 0.0
+    limit: int = 0
+
+
+@dataclass(frozen=True)
+class ChunkAdded:
+    job: str
+    seq: int
+    payload: bytes
+    owner: int = -1
+
+
+@dataclass(frozen=True)
+class ResultReceived:
+    node: int
+    job: str
+    seq: int
+    status: str
+    payload: bytes
+    elapsed: float = 0.0
+
+
+@dataclass(frozen=True)
+class JobCancelled:
+    job: str
+    owner: int = -1
+
+
+@dataclass(frozen=True)
+class JobEnded:
+    job: str
+    owner: int = -1
+
+
+@dataclass(frozen=True)
+class OwnerLost:
+    owner: int
+
+
+@dataclass(frozen=True)
+class Tick:
+    """Check heartbeat deadlines."""
+
+
+Event = Union[NodeJoined, NodeLost, NodeDraining, HeardFrom, JobSubmitted, ChunkAdded,
+              ResultReceived, JobCancelled, JobEnded, OwnerLost, Tick]
+
+
+# --- instructions --------------------------------------------------------------------
+@dataclass(frozen=True)
+class SendFunction:
+    node: int
+    job: str
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class SendTask:
+    node: int
+    job: str
+    seq: int
+    payload: bytes
+    timeout: float
+
+
+@dataclass(frozen=True)
+class CancelOnNode:
+    """Tell the node to drop the job: its queued chunks, running ones, its function."""
+    node: int
+    job: str
+
+
+@dataclass(frozen=True)
+class ForwardResult:
+    owner: int
+    job: str
+    seq: int
+    status: str
+    payload: bytes
+    elapsed: float
+
+
+@dataclass(frozen=True)
+class FailJob:
+    owner: int
+    job: str
+    seq: int
+    reason: str
+    detail: str
+
+
+@dataclass(frozen=True)
+class DropNode:
+    """Close the node's connection (it missed its heartbeat deadline)."""
+    node: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class ClusterChanged:
+    nodes: int
+    slots: int
+
+
+@dataclass(frozen=True)
+class Refuse:
+    """A peer sent something that does not fit the state; log it, and maybe close."""
+    peer: int
+    reason: str
+
+
+Instruction = Union[SendFunction, SendTask, CancelOnNode, ForwardResult, FailJob, DropNode,
+                    ClusterChanged, Refuse]
+
+
+@dataclass
+class NodeState:
+    id: int
+    slots: int
+    name: str
+    last_seen: float
+    inflight: set[tuple[str, int]] = field(default_factory=set)
+    functions: set[str] = field(default_factory=set)
+    draining: bool = False
+    done: int = 0
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.draining else self.slots * PREFETCH
+
+    @property
+    def free(self) -> int:
+        return self.capacity - len(self.inflight)
+
+
+@dataclass
+class JobState:
+    id: str
+    owner: int
+    function: bytes
+    max_attempts: int
+    timeout: float
+    limit: int
+    submitted: float
+    queue: deque[int] = field(default_factory=deque)
+    payloads: dict[int, bytes] = field(default_factory=dict)
+    inflight: dict[int, int] = field(default_factory=dict)  # seq -> node
+    attempts: dict[int, int] = field(default_factory=dict)
+    cutoff: int | None = None  # after a failure: chunks above it are dropped
+    done: int = 0
+    retries: int = 0
+    last_pick: int = 0
+
+    def eligible(self) -> bool:
+        return bool(self.queue) and (self.limit <= 0 or len(self.inflight) < self.limit)
+
+
+class Scheduler:
+    """Feed events with :meth:`handle`; carry out the instructions it returns, in order."""
+
+    def __init__(self, heartbeat_timeout: float = 30.0) -> None:
+        self.heartbeat_timeout = heartbeat_timeout
+        self.nodes: dict[int, NodeState] = {}
+        self.jobs: dict[str, JobState] = {}
+        self._picks = 0
+        self._out: list[Instruction] = []
+        self._now = 0.0
+
+    # -- entry point -----------------------------------------------------------------
+    def handle(self, event: Event, now: float) -> list[Instruction]:
+        self._now = now
+        self._out = []
+        handler = getattr(self, "_on_" + type(event).__name__)
+        handler(event)
+        return self._out
+
+    # -- nodes -----------------------------------------------------------------------
+    def _on_NodeJoined(self, ev: NodeJoined) -> None:
+        self.nodes[ev.node] = NodeState(ev.node, max(1, ev.slots), ev.name, self._now)
+        self._cluster_changed()
+        self._dispatch()
+
+    def _on_NodeLost(self, ev: NodeLost) -> None:
+        node = self.nodes.pop(ev.node, None)
+        if node is None:
+            return
+        for job_id, seq in sorted(node.inflight, reverse=True):
+            job = self.jobs.get(job_id)
+            if job is not None and job.inflight.get(seq) == node.id:
+                del job.inflight[seq]
+                self._retry(job, seq, CRASHED,
+                            f"node {node.name} was lost ({ev.reason}) while running it")
+        self._cluster_changed()
+        self._dispatch()
+
+    def _on_NodeDraining(self, ev: NodeDraining) -> None:
+        node = self.nodes.get(ev.node)
+        if node is not None:
+            node.draining = True
+            self._cluster_changed()
+
+    def _on_HeardFrom(self, ev: HeardFrom) -> None:
+        node = self.nodes.get(ev.node)
+        if node is not None:
+            node.last_seen = self._now
+
+    def _on_Tick(self, ev: Tick) -> None:
+        deadline = self._now - self.heartbeat_timeout
+        for node in [n for n in self.nodes.values() if n.last_seen < deadline]:
+            reason = f"no heartbeat for {self.heartbeat_timeout:g} s"
+            self._out.append(DropNode(node.id, reason))
+            self._on_NodeLost(NodeLost(node.id, reason))
+
+    def _cluster_changed(self) -> None:
+        live = [n for n in self.nodes.values() if not n.draining]
+        self._out.append(ClusterChanged(len(live), sum(n.slots for n in live)))
+
+    # -- jobs ------------------------------------------------------------------------
+    def _on_JobSubmitted(self, ev: JobSubmitted) -> None:
+        if ev.job in self.jobs:
+            self._out.append(Refuse(ev.owner, f"job {ev.job} exists already"))
+            return
+        self.jobs[ev.job] = JobState(ev.job, ev.owner, ev.function, max(1, ev.max_attempts),
+                                     ev.timeout, ev.limit, self._now)
+
+    def _owned_job(self, job_id: str, owner: int) -> JobState | None:
+        job = self.jobs.get(job_id)
+        if job is None or (owner >= 0 and job.owner != owner):
+            return None
+        return job
+
+    def _on_ChunkAdded(self, ev: ChunkAdded) -> None:
+        job = self._owned_job(ev.job, ev.owner)
+        if job is None:
+            self._out.append(Refuse(ev.owner, f"chunk for unknown job {ev.job}"))
+            return
+        if job.cutoff is not None and ev.seq > job.cutoff:
+            return
+        if ev.seq in job.payloads:
+            return  # re-sent after a reconnect, still pending here
+        job.payloads[ev.seq] = ev.payload
+        job.queue.append(ev.seq)
+        self._dispatch()
+
+    def _on_JobCancelled(self, ev: JobCancelled) -> None:
+        job = self._owned_job(ev.job, ev.owner)
+        if job is not None:
+            self._remove_job(job, cancel=True)
+            self._dispatch()
+
+    def _on_JobEnded(self, ev: JobEnded) -> None:
+        job = self._owned_job(ev.job, ev.owner)
+        if job is not None:
+            self._remove_job(job, cancel=bool(job.inflight))
+            self._dispatch()
+
+    def _on_OwnerLost(self, ev: OwnerLost) -> None:
+        for job in [j for j in self.jobs.values() if j.owner == ev.owner]:
+            self._remove_job(job, cancel=True)
+        self._dispatch()
+
+    def _remove_job(self, job: JobState, cancel: bool) -> None:
+        del self.jobs[job.id]
+        for node in self.nodes.values():
+            if job.id in node.functions or any(j == job.id for j, _ in node.inflight):
+                node.inflight = {(j, s) for j, s in node.inflight if j != job.id}
+                node.functions.discard(job.id)
+                self._out.append(CancelOnNode(node.id, job.id))
+
+    # -- results ---------------------------------------------------------------------
+    def _on_ResultReceived(self, ev: ResultReceived) -> None:
+        node = self.nodes.get(ev.node)
+        if node is not None:
+            node.last_seen = self._now
+        job = self.jobs.get(ev.job)
+        if node is None or job is None or job.inflight.get(ev.seq) != ev.node:
+            if job is not None and node is not None and ev.seq not in job.payloads \
+                    and (ev.job, ev.seq) not in node.inflight and job.cutoff is None:
+                self._out.append(Refuse(ev.node, f"result for chunk {ev.seq} of job "
+                                                 f"{ev.job}, which it was not given"))
+            return
+        del job.inflight[ev.seq]
+        node.inflight.discard((ev.job, ev.seq))
+        if ev.status in (OK, ERROR):
+            node.done += 1
+            job.done += 1
+            del job.payloads[ev.seq]
+            self._out.append(ForwardResult(job.owner, job.id, ev.seq, ev.status, ev.payload,
+                                           ev.elapsed))
+            if ev.status == ERROR:
+                self._cut(job, ev.seq)
+        elif ev.status in (CRASHED, TIMEOUT):
+            self._retry(job, ev.seq, ev.status, ev.payload.decode("utf-8", "replace"))
+        elif ev.status == CANCELLED:
+            job.queue.appendleft(ev.seq)
+        else:
+            self._out.append(Refuse(ev.node, f"unknown result status {ev.status!r}"))
+        self._dispatch()
+
+    def _retry(self, job: JobState, seq: int, status: str, detail: str) -> None:
+        attempts = job.attempts.get(seq, 0) + 1
+        job.attempts[seq] = attempts
+        if attempts >= job.max_attempts:
+            job.payloads.pop(seq, None)
+            self._out.append(FailJob(job.owner, job.id, seq, status,
+                                     f"{detail} (attempt {attempts} of {job.max_attempts})"))
+            self._cut(job, seq)
+            return
+        job.retries += 1
+        job.queue.appendleft(seq)
+
+    def _cut(self, job: JobState, seq: int) -> None:
+        """After chunk ``seq`` failed, drop every chunk after it (the job will raise)."""
+        job.cutoff = seq if job.cutoff is None else min(job.cutoff, seq)
+        cutoff = job.cutoff
+        job.queue = deque(s for s in job.queue if s <= cutoff)
+        for s in [s for s in job.payloads if s > cutoff and s not in job.inflight]:
+            del job.payloads[s]
+
+    # -- dispatch --------------------------------------------------------------------
+    def _pick_job(self) -> JobState | None:
+        best: JobState | None = None
+        for job in self.jobs.values():
+            if job.eligible() and (best is None or (len(job.inflight), job.last_pick)
+                                   < (len(best.inflight), best.last_pick)):
+                best = job
+        return best
+
+    def _dispatch(self) -> None:
+        while True:
+            node = max(self.nodes.values(), key=lambda n: n.free / n.slots, default=None)
+            if node is None or node.free <= 0:
+                return
+            job = self._pick_job()
+            if job is None:
+                return
+            seq = job.queue.popleft()
+            self._picks += 1
+            job.last_pick = self._picks
+            job.inflight[seq] = node.id
+            node.inflight.add((job.id, seq))
+            if job.id not in node.functions:
+                node.functions.add(job.id)
+                self._out.append(SendFunction(node.id, job.id, job.function))
+            self._out.append(SendTask(node.id, job.id, seq, job.payloads[seq], job.timeout))
+
+    # -- status ----------------------------------------------------------------------
+    def snapshot(self) -> dict[str, object]:
+        """A JSON-able view of the cluster for ``achilles status``."""
+        return {
+            "nodes": [{"id": n.id, "name": n.name, "slots": n.slots,
+                       "inflight": len(n.inflight), "done": n.done,
+                       "last_seen_age": round(self._now - n.last_seen, 3),
+                       "draining": n.draining} for n in self.nodes.values()],
+            "jobs": [{"id": j.id, "owner": j.owner, "done": j.done,
+                      "queued": len(j.queue), "inflight": len(j.inflight),
+                      "retries": j.retries, "age": round(self._now - j.submitted, 3),
+                      "failed": j.cutoff is not None} for j in self.jobs.values()],
+        }

@@ -1,0 +1,104 @@
+"""The achilles exception hierarchy.
+
+Everything we raise derives from :class:`AchillesError`; where a stdlib exception already
+says the same thing (a timeout, a broken pool) we also derive from it, so code written
+for ``multiprocessing`` keeps catching what it used to catch.
+"""
+from __future__ import annotations
+
+import multiprocessing
+
+
+class AchillesError(Exception):
+    """Root of every error achilles raises itself."""
+
+
+class ConfigError(AchillesError, ValueError):
+    """A setting is missing or invalid; the message names the key."""
+
+
+class ProtocolError(AchillesError):
+    """A peer sent bytes that break the wire protocol.
+
+    ``code`` is a short machine-readable reason sent back in the error frame.
+    """
+
+    def __init__(self, code: str, detail: str = "") -> None:
+        super().__init__(f"{code}: {detail}" if detail else code)
+        self.code = code
+        self.detail = detail
+
+
+class AuthenticationError(AchillesError):
+    """The peer does not hold the cluster secret (or we could not prove that we do)."""
+
+
+class VersionMismatchError(AuthenticationError):
+    """The peers run incompatible protocol or Python versions."""
+
+
+class SerializationError(AchillesError):
+    """A function, argument, result or exception could not be (de)serialised."""
+
+
+class NodeLostError(AchillesError):
+    """A node was lost while it held work."""
+
+
+class ChunkFailedError(AchillesError):
+    """A chunk could not be completed after ``max_attempts`` tries.
+
+    ``seq`` is the chunk number, ``start``/``stop`` the positions of its arguments in
+    the input (``None`` when unknown).
+    """
+
+    def __init__(self, message: str, seq: int | None = None, start: int | None = None,
+                 stop: int | None = None) -> None:
+        super().__init__(message)
+        self.seq = seq
+        self.start = start
+        self.stop = stop
+
+
+class TimeoutError(AchillesError, multiprocessing.TimeoutError):  # noqa: A001
+    """A wait or a task went past its time limit."""
+
+
+class ConnectionLostError(AchillesError, ConnectionError):
+    """The server could not be reached, or stayed away longer than allowed."""
+
+
+class ReactorStopped(AchillesError):
+    """The reactor thread stopped while a caller was waiting on it."""
+
+
+class RemoteTraceback(Exception):
+    """Carries the text of a traceback raised on a node; used as ``__cause__``."""
+
+    def __init__(self, tb: str) -> None:
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return self.tb
+
+
+class RemoteError(AchillesError):
+    """Stands in for a task's exception that could not be pickled back.
+
+    ``type_name`` names the original type; the message is the original ``str(exc)``.
+    """
+
+    def __init__(self, type_name: str, message: str) -> None:
+        super().__init__(f"{type_name}: {message}")
+        self.type_name = type_name
+        self.message = message
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (RemoteError, (self.type_name, self.message))
+
+
+def rebuild_exc(exc: BaseException, tb: str) -> BaseException:
+    """Attach the remote traceback text to ``exc`` as its cause, as multiprocessing does."""
+    exc.__cause__ = RemoteTraceback(tb)
+    return exc

@@ -1,0 +1,379 @@
+"""A node: connects out to the server and runs chunks on a persistent process pool.
+
+The pool is a ``multiprocess.Pool`` from a ``forkserver`` context: its workers are
+forked from a clean server process, never from this one, so they do not inherit the
+reactor's signal handlers (the original achilles forked inside the reactor and its
+nodes hung in ``join()``).
+
+``multiprocess.Pool`` (like CPython's) hangs when a worker dies: the task is lost, and a
+worker killed while holding a queue lock blocks the others. So the node watches its
+workers (the loky way): each worker reports ``(pid, job, seq)`` before running a chunk;
+when a worker's exit code appears, or a chunk passes its time limit, or a running job
+is cancelled, the node kills that whole pool generation and starts a fresh one. The
+chunk the dead worker was running is reported as crashed (the server counts attempts);
+the other running chunks are resubmitted locally.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from collections import deque
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Callable
+
+import multiprocess
+from twisted.application.internet import ClientService, backoffPolicy
+from twisted.internet import endpoints, task
+
+from achilles import _worker
+from achilles._shell import ClientFactory, ClientProtocol, node_name
+from achilles.config import Settings, require_secret
+from achilles.protocol.messages import (CRASHED, TIMEOUT, Cancel, Drain, ErrorFrame, Function,
+                                        Heartbeat, Kill, Message, Result, Task)
+
+log = logging.getLogger("achilles.node")
+
+WATCH_INTERVAL = 0.1
+
+
+def _signal_name(code: int | None) -> str:
+    if code is None:
+        return "unknown exit"
+    if code < 0:
+        try:
+            return f"signal {-code} {signal.Signals(-code).name}"
+        except ValueError:
+            return f"signal {-code}"
+    return f"exit code {code}"
+
+
+@dataclass(eq=False)
+class Item:
+    job: str
+    seq: int
+    payload: bytes
+    timeout: float
+    gen: "Generation | None" = None
+    pid: int | None = None
+    started: float = 0.0
+    cancelled: bool = False
+    timed_out: bool = False
+
+
+class Generation:
+    """One incarnation of the pool, with its report queue and reader thread."""
+
+    def __init__(self, ctx: Any, processes: int, name: str,
+                 post: Callable[..., None]) -> None:
+        self.ctx = ctx
+        self.report = ctx.SimpleQueue()
+        self.pool = ctx.Pool(processes, initializer=_worker.init,
+                             initargs=(self.report, name))
+        self.procs = list(self.pool._pool)  # the workers this generation started with
+        self._post = post
+        self.reader = threading.Thread(target=self._read, daemon=True,
+                                       name="achilles-worker-reports")
+        self.reader.start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                item = self.report.get()
+            except (EOFError, OSError):
+                break
+            if item is None:
+                break
+            self._post("started", self, item)
+        self._post("drained", self, None)
+
+    def dead(self) -> list[Any]:
+        # returncode is set by the pool's own handler thread when it reaps a worker;
+        # reading it here (not calling poll) avoids racing that thread for the sentinel.
+        return [p for p in self.procs if p._popen is not None
+                and p._popen.returncode is not None]
+
+    def kill(self) -> None:
+        """SIGKILL every worker, free the locks a dead worker may hold, stop the reader."""
+        for p in set(self.procs) | set(self.pool._pool):
+            try:
+                os.kill(p.pid, signal.SIGKILL)
+            except (ProcessLookupError, TypeError):
+                pass
+        # A worker killed inside get()/put() keeps a queue lock forever; the parent's
+        # copies of those locks are replaced so the pool can still be torn down.
+        self.pool._inqueue._rlock = self.ctx.Lock()
+        self.pool._outqueue._wlock = self.ctx.Lock()
+        self.report._wlock = self.ctx.Lock()
+        self.report.put(None)
+        threading.Thread(target=self._terminate, daemon=True,
+                         name="achilles-pool-teardown").start()
+
+    def _terminate(self) -> None:
+        try:
+            self.pool.terminate()
+        except Exception:  # a broken pool must not take the node down
+            log.debug("pool teardown failed", exc_info=True)
+
+
+class Executor:
+    """Runs chunks on the pool; calls ``on_result(job, seq, status, payload, elapsed)``."""
+
+    def __init__(self, processes: int, on_result: Callable[..., None], reactor: Any,
+                 name: str) -> None:
+        self.processes = processes
+        self.on_result = on_result
+        self.reactor = reactor
+        self.name = name
+        self.ctx = multiprocess.get_context("forkserver")
+        self.ctx.set_forkserver_preload(["achilles._worker"])
+        self.bundles: dict[str, bytes] = {}
+        self.waiting: deque[Item] = deque()
+        self.running: dict[tuple[str, int], Item] = {}
+        self.retired: dict[Generation, dict[int, str]] = {}
+        self.done = 0
+        self.closed = False
+        self.gen = self._new_generation()
+        self._watcher = task.LoopingCall(self._watch)
+        self._watcher.clock = reactor
+        self._watcher.start(WATCH_INTERVAL, now=False)
+
+    def _new_generation(self) -> Generation:
+        return Generation(self.ctx, self.processes, self.name, self._post)
+
+    def _post(self, what: str, gen: Generation, data: Any) -> None:
+        """Called from pool/reader threads: hop to the reactor thread."""
+        self.reactor.callFromThread(getattr(self, "_" + what), gen, data)
+
+    def _post_outcome(self, method: str, gen: Generation, key: tuple[str, int],
+                      value: Any) -> None:
+        """Pool callbacks (its result thread): hop to the reactor thread."""
+        self.reactor.callFromThread(getattr(self, method), gen, key, value)
+
+    # -- work in -----------------------------------------------------------------------
+    def function(self, job: str, bundle: bytes) -> None:
+        self.bundles[job] = bundle
+
+    def submit(self, job: str, seq: int, payload: bytes, timeout: float) -> None:
+        self.waiting.append(Item(job, seq, payload, timeout))
+        self._fill()
+
+    def _fill(self) -> None:
+        while self.waiting and len(self.running) < self.processes:
+            item = self.waiting.popleft()
+            bundle = self.bundles.get(item.job)
+            if bundle is None:
+                continue  # job cancelled meanwhile
+            item.gen, item.pid, item.started = self.gen, None, 0.0
+            key = (item.job, item.seq)
+            self.running[key] = item
+            self.gen.pool.apply_async(
+                _worker.run_chunk, (item.job, item.seq, bundle, item.payload),
+                callback=partial(self._post_outcome, "_done", self.gen, key),
+                error_callback=partial(self._post_outcome, "_failed", self.gen, key))
+
+    # -- events from threads, on the reactor thread ------------------------------------
+    def _started(self, gen: Generation, report: tuple[int, str, int]) -> None:
+        pid, job, seq = report
+        item = self.running.get((job, seq))
+        if item is not None and item.gen is gen:
+            item.pid, item.started = pid, self.reactor.seconds()
+
+    def _done(self, gen: Generation, key: tuple[str, int], result: Any) -> None:
+        item = self.running.get(key)
+        if item is None or item.gen is not gen:
+            return  # from a torn-down generation: its chunk was rerun or reported
+        del self.running[key]
+        if not item.cancelled:
+            status, payload, elapsed = result
+            self.done += 1
+            self.on_result(item.job, item.seq, status, payload, elapsed)
+        self._fill()
+
+    def _failed(self, gen: Generation, key: tuple[str, int], exc: BaseException) -> None:
+        self._done(gen, key, (CRASHED, f"pool error on node {self.name}: {exc!r}".encode(),
+                              0.0))
+
+    def _drained(self, gen: Generation, _: Any) -> None:
+        """A killed generation's last reports are in: settle its chunks."""
+        culprits = self.retired.pop(gen, {})
+        for key, item in list(self.running.items()):
+            if item.gen is not gen:
+                continue
+            del self.running[key]
+            if item.cancelled:
+                continue
+            if item.timed_out:
+                self.on_result(item.job, item.seq, TIMEOUT, (
+                    f"chunk {item.seq} of job {item.job} ran past its time limit of "
+                    f"{item.timeout:g} s on node {self.name}; its worker was killed"
+                ).encode(), 0.0)
+            elif item.pid is not None and item.pid in culprits:
+                self.on_result(item.job, item.seq, CRASHED, (
+                    f"worker pid {item.pid} died ({culprits[item.pid]}) running chunk "
+                    f"{item.seq} of job {item.job} on node {self.name}").encode(), 0.0)
+            else:
+                self.waiting.appendleft(item)
+        self._fill()
+
+    # -- watching ----------------------------------------------------------------------
+    def _watch(self) -> None:
+        gen = self.gen
+        culprits = {p.pid: _signal_name(p._popen.returncode) for p in gen.dead()}
+        now = self.reactor.seconds()
+        for item in self.running.values():
+            if item.gen is gen and item.timeout > 0 and item.pid is not None \
+                    and now - item.started > item.timeout:
+                item.timed_out = True
+                culprits[item.pid] = "time limit"
+        if culprits:
+            log.warning("node %s: %s; restarting its pool", self.name, ", ".join(
+                f"worker {pid} {why}" for pid, why in culprits.items()))
+            self._rebuild(culprits)
+
+    def _rebuild(self, culprits: dict[int, str]) -> None:
+        if self.closed:
+            return
+        old = self.gen
+        self.retired[old] = culprits
+        old.kill()
+        self.gen = self._new_generation()
+
+    def cancel(self, job: str) -> None:
+        """Drop a job: its waiting chunks, its running ones (their workers are killed)."""
+        self.bundles.pop(job, None)
+        self.waiting = deque(i for i in self.waiting if i.job != job)
+        hit = False
+        for item in self.running.values():
+            if item.job == job:
+                item.cancelled = hit = True
+        if hit:
+            self._rebuild({})
+
+    def cancel_all(self) -> None:
+        self.bundles.clear()
+        self.waiting.clear()
+        if self.running:
+            for item in self.running.values():
+                item.cancelled = True
+            self._rebuild({})
+
+    def close(self) -> None:
+        """Kill the workers; no new pool is started after this."""
+        if self.closed:
+            return
+        self.closed = True
+        if self._watcher.running:
+            self._watcher.stop()
+        self.gen.kill()
+
+
+class NodeProtocol(ClientProtocol):
+    role = "node"
+    owner: "Node"
+
+    def ready(self) -> None:
+        self.owner.connected(self)
+
+    def refused(self, err: ErrorFrame) -> None:
+        self.owner.refused(err)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        if self.authenticated:
+            self.owner.disconnected(self)
+
+    def messageReceived(self, msg: Message, payload: bytes) -> None:
+        node = self.owner
+        if isinstance(msg, Task):
+            node.executor.submit(msg.job, msg.seq, payload, msg.timeout)
+        elif isinstance(msg, Function):
+            node.executor.function(msg.job, payload)
+        elif isinstance(msg, Cancel):
+            node.executor.cancel(msg.job)
+        elif isinstance(msg, Kill):
+            log.warning("kill received from the server: stopping")
+            node.stop(exit_code=0)
+        elif isinstance(msg, ErrorFrame):
+            log.error("server says: %s %s", msg.code, msg.detail)
+
+
+class Node:
+    """Connects to the server (reconnecting with backoff) and feeds the executor."""
+
+    def __init__(self, settings: Settings, reactor: Any = None,
+                 on_stop: Callable[[int], None] | None = None) -> None:
+        if reactor is None:
+            from twisted.internet import reactor
+        self.settings = settings
+        self.reactor = reactor
+        self.secret = require_secret(settings, "achilles-node")
+        self.processes = settings.processes or os.cpu_count() or 1
+        self.name = node_name()
+        self.proto: NodeProtocol | None = None
+        self.exit_code = 0
+        self.on_stop = on_stop
+        self.executor = Executor(self.processes, self._result, reactor, self.name)
+        endpoint = endpoints.TCP4ClientEndpoint(reactor, settings.host, settings.port,
+                                                timeout=10)
+        factory = ClientFactory(NodeProtocol, self, secret=self.secret,
+                                username=settings.username, slots=self.processes)
+        self.service = ClientService(endpoint, factory, clock=reactor,
+                                     retryPolicy=backoffPolicy(initialDelay=0.2, maxDelay=5.0))
+        self._heartbeat = task.LoopingCall(self._beat)
+        self._heartbeat.clock = reactor
+
+    def start(self) -> None:
+        log.info("node %s with %d worker(s) connecting to %s:%d", self.name,
+                 self.processes, self.settings.host, self.settings.port)
+        self.service.startService()
+
+    def connected(self, proto: NodeProtocol) -> None:
+        self.proto = proto
+        log.info("connected to achilles server at %s:%d as node %d",
+                 self.settings.host, self.settings.port, proto.peer_id)
+        if not self._heartbeat.running:
+            self._heartbeat.start(self.settings.heartbeat_interval, now=False)
+
+    def disconnected(self, proto: NodeProtocol) -> None:
+        if self.proto is proto and not self.executor.closed:
+            self.proto = None
+            log.warning("lost the server; dropping work in hand and reconnecting")
+            self.executor.cancel_all()
+
+    def refused(self, err: ErrorFrame) -> None:
+        log.error("the server refused this node: %s", err.detail)
+        self.stop(exit_code=2)
+
+    def _beat(self) -> None:
+        if self.proto is not None:
+            self.proto.send(Heartbeat())
+
+    def _result(self, job: str, seq: int, status: str, payload: bytes,
+                elapsed: float) -> None:
+        if self.proto is not None:
+            self.proto.send(Result(job, seq, status, elapsed), payload)
+
+    def drain(self) -> None:
+        if self.proto is not None:
+            self.proto.send(Drain())
+
+    def stop(self, exit_code: int = 0) -> None:
+        self.exit_code = exit_code
+        if self._heartbeat.running:
+            self._heartbeat.stop()
+        self.service.stopService()
+        self.executor.close()
+        if self.on_stop is not None:
+            self.on_stop(exit_code)
+
+
+def run_node(settings: Settings) -> int:
+    """Run a node until it is killed or told to stop; return the exit code."""
+    from twisted.internet import reactor
+    node = Node(settings, reactor, on_stop=lambda code: reactor.callLater(0, reactor.stop))
+    reactor.callWhenRunning(node.start)
+    reactor.addSystemEventTrigger("before", "shutdown", node.executor.close)
+    reactor.run()
+    return node.exit_code

@@ -1,0 +1,605 @@
+"""The blocking public API: ``Pool`` as in ``multiprocessing.pool``, across a cluster.
+
+Structure follows CPython's ``multiprocessing/pool.py``: ``AsyncResult`` waits on a
+``threading.Event``; ``IMapIterator`` on a condition. A job's input is fed by one
+thread per job (it pickles chunks and blocks on the job's window, so a generator is
+read lazily); for ``map`` the same thread collects the results. Results arrive in the
+reactor thread (:mod:`achilles.controller`); every wait here has an optional timeout
+and nothing here ever runs in the reactor thread.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import sys
+import threading
+import weakref
+from typing import Any, Callable, Iterable, Iterator
+
+from achilles import _reactor
+from achilles.config import cluster_configured, require_secret, resolve
+from achilles.controller import Controller, JobHandle
+from achilles.core.job import FAILED, Outcome, default_chunksize, window_for
+from achilles.errors import (ChunkFailedError, ConnectionLostError, SerializationError,
+                             TimeoutError, rebuild_exc)
+from achilles.local import LocalCluster
+from achilles.protocol.messages import ERROR, OK
+from achilles.serialization import dumps_chunk, dumps_function, loads_chunk, loads_exception
+
+RUN, CLOSE, TERMINATE = "RUN", "CLOSE", "TERMINATE"
+
+_controllers: dict[tuple[Any, ...], Controller] = {}
+_controllers_lock = threading.Lock()
+
+
+def _controller(settings: Any) -> Controller:
+    key = (settings.host, settings.port, settings.username, settings.secret_key)
+    with _controllers_lock:
+        ctl = _controllers.get(key)
+        if ctl is None or ctl.fatal is not None:
+            reactor = _reactor.ensure_started()
+            ctl = _reactor.call_blocking(Controller, settings, reactor)
+            _controllers[key] = ctl
+        return ctl
+
+
+def _forget_controller(ctl: Controller) -> None:
+    with _controllers_lock:
+        for key, value in list(_controllers.items()):
+            if value is ctl:
+                del _controllers[key]
+    _reactor.call_soon(ctl.close)
+
+
+def _exception(outcome: Outcome) -> BaseException:
+    """The exception a failed outcome stands for, with the remote traceback as cause."""
+    if outcome.status == ERROR:
+        exc, tb = loads_exception(outcome.payload)
+        return rebuild_exc(exc, tb)
+    detail = outcome.payload.decode("utf-8", "replace")
+    where = f"chunk {outcome.seq} (arguments {outcome.start} to " \
+            f"{outcome.start + outcome.count - 1})"
+    if "time limit" in detail:
+        return TimeoutError(f"{where} failed: {detail}")
+    return ChunkFailedError(f"{where} failed: {detail}", outcome.seq, outcome.start,
+                            outcome.start + outcome.count)
+
+
+def _values(outcome: Outcome) -> list[Any]:
+    if outcome.status != OK:
+        raise _exception(outcome)
+    return loads_chunk(outcome.payload)  # type: ignore[no-any-return]
+
+
+class ApplyResult:
+    """What ``*_async`` returns: ``get``, ``wait``, ``ready``, ``successful``."""
+
+    def __init__(self, callback: Callable[[Any], Any] | None = None,
+                 error_callback: Callable[[BaseException], Any] | None = None) -> None:
+        self._event = threading.Event()
+        self._callback = callback
+        self._error_callback = error_callback
+        self._success = False
+        self._value: Any = None
+
+    def ready(self) -> bool:
+        return self._event.is_set()
+
+    def successful(self) -> bool:
+        if not self.ready():
+            raise ValueError(f"{self!r} not ready")
+        return self._success
+
+    def wait(self, timeout: float | None = None) -> None:
+        self._event.wait(timeout)
+
+    def get(self, timeout: float | None = None) -> Any:
+        self.wait(timeout)
+        if not self.ready():
+            raise TimeoutError(f"no result within {timeout} s")
+        if self._success:
+            return self._value
+        raise self._value
+
+    def _set(self, success: bool, value: Any) -> None:
+        if self._event.is_set():
+            return
+        self._success, self._value = success, value
+        try:
+            if success and self._callback is not None:
+                self._callback(value)
+            elif not success and self._error_callback is not None:
+                self._error_callback(value)
+        finally:
+            self._event.set()
+
+    def __await__(self) -> Any:
+        """``await result`` inside a running asyncio loop (a notebook)."""
+        import asyncio
+        loop = asyncio.get_running_loop()
+        return loop.run_in_executor(None, self.get).__await__()
+
+
+AsyncResult = ApplyResult
+MapResult = ApplyResult
+
+
+class IMapIterator:
+    """What ``imap`` returns; ``imap_unordered`` returns the unordered kind."""
+
+    def __init__(self, handle: JobHandle, pool: "Pool") -> None:
+        self._handle = handle
+        self._pool = pool
+        self._items: list[Any] = []
+        self._pos = 0
+        self._raise: BaseException | None = None
+        self._done = False
+
+    def __iter__(self) -> "IMapIterator":
+        return self
+
+    def __next__(self) -> Any:
+        return self.next()
+
+    def next(self, timeout: float | None = None) -> Any:
+        while self._pos >= len(self._items):
+            if self._raise is not None:
+                exc, self._raise = self._raise, None
+                self._finish(cancel=True)
+                raise exc
+            if self._done:
+                raise StopIteration
+            self._refill(timeout)
+        item = self._items[self._pos]
+        self._pos += 1
+        return item
+
+    __next__ = next  # type: ignore[assignment]
+
+    def _refill(self, timeout: float | None) -> None:
+        handle = self._handle
+        with handle.cond:
+            while True:
+                outs = handle.take()
+                if outs or handle.core.finished():
+                    break
+                if handle.error is not None:
+                    self._raise = handle.error
+                    return
+                if not handle.cond.wait(timeout):
+                    raise TimeoutError(f"no result within {timeout} s")
+            finished = handle.core.finished()
+        self._items, self._pos = [], 0
+        for out in outs:
+            if out.status != OK:
+                self._raise = _exception(out)
+                return
+            self._items.extend(loads_chunk(out.payload))
+        if finished:
+            self._done = True
+            self._finish(cancel=False)
+
+    def _finish(self, cancel: bool) -> None:
+        self._done = True
+        self._pool._job_done(self._handle, cancel)
+
+    def __del__(self) -> None:
+        if not self._done:
+            try:
+                self._finish(cancel=True)
+            except Exception:
+                pass
+
+    def __aiter__(self) -> "IMapIterator":
+        return self
+
+    async def __anext__(self) -> Any:
+        import asyncio
+        try:
+            return await asyncio.get_running_loop().run_in_executor(None, self.next)
+        except StopIteration:
+            raise StopAsyncIteration from None
+
+
+IMapUnorderedIterator = IMapIterator
+
+
+class Pool:
+    """A drop-in ``multiprocessing.Pool`` whose workers are every core of a cluster.
+
+    With a cluster configured (arguments, ``ACHILLES_*`` environment, or ``.env``), it
+    uses that cluster; otherwise it starts an embedded one on this machine with
+    ``processes`` workers (default: every core), stopped by ``close``/``terminate``.
+
+    Args:
+        processes: local: worker count; cluster: the most of this pool's chunks that
+            run at once (None: every slot of the cluster).
+        initializer, initargs: run in each worker before its first task of a job.
+        maxtasksperchild: not supported (achilles workers are shared by every job);
+            anything but None raises ValueError rather than being ignored.
+        context: accepted for compatibility; nodes choose their own start method.
+        host, port, username, secret_key: the cluster (else environment, .env).
+        max_attempts: tries of a chunk whose worker or node dies before the job fails.
+        task_timeout: seconds a chunk may run before its worker is killed (None: no limit).
+    """
+
+    def __init__(self, processes: int | None = None, initializer: Callable[..., Any] | None = None,
+                 initargs: Iterable[Any] = (), maxtasksperchild: int | None = None,
+                 context: Any = None, *, host: str | None = None, port: int | None = None,
+                 username: str | None = None, secret_key: str | None = None,
+                 max_attempts: int | None = None, task_timeout: float | None = None) -> None:
+        self._state = TERMINATE  # until constructed, __del__ has nothing to do
+        if processes is not None and processes < 1:
+            raise ValueError("Number of processes must be at least 1")
+        if initializer is not None and not callable(initializer):
+            raise TypeError("initializer must be a callable")
+        if maxtasksperchild is not None:
+            raise ValueError(
+                "achilles does not support maxtasksperchild: node workers are shared by "
+                "every job of the cluster and are only replaced when they die; pass None")
+        if task_timeout is not None and task_timeout <= 0:
+            raise ValueError("task_timeout must be a positive number of seconds or None")
+        self._initializer = initializer
+        self._initargs = tuple(initargs)
+        self._local: LocalCluster | None = None
+        explicit = dict(host=host, port=port, username=username, secret_key=secret_key)
+        settings = resolve(**explicit, max_attempts=max_attempts)
+        if cluster_configured(**explicit):
+            require_secret(settings, "Pool")
+            self._limit = processes or 0
+        else:
+            self._local = LocalCluster(processes or os.cpu_count() or 1, settings.max_attempts)
+            settings = self._local.settings
+            self._limit = 0
+        self._processes_hint = processes
+        self._settings = settings
+        self._max_attempts = settings.max_attempts
+        self._timeout = float(task_timeout or 0.0)
+        self._jobs: set[JobHandle] = set()
+        self._jobs_lock = threading.Lock()
+        try:
+            self._ctl = _controller(settings)
+            _reactor.call_blocking(self._ctl.when_ready, timeout=settings.reconnect_timeout)
+        except BaseException:
+            if self._local is not None:
+                self._local.stop()
+            raise
+        self._state = RUN
+
+    # -- helpers ----------------------------------------------------------------------
+    @property
+    def _processes(self) -> int:
+        if self._local is not None:
+            return self._settings.processes or 1
+        slots = self._ctl.cluster.slots or 1
+        return min(slots, self._limit) if self._limit else slots
+
+    def _check_running(self) -> None:
+        if self._state != RUN:
+            raise ValueError("Pool not running")
+
+    def _new_job(self, func: Callable[..., Any], mode: str, ordered: bool,
+                 on_outcome: Callable[[JobHandle], None] | None = None,
+                 window: int | None = None) -> JobHandle:
+        self._check_running()
+        function = dumps_function(func, mode, self._initializer, self._initargs)
+        handle = JobHandle(function, ordered, window or window_for(self._processes),
+                           self._max_attempts, self._timeout, self._limit, on_outcome)
+        with self._jobs_lock:
+            self._jobs.add(handle)
+        _reactor.call_soon(self._ctl.submit, handle)
+        return handle
+
+    def _job_done(self, handle: JobHandle, cancel: bool) -> None:
+        with self._jobs_lock:
+            if handle not in self._jobs:
+                return
+            self._jobs.discard(handle)
+        with handle.cond:
+            handle.cancelled = cancel or handle.cancelled
+            handle.cond.notify_all()
+        _reactor.call_soon(self._ctl.cancel if cancel else self._ctl.end, handle)
+
+    def _chunks(self, iterable: Iterable[Any], chunksize: int | None,
+                handle: JobHandle) -> Iterator[list[Any]]:
+        if chunksize is not None:
+            if chunksize < 1:
+                raise ValueError("Chunksize must be 1+, not {0:n}".format(chunksize))
+            size: Callable[[], int] = lambda: chunksize  # noqa: E731
+        elif hasattr(iterable, "__len__"):
+            fixed = default_chunksize(len(iterable), self._processes)  # type: ignore[arg-type]
+            size = lambda: fixed  # noqa: E731
+        else:
+            size = lambda: handle.chunker.size  # noqa: E731
+        it = iter(iterable)
+        while True:
+            chunk = list(itertools.islice(it, size()))
+            if not chunk:
+                return
+            yield chunk
+
+    def _feed(self, handle: JobHandle, chunks: Iterator[list[Any]],
+              collect: Callable[[list[Outcome]], None] | None = None) -> None:
+        """Pickle and send chunks within the window (runs in the job's thread)."""
+        for chunk in chunks:
+            payload = dumps_chunk(chunk)
+            with handle.cond:
+                while not handle.core.can_add():
+                    if handle.error or handle.cancelled or handle.core.failed:
+                        return
+                    if collect is not None:
+                        outs = handle.take()
+                        if outs:
+                            collect(outs)
+                            continue
+                    handle.cond.wait()
+                if handle.error or handle.cancelled:
+                    return
+                seq = handle.core.add(payload, len(chunk))
+            _reactor.call_soon(self._ctl.send_chunk, handle, seq, payload)
+        with handle.cond:
+            handle.core.close_input()
+            handle.cond.notify_all()
+
+    def _start_thread(self, target: Callable[..., None], *args: Any) -> None:
+        threading.Thread(target=target, args=args, daemon=True,
+                         name="achilles-job").start()
+
+    # -- map family -------------------------------------------------------------------
+    def _map_async(self, func: Callable[..., Any], iterable: Iterable[Any], mode: str,
+                   chunksize: int | None, callback: Any, error_callback: Any) -> ApplyResult:
+        result = ApplyResult(callback, error_callback)
+        handle = self._new_job(func, mode, ordered=False)
+        self._start_thread(self._run_map, handle, iterable, chunksize, result)
+        return result
+
+    def _run_map(self, handle: JobHandle, iterable: Iterable[Any], chunksize: int | None,
+                 result: ApplyResult) -> None:
+        parts: dict[int, list[Any]] = {}
+
+        def collect(outs: list[Outcome]) -> None:
+            for out in outs:
+                parts[out.start] = _values(out)
+
+        try:
+            self._feed(handle, self._chunks(iterable, chunksize, handle), collect)
+            with handle.cond:
+                while True:
+                    outs = handle.take()
+                    if outs:
+                        collect(outs)
+                    elif handle.error is not None:
+                        raise handle.error
+                    elif handle.cancelled:
+                        raise ValueError("Pool terminated")
+                    elif handle.core.finished():
+                        break
+                    else:
+                        handle.cond.wait()
+        except BaseException as exc:
+            self._job_done(handle, cancel=True)
+            result._set(False, exc)
+            return
+        self._job_done(handle, cancel=False)
+        value = [x for start in sorted(parts) for x in parts[start]]
+        result._set(True, value)
+
+    def map_async(self, func: Callable[..., Any], iterable: Iterable[Any],
+                  chunksize: int | None = None, callback: Any = None,
+                  error_callback: Any = None) -> ApplyResult:
+        return self._map_async(func, iterable, "map", chunksize, callback, error_callback)
+
+    def map(self, func: Callable[..., Any], iterable: Iterable[Any],
+            chunksize: int | None = None) -> list[Any]:
+        """Apply ``func`` to every item, in parallel on the cluster; results in order."""
+        return self._map_async(func, iterable, "map", chunksize, None, None).get()  # type: ignore[no-any-return]
+
+    def starmap_async(self, func: Callable[..., Any], iterable: Iterable[Iterable[Any]],
+                      chunksize: int | None = None, callback: Any = None,
+                      error_callback: Any = None) -> ApplyResult:
+        return self._map_async(func, iterable, "star", chunksize, callback, error_callback)
+
+    def starmap(self, func: Callable[..., Any], iterable: Iterable[Iterable[Any]],
+                chunksize: int | None = None) -> list[Any]:
+        """Like map, with each item unpacked as arguments: ``func(*item)``."""
+        return self._map_async(func, iterable, "star", chunksize, None, None).get()  # type: ignore[no-any-return]
+
+    def _imap(self, func: Callable[..., Any], iterable: Iterable[Any],
+              chunksize: int | None, ordered: bool) -> IMapIterator:
+        handle = self._new_job(func, "map", ordered)
+        it = IMapIterator(handle, self)
+
+        def feed() -> None:
+            try:
+                self._feed(handle, self._chunks(iterable, chunksize, handle))
+            except BaseException as exc:  # the input itself raised, or would not pickle
+                handle.fail(exc)
+
+        self._start_thread(feed)
+        return it
+
+    def imap(self, func: Callable[..., Any], iterable: Iterable[Any],
+             chunksize: int | None = None) -> IMapIterator:
+        """Lazy ``map``: results in input order, as they come; input read as needed.
+
+        ``chunksize=None`` picks one (multiprocessing's default is 1, which an explicit
+        ``chunksize=1`` still gives)."""
+        return self._imap(func, iterable, chunksize, ordered=True)
+
+    def imap_unordered(self, func: Callable[..., Any], iterable: Iterable[Any],
+                       chunksize: int | None = None) -> IMapIterator:
+        """Like imap, in the order results finish."""
+        return self._imap(func, iterable, chunksize, ordered=False)
+
+    # -- apply ------------------------------------------------------------------------
+    def apply_async(self, func: Callable[..., Any], args: Iterable[Any] = (),
+                    kwds: dict[str, Any] | None = None, callback: Any = None,
+                    error_callback: Any = None) -> ApplyResult:
+        result = ApplyResult(callback, error_callback)
+        payload = dumps_chunk([(tuple(args), dict(kwds or {}))])
+
+        def on_outcome(handle: JobHandle) -> None:  # reactor thread: one chunk, no feeder
+            with handle.cond:
+                outs = handle.take()
+                error = handle.error
+            if outs:
+                self._job_done(handle, cancel=outs[0].status != OK)
+                try:
+                    result._set(True, _values(outs[0])[0])
+                except BaseException as exc:
+                    result._set(False, exc)
+            elif error is not None:
+                self._job_done(handle, cancel=True)
+                result._set(False, error)
+
+        handle = self._new_job(func, "apply", True, on_outcome, window=1)
+        with handle.cond:
+            seq = handle.core.add(payload, 1)
+            handle.core.close_input()
+        _reactor.call_soon(self._ctl.send_chunk, handle, seq, payload)
+        return result
+
+    def apply(self, func: Callable[..., Any], args: Iterable[Any] = (),
+              kwds: dict[str, Any] | None = None) -> Any:
+        """Run ``func(*args, **kwds)`` on the cluster and return its result."""
+        return self.apply_async(func, args, kwds).get()
+
+    # -- lifecycle --------------------------------------------------------------------
+    def close(self) -> None:
+        """No more tasks; ``join`` waits for the submitted ones."""
+        if self._state == RUN:
+            self._state = CLOSE
+
+    def terminate(self) -> None:
+        """Stop now: cancel every job (their results raise), stop an embedded cluster."""
+        if self._state == TERMINATE and not self._jobs and self._local is None:
+            return
+        self._state = TERMINATE
+        with self._jobs_lock:
+            jobs = list(self._jobs)
+        for handle in jobs:
+            handle.fail(ValueError("Pool terminated"))
+            self._job_done(handle, cancel=True)
+        self._shutdown()
+
+    def join(self, timeout: float | None = None) -> None:
+        """Wait for every submitted job (after close or terminate)."""
+        if self._state == RUN:
+            raise ValueError("Pool is still running")
+        with self._jobs_lock:
+            jobs = list(self._jobs)
+        for handle in jobs:
+            with handle.cond:
+                handle.cond.wait_for(lambda: handle not in self._jobs, timeout)
+        self._shutdown()
+
+    def _shutdown(self) -> None:
+        if self._local is not None:
+            local, self._local = self._local, None
+            _forget_controller(self._ctl)
+            local.stop()
+
+    def __enter__(self) -> "Pool":
+        self._check_running()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.terminate()
+
+    def __del__(self) -> None:
+        if getattr(self, "_local", None) is not None and sys is not None:
+            try:
+                self.terminate()
+            except Exception:
+                pass
+
+    def __repr__(self) -> str:
+        where = "local" if self._local is not None else \
+            f"{self._settings.host}:{self._settings.port}"
+        return f"<achilles.Pool state={self._state} cluster={where}>"
+
+
+# --- one-shot helpers with the seed's argument order ------------------------------------
+def _one_shot(host: Any, port: Any, username: Any, secret_key: Any) -> Pool:
+    return Pool(host=host, port=port, username=username, secret_key=secret_key)
+
+
+def map(func: Callable[..., Any], args: Iterable[Any], callback: Callable[[Any], Any] | None = None,  # noqa: A001
+        chunksize: int | None = None, host: str | None = None, port: int | None = None,
+        username: str | None = None, secret_key: str | None = None) -> list[Any]:
+    """``Pool().map`` in one call; ``callback`` (if given) is applied to each result."""
+    with _one_shot(host, port, username, secret_key) as pool:
+        results = pool.map(func, args, chunksize)
+    return [callback(r) for r in results] if callback else results
+
+
+def _iterate(ordered: bool, func: Callable[..., Any], args: Iterable[Any],
+             callback: Callable[[Any], Any] | None, chunksize: int | None,
+             conn: tuple[Any, ...]) -> Iterator[Any]:
+    with _one_shot(*conn) as pool:
+        it = pool.imap(func, args, chunksize) if ordered else \
+            pool.imap_unordered(func, args, chunksize)
+        for r in it:
+            yield callback(r) if callback else r
+
+
+def imap(func: Callable[..., Any], args: Iterable[Any], callback: Callable[[Any], Any] | None = None,
+         chunksize: int | None = None, host: str | None = None, port: int | None = None,
+         username: str | None = None, secret_key: str | None = None) -> Iterator[Any]:
+    """``Pool().imap`` as a generator; ``callback`` is applied to each result."""
+    return _iterate(True, func, args, callback, chunksize, (host, port, username, secret_key))
+
+
+def imap_unordered(func: Callable[..., Any], args: Iterable[Any],
+                   callback: Callable[[Any], Any] | None = None, chunksize: int | None = None,
+                   host: str | None = None, port: int | None = None,
+                   username: str | None = None, secret_key: str | None = None) -> Iterator[Any]:
+    """``Pool().imap_unordered`` as a generator; ``callback`` is applied to each result."""
+    return _iterate(False, func, args, callback, chunksize, (host, port, username, secret_key))
+
+
+def _admin_call(method: str, host: Any, port: Any, username: Any, secret_key: Any,
+                timeout: float = 30.0) -> Any:
+    settings = resolve(host=host, port=port, username=username, secret_key=secret_key)
+    require_secret(settings, method)
+    reactor = _reactor.ensure_started()
+    ctl = _reactor.call_blocking(Controller, settings, reactor, "admin")
+    try:
+        return _reactor.call_blocking(getattr(ctl, method), timeout=timeout)
+    except ConnectionLostError:
+        raise
+    finally:
+        _reactor.call_soon(ctl.close)
+
+
+def _confirm(prompt: str) -> bool:
+    interactive = sys.stdin is not None and (sys.stdin.isatty() or "ipykernel" in sys.modules)
+    if not interactive:
+        raise RuntimeError("killCluster() needs confirmation, and this process cannot ask "
+                           "for it (no terminal): pass command_verified=True")
+    return input(prompt).strip().lower() in ("y", "yes")
+
+
+def killCluster(host: str | None = None, port: int | None = None,  # noqa: N802 (seed name)
+                username: str | None = None, secret_key: str | None = None,
+                command_verified: bool = False) -> int:
+    """Stop every node of the cluster (the server and this process keep running).
+
+    Asks for confirmation unless ``command_verified=True``. Returns how many nodes were
+    told to stop.
+    """
+    if not command_verified and not _confirm(
+            "achilles: stop every node of the cluster? [y/N] "):
+        print("achilles: killCluster cancelled")
+        return 0
+    return _admin_call("kill", host, port, username, secret_key)  # type: ignore[no-any-return]
+
+
+def getClusterStatus(host: str | None = None, port: int | None = None,  # noqa: N802
+                     username: str | None = None, secret_key: str | None = None) -> dict[str, Any]:
+    """The cluster's nodes and jobs, as a dict (what ``achilles status --json`` prints)."""
+    return _admin_call("status", host, port, username, secret_key)  # type: ignore[no-any-return]
+
+
+__all__ = ["Pool", "ApplyResult", "AsyncResult", "MapResult", "IMapIterator", "map", "imap",
+           "imap_unordered", "killCluster", "getClusterStatus", "SerializationError"]

@@ -1,0 +1,228 @@
+"""One frozen dataclass per frame type.
+
+The header of a frame is ``{"t": TYPE, "len": n, **fields}``; each field's annotation
+is the JSON type the decoder enforces. A payload, where a frame has one, travels after
+the header as raw bytes and is never part of these objects (the server routes payloads
+without looking inside them).
+
+Roles: ``node`` (runs tasks), ``controller`` (submits jobs), ``admin`` (status, kill).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import ClassVar
+
+PROTOCOL_VERSION = 1
+
+ROLES = ("node", "controller", "admin")
+
+# Result statuses a node reports for a chunk.
+OK = "ok"  # payload: pickled list of results
+ERROR = "error"  # payload: pickled (exception, traceback text) raised by the task
+CRASHED = "crashed"  # payload: utf-8 text; the worker died running it (retried)
+TIMEOUT = "timeout"  # payload: utf-8 text; the task went past its time limit (retried)
+CANCELLED = "cancelled"  # node dropped it because the job was cancelled (not forwarded)
+STATUSES = (OK, ERROR, CRASHED, TIMEOUT, CANCELLED)
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    TYPE: ClassVar[str] = ""
+    #: who may send it after authentication ("server" for frames only the server sends)
+    SENDERS: ClassVar[tuple[str, ...]] = ()
+    #: whether a payload is allowed
+    PAYLOAD: ClassVar[bool] = False
+
+
+# --- handshake ------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Challenge(Message):
+    """Server's opening: a fresh nonce and the server's versions."""
+    TYPE = "challenge"
+    SENDERS = ("server",)
+    nonce: str
+    version: int
+    python: str
+
+
+@dataclass(frozen=True, slots=True)
+class AuthReply(Message):
+    """Peer's answer: who it is, its own nonce for the server, and its proof."""
+    TYPE = "auth"
+    SENDERS = ("peer",)
+    role: str
+    username: str
+    nonce: str
+    digest: str
+    version: int
+    python: str
+    slots: int
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class Welcome(Message):
+    """Server's proof that it holds the secret too, and the peer's id."""
+    TYPE = "welcome"
+    SENDERS = ("server",)
+    digest: str
+    peer_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorFrame(Message):
+    """Sent before the sender closes the connection (or to fail one request)."""
+    TYPE = "error"
+    SENDERS = ("server", "node", "controller", "admin", "peer")
+    code: str
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat(Message):
+    TYPE = "hb"
+    SENDERS = ("server", "node", "controller", "admin")
+
+
+# --- controller -> server ---------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Submit(Message):
+    """A new job; the payload is the serialised function bundle."""
+    TYPE = "submit"
+    SENDERS = ("controller",)
+    PAYLOAD = True
+    job: str
+    max_attempts: int
+    timeout: float  # per task, seconds; 0 means none
+    limit: int  # most chunks in flight at once; 0 means no limit
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk(Message):
+    """One chunk of a job's arguments (opaque payload)."""
+    TYPE = "chunk"
+    SENDERS = ("controller",)
+    PAYLOAD = True
+    job: str
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel(Message):
+    """Stop a job: the controller gave up on it, or (server->node) drop its work."""
+    TYPE = "cancel"
+    SENDERS = ("controller", "server")
+    job: str
+
+
+@dataclass(frozen=True, slots=True)
+class End(Message):
+    """The controller has every result of the job; the server may forget it."""
+    TYPE = "end"
+    SENDERS = ("controller",)
+    job: str
+
+
+@dataclass(frozen=True, slots=True)
+class Kill(Message):
+    """Stop every node (killCluster)."""
+    TYPE = "kill"
+    SENDERS = ("controller", "admin", "server")
+
+
+@dataclass(frozen=True, slots=True)
+class StatusRequest(Message):
+    TYPE = "status?"
+    SENDERS = ("controller", "admin")
+
+
+# --- server -> node ---------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Function(Message):
+    """A job's function bundle, sent once per node before its first task."""
+    TYPE = "function"
+    SENDERS = ("server",)
+    PAYLOAD = True
+    job: str
+
+
+@dataclass(frozen=True, slots=True)
+class Task(Message):
+    """Run chunk ``seq`` of ``job``."""
+    TYPE = "task"
+    SENDERS = ("server",)
+    PAYLOAD = True
+    job: str
+    seq: int
+    timeout: float
+
+
+# --- node -> server -> controller -----------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Result(Message):
+    """The outcome of one chunk; ``status`` is one of STATUSES."""
+    TYPE = "result"
+    SENDERS = ("node", "server")
+    PAYLOAD = True
+    job: str
+    seq: int
+    status: str
+    elapsed: float
+
+
+@dataclass(frozen=True, slots=True)
+class Drain(Message):
+    """A node is leaving: send it no more work."""
+    TYPE = "drain"
+    SENDERS = ("node",)
+
+
+# --- server -> controller ----------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class JobFailed(Message):
+    """The job cannot finish (a chunk failed max_attempts times)."""
+    TYPE = "jobfailed"
+    SENDERS = ("server",)
+    PAYLOAD = True  # utf-8 text of the last failure
+    job: str
+    seq: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Cluster(Message):
+    """The cluster's size, pushed to controllers whenever it changes."""
+    TYPE = "cluster"
+    SENDERS = ("server",)
+    nodes: int
+    slots: int
+
+
+@dataclass(frozen=True, slots=True)
+class Status(Message):
+    """Reply to StatusRequest; the payload is a JSON document."""
+    TYPE = "status"
+    SENDERS = ("server",)
+    PAYLOAD = True
+
+
+@dataclass(frozen=True, slots=True)
+class Killed(Message):
+    """Reply to Kill: how many nodes were told to stop."""
+    TYPE = "killed"
+    SENDERS = ("server",)
+    nodes: int
+
+
+MESSAGES: dict[str, type[Message]] = {
+    cls.TYPE: cls
+    for cls in (Challenge, AuthReply, Welcome, ErrorFrame, Heartbeat, Submit, Chunk, Cancel,
+                End, Kill, StatusRequest, Function, Task, Result, Drain, JobFailed, Cluster,
+                Status, Killed)
+}
+
+FIELD_TYPES: dict[str, dict[str, type]] = {
+    t: {f.name: _t for f in fields(cls)
+        for _t in [{"str": str, "int": int, "float": float}[str(f.type)]]}
+    for t, cls in MESSAGES.items()
+}

@@ -1,0 +1,245 @@
+"""The server: authenticates peers, and runs the scheduler's instructions.
+
+Each connection is a :class:`ServerProtocol`; all of them share one
+:class:`~achilles.core.scheduler.Scheduler` through :class:`ServerFactory`. Payloads are
+routed as opaque bytes: the server never unpickles anything.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+from typing import Any, Callable
+
+from twisted.internet import protocol, task
+
+from achilles._shell import PYTHON, FramedProtocol
+from achilles.config import Settings
+from achilles.core import scheduler as sch
+from achilles.errors import AuthenticationError, ProtocolError
+from achilles.protocol import auth
+from achilles.protocol.framing import Frame
+from achilles.protocol.messages import (
+    PROTOCOL_VERSION, ROLES, AuthReply, Cancel, Challenge, Chunk, Cluster, Drain, End,
+    ErrorFrame, Function, Heartbeat, JobFailed, Kill, Killed, Message, Result, Status,
+    StatusRequest, Submit, Task, Welcome)
+
+log = logging.getLogger("achilles.server")
+
+HANDSHAKE_TIMEOUT = 10.0
+TICK = 1.0
+
+# What each role may send once authenticated.
+ALLOWED: dict[str, tuple[type[Message], ...]] = {
+    "node": (Result, Heartbeat, Drain, ErrorFrame),
+    "controller": (Submit, Chunk, Cancel, End, Kill, StatusRequest, Heartbeat, ErrorFrame),
+    "admin": (Kill, StatusRequest, Heartbeat, ErrorFrame),
+}
+
+
+class ServerProtocol(FramedProtocol):
+    factory: "ServerFactory"
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.parser.max_payload = self.factory.settings.max_payload
+        peer = self.transport.getPeer()
+        self.peer_desc = f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"
+        self.peer_id = next(self.factory.ids)
+        self.role = ""
+        self.name = self.peer_desc
+        self._nonce = auth.make_nonce(os.urandom(auth.NONCE_BYTES))
+        self.send(Challenge(self._nonce, PROTOCOL_VERSION, PYTHON))
+        self._handshake_timer = self.factory.clock.callLater(
+            self.factory.handshake_timeout, self._handshake_expired)
+
+    def _handshake_expired(self) -> None:
+        log.warning("%s did not authenticate within %g s; dropped", self.peer_desc,
+                    self.factory.handshake_timeout)
+        self.fail("handshake-timeout", "authentication not completed in time")
+        self.transport.abortConnection()
+
+    def connectionLost(self, reason: Any = None) -> None:
+        if self._handshake_timer.active():
+            self._handshake_timer.cancel()
+        self.factory.peer_lost(self, reason)
+
+    def frameReceived(self, frame: Frame) -> None:
+        msg = frame.msg
+        if not self.authenticated:
+            if not isinstance(msg, AuthReply):
+                raise ProtocolError("not-authenticated",
+                                    f"{msg.TYPE!r} frame before authentication")
+            return self._authenticate(msg)
+        if not isinstance(msg, ALLOWED[self.role]):
+            raise ProtocolError("not-allowed", f"a {self.role} may not send {msg.TYPE!r}")
+        self.factory.message(self, msg, frame.payload)
+
+    def _authenticate(self, msg: AuthReply) -> None:
+        settings = self.factory.settings
+        try:
+            if msg.role not in ROLES:
+                raise ProtocolError("bad-role", f"unknown role {msg.role[:32]!r}")
+            auth.check_versions(msg.version, msg.python, PYTHON,
+                                f"{msg.role} {self.peer_desc}")
+            expected = auth.peer_digest(settings.secret_key or "", self._nonce, msg.nonce,
+                                        msg.role, msg.username)
+            auth.verify(expected, msg.digest, f"{msg.role} at {self.peer_desc}")
+        except AuthenticationError as exc:
+            log.warning("refused %s: %s", self.peer_desc, exc)
+            code = "version-mismatch" if "mismatch" in str(exc) else "auth-failed"
+            return self.fail(code, str(exc))
+        self._handshake_timer.cancel()
+        self.authenticated = True
+        self.parser.allow_payload = True
+        self.role = msg.role
+        self.name = msg.name[:200] or self.peer_desc
+        self.send(Welcome(auth.server_digest(settings.secret_key or "", self._nonce,
+                                             msg.nonce), self.peer_id))
+        self.factory.peer_joined(self, msg)
+
+
+class ServerFactory(protocol.Factory):
+    protocol = ServerProtocol
+
+    def __init__(self, settings: Settings, clock: Any = None) -> None:
+        if clock is None:
+            from twisted.internet import reactor as clock  # noqa: N813
+        self.settings = settings
+        self.clock = clock
+        self.handshake_timeout = HANDSHAKE_TIMEOUT
+        self.scheduler = sch.Scheduler(settings.heartbeat_timeout)
+        self.ids = itertools.count(1)
+        self.peers: dict[int, ServerProtocol] = {}
+        self.cluster = Cluster(0, 0)
+        self._ticker = task.LoopingCall(self._tick)
+        self._ticker.clock = clock
+        self._handlers: dict[type, Callable[[ServerProtocol, Any, bytes], None]] = {
+            Submit: self._on_submit, Chunk: self._on_chunk, Cancel: self._on_cancel,
+            End: self._on_end, Result: self._on_result, Kill: self._on_kill,
+            StatusRequest: self._on_status, Drain: self._on_drain,
+            Heartbeat: self._on_heartbeat, ErrorFrame: self._on_error,
+        }
+
+    def startFactory(self) -> None:
+        if not self._ticker.running:
+            self._ticker.start(TICK, now=False)
+
+    def stopFactory(self) -> None:
+        if self._ticker.running:
+            self._ticker.stop()
+
+    # -- scheduler plumbing -----------------------------------------------------------
+    def feed(self, event: Any) -> None:
+        for ins in self.scheduler.handle(event, self.clock.seconds()):
+            self._execute(ins)
+
+    def _execute(self, ins: Any) -> None:
+        if isinstance(ins, sch.SendTask):
+            self._send(ins.node, Task(ins.job, ins.seq, ins.timeout), ins.payload)
+        elif isinstance(ins, sch.ForwardResult):
+            self._send(ins.owner, Result(ins.job, ins.seq, ins.status, ins.elapsed),
+                       ins.payload)
+        elif isinstance(ins, sch.SendFunction):
+            self._send(ins.node, Function(ins.job), ins.payload)
+        elif isinstance(ins, sch.CancelOnNode):
+            self._send(ins.node, Cancel(ins.job))
+        elif isinstance(ins, sch.FailJob):
+            log.warning("job %s failed at chunk %d: %s", ins.job, ins.seq, ins.detail)
+            self._send(ins.owner, JobFailed(ins.job, ins.seq, ins.reason),
+                       ins.detail.encode("utf-8"))
+        elif isinstance(ins, sch.ClusterChanged):
+            self.cluster = Cluster(ins.nodes, ins.slots)
+            for peer in self.peers.values():
+                if peer.role == "controller":
+                    peer.send(self.cluster)
+        elif isinstance(ins, sch.DropNode):
+            peer = self.peers.get(ins.node)
+            log.warning("node %s lost: %s", peer.name if peer else ins.node, ins.reason)
+            if peer is not None:
+                peer.transport.abortConnection()
+        elif isinstance(ins, sch.Refuse):
+            log.warning("refused from peer %s: %s", ins.peer, ins.reason)
+
+    def _send(self, peer_id: int, msg: Message, payload: bytes = b"") -> None:
+        peer = self.peers.get(peer_id)
+        if peer is not None:
+            peer.send(msg, payload)
+
+    def _tick(self) -> None:
+        self.feed(sch.Tick())
+        for peer in list(self.peers.values()):
+            peer.send(Heartbeat())
+
+    # -- peers ------------------------------------------------------------------------
+    def peer_joined(self, peer: ServerProtocol, msg: AuthReply) -> None:
+        self.peers[peer.peer_id] = peer
+        log.info("%s %s connected from %s", peer.role, peer.name, peer.peer_desc)
+        if peer.role == "node":
+            self.feed(sch.NodeJoined(peer.peer_id, msg.slots, peer.name))
+        elif peer.role == "controller":
+            peer.send(self.cluster)
+
+    def peer_lost(self, peer: ServerProtocol, reason: Any) -> None:
+        if self.peers.pop(peer.peer_id, None) is None:
+            return
+        log.info("%s %s disconnected", peer.role, peer.name)
+        if peer.role == "node":
+            self.feed(sch.NodeLost(peer.peer_id, "connection closed"))
+        elif peer.role == "controller":
+            self.feed(sch.OwnerLost(peer.peer_id))
+
+    def message(self, peer: ServerProtocol, msg: Message, payload: bytes) -> None:
+        if peer.role == "node":
+            self.feed(sch.HeardFrom(peer.peer_id))
+        self._handlers[type(msg)](peer, msg, payload)
+
+    # -- handlers ---------------------------------------------------------------------
+    def _on_submit(self, peer: ServerProtocol, msg: Submit, payload: bytes) -> None:
+        log.info("job %s submitted by %s", msg.job, peer.name)
+        self.feed(sch.JobSubmitted(msg.job, peer.peer_id, payload, msg.max_attempts,
+                                   msg.timeout, msg.limit))
+
+    def _on_chunk(self, peer: ServerProtocol, msg: Chunk, payload: bytes) -> None:
+        self.feed(sch.ChunkAdded(msg.job, msg.seq, payload, peer.peer_id))
+
+    def _on_cancel(self, peer: ServerProtocol, msg: Cancel, payload: bytes) -> None:
+        self.feed(sch.JobCancelled(msg.job, peer.peer_id))
+
+    def _on_end(self, peer: ServerProtocol, msg: End, payload: bytes) -> None:
+        self.feed(sch.JobEnded(msg.job, peer.peer_id))
+
+    def _on_result(self, peer: ServerProtocol, msg: Result, payload: bytes) -> None:
+        self.feed(sch.ResultReceived(peer.peer_id, msg.job, msg.seq, msg.status, payload,
+                                     msg.elapsed))
+
+    def _on_drain(self, peer: ServerProtocol, msg: Drain, payload: bytes) -> None:
+        log.info("node %s is leaving", peer.name)
+        self.feed(sch.NodeDraining(peer.peer_id))
+
+    def _on_kill(self, peer: ServerProtocol, msg: Kill, payload: bytes) -> None:
+        nodes = [p for p in self.peers.values() if p.role == "node"]
+        log.warning("kill requested by %s: stopping %d node(s)", peer.name, len(nodes))
+        for node in nodes:
+            node.send(Kill())
+        peer.send(Killed(len(nodes)))
+
+    def _on_status(self, peer: ServerProtocol, msg: StatusRequest, payload: bytes) -> None:
+        snap = self.scheduler.snapshot()
+        snap["controllers"] = sum(1 for p in self.peers.values() if p.role == "controller")
+        peer.send(Status(), json.dumps(snap).encode("utf-8"))
+
+    def _on_heartbeat(self, peer: ServerProtocol, msg: Heartbeat, payload: bytes) -> None:
+        pass
+
+    def _on_error(self, peer: ServerProtocol, msg: ErrorFrame, payload: bytes) -> None:
+        log.warning("%s %s reported: %s %s", peer.role, peer.name, msg.code, msg.detail)
+
+
+def listen(settings: Settings, reactor: Any = None) -> Any:
+    """Start listening; return the listening port (``.getHost().port`` is the real port)."""
+    if reactor is None:
+        from twisted.internet import reactor
+    factory = ServerFactory(settings, clock=reactor)
+    return reactor.listenTCP(settings.port, factory, interface=settings.host)

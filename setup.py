@@ -1,0 +1,37 @@
+from setuptools import find_packages, setup
+
+with open("README.md", encoding="utf-8") as f:
+    long_description = f.read()
+
+setup(
+    name="achilles",
+    version="0.1.0",
+    description="Distributed multiprocessing.Pool: map/imap/imap_unordered across a cluster",
+    long_description=long_description,
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.9",
+    packages=find_packages(include=["achilles", "achilles.*"]),
+    package_data={"achilles": ["py.typed"]},
+    install_requires=[
+        "twisted>=22.10",
+        "dill>=0.3.6",
+        "multiprocess>=0.70.14",
+        "python-dotenv>=1.0",
+    ],
+    extras_require={
+        "test": ["pytest>=7", "hypothesis>=6", "pytest-timeout>=2"],
+    },
+    entry_points={
+        "console_scripts": [
+            "achilles=achilles.cli:main_entry",
+            "achilles-server=achilles.cli:server_main",
+            "achilles-node=achilles.cli:node_main",
+        ],
+    },
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Framework :: Twisted",
+        "License :: OSI Approved :: MIT License",
+    ],
+)
