@@ -132,6 +132,10 @@ class Controller:
                                      retryPolicy=backoffPolicy(initialDelay=0.1, maxDelay=2.0))
         self.service.startService()
         self._arm_give_up()
+        reactor.addSystemEventTrigger("before", "shutdown", self._shutting_down)
+
+    def _shutting_down(self) -> None:
+        self.closing = True
 
     # -- connection -------------------------------------------------------------------
     def _arm_give_up(self) -> None:

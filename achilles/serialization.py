@@ -37,8 +37,7 @@ PROTOCOL = 5
 # --- code bundles --------------------------------------------------------------------
 def _stdlib_roots() -> tuple[str, ...]:
     paths = sysconfig.get_paths()
-    roots = {paths.get("stdlib"), paths.get("platstdlib"),
-             os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}  # achilles itself
+    roots = {paths.get("stdlib"), paths.get("platstdlib")}
     return tuple(os.path.join(os.path.realpath(r), "") for r in roots if r)
 
 

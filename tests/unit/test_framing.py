@@ -1,0 +1,322 @@
+"""Sans-IO framing: round trips, every split of a byte stream, limits, malformed headers."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from achilles.errors import ProtocolError
+from achilles.protocol import messages as m
+from achilles.protocol.framing import (MAX_HEADER_LENGTH, Decoder, Frame, HeaderParser, Need,
+                                       encode, encode_bytes, parse_header)
+
+# One sample of every frame type; payloads contain newlines so that a decoder which
+# looked for delimiters inside a payload would break.
+SAMPLES: list[tuple[m.Message, bytes]] = [
+    (m.Challenge(nonce="ab" * 16, version=1, python="3.11"), b""),
+    (m.AuthReply(role="node", username="achilles", nonce="cd" * 16, digest="ef" * 32,
+                 version=1, python="3.11", slots=4, name="n\u00f6de-1"), b""),
+    (m.Welcome(digest="01" * 32, peer_id=7), b""),
+    (m.ErrorFrame(code="bad-json", detail="header is not JSON"), b""),
+    (m.Heartbeat(), b""),
+    (m.Submit(job="j1", max_attempts=3, timeout=2.5, limit=0), b"FUNC\nBUNDLE"),
+    (m.Chunk(job="j1", seq=0), b"\n"),
+    (m.Chunk(job="j1", seq=1), b"a\nb\r\n" * 5),
+    (m.Cancel(job="j1"), b""),
+    (m.End(job="j1"), b""),
+    (m.Kill(), b""),
+    (m.StatusRequest(), b""),
+    (m.Function(job="j1"), b"\x00\xff\n{\"t\":\"hb\"}\n"),
+    (m.Task(job="j1", seq=1, timeout=0.0), b"payload"),
+    (m.Result(job="j1", seq=1, status=m.OK, elapsed=0.125), b"R" * 40),
+    (m.Drain(), b""),
+    (m.JobFailed(job="j1", seq=3, reason="crashed"), "worker died \u2620".encode()),
+    (m.Cluster(nodes=2, slots=8), b""),
+    (m.Status(), b'{"nodes": []}'),
+    (m.Killed(nodes=2), b""),
+]
+STREAM = b"".join(encode_bytes(msg, payload) for msg, payload in SAMPLES)
+EXPECTED = [Frame(msg, payload) for msg, payload in SAMPLES]
+
+
+def decode_all(data: bytes, **kwargs: object) -> list[Frame]:
+    return Decoder(**kwargs).feed(data)  # type: ignore[arg-type]
+
+
+def decode_line(header: dict[str, object] | bytes, **kwargs: object) -> list[Frame]:
+    line = header if isinstance(header, bytes) else json.dumps(header).encode()
+    return decode_all(line + b"\n", **kwargs)
+
+
+def error_code(header: dict[str, object] | bytes, **kwargs: object) -> str:
+    with pytest.raises(ProtocolError) as info:
+        decode_line(header, **kwargs)
+    return info.value.code
+
+
+# --- round trips ----------------------------------------------------------------------
+def test_samples_cover_every_message_type() -> None:
+    """The round-trip samples include one frame of every registered type."""
+    assert {type(msg).TYPE for msg, _ in SAMPLES} == set(m.MESSAGES)
+
+
+@pytest.mark.parametrize("msg,payload", SAMPLES, ids=[type(s[0]).__name__ for s in SAMPLES])
+def test_round_trip_each_type(msg: m.Message, payload: bytes) -> None:
+    """Encoding a frame and decoding the bytes gives back the same message and payload."""
+    assert decode_all(encode_bytes(msg, payload)) == [Frame(msg, payload)]
+
+
+def test_encode_returns_header_and_payload_pieces() -> None:
+    """encode gives a newline-terminated header and the payload as separate pieces."""
+    header, payload = encode(m.Chunk(job="j", seq=4), b"xyz")
+    assert header.endswith(b"\n") and header.count(b"\n") == 1
+    assert json.loads(header) == {"t": "chunk", "len": 3, "job": "j", "seq": 4}
+    assert payload == b"xyz"
+    assert encode(m.Heartbeat()) == [b'{"t":"hb","len":0}\n']
+
+
+def test_whole_stream_decodes_in_one_feed() -> None:
+    """A stream of many frames fed at once yields every frame in order."""
+    assert decode_all(STREAM) == EXPECTED
+
+
+# --- every split (Twisted's test_buffer) -----------------------------------------------
+def test_every_chunk_size_gives_same_frames() -> None:
+    """Feeding the stream in pieces of every size 1..N yields the same frames."""
+    for size in range(1, len(STREAM) + 1):
+        decoder = Decoder()
+        frames: list[Frame] = []
+        for i in range(0, len(STREAM), size):
+            frames.extend(decoder.feed(STREAM[i:i + size]))
+        assert frames == EXPECTED, f"chunk size {size}"
+
+
+def test_every_two_way_split_gives_same_frames() -> None:
+    """Splitting the stream once at every offset, newlines and payloads included, changes nothing."""
+    for cut in range(len(STREAM) + 1):
+        decoder = Decoder()
+        frames = decoder.feed(STREAM[:cut]) + decoder.feed(STREAM[cut:])
+        assert frames == EXPECTED, f"split at {cut}"
+
+
+def test_split_at_newline_and_inside_payload() -> None:
+    """A frame arrives only once its newline and all of its payload have been fed."""
+    data = encode_bytes(m.Chunk(job="j", seq=0), b"pay\nload")
+    newline = data.index(b"\n")
+    decoder = Decoder()
+    assert decoder.feed(data[:newline]) == []
+    assert decoder.feed(data[newline:newline + 1]) == []  # header complete, payload owed
+    assert decoder.feed(data[newline + 1:newline + 4]) == []  # "pay"
+    assert decoder.feed(data[newline + 4:] + b'{"t":"hb","len":0}\n') == [
+        Frame(m.Chunk(job="j", seq=0), b"pay\nload"), Frame(m.Heartbeat())]
+
+
+def test_header_parser_switches_to_raw_mode_and_returns_leftover() -> None:
+    """HeaderParser asks for n payload bytes, then returns the frame and the bytes after it."""
+    parser = HeaderParser()
+    parser.allow_payload = True
+    assert parser.header(b'{"t":"hb","len":0}') == Frame(m.Heartbeat())
+    assert parser.header(b'{"t":"chunk","len":5,"job":"j","seq":2}') == Need(5)
+    assert parser.payload(b"ab") == (None, b"")
+    assert parser.payload(b"cdeNEXT") == (Frame(m.Chunk(job="j", seq=2), b"abcde"), b"NEXT")
+
+
+# --- limits -----------------------------------------------------------------------------
+def _error_frame_line(length: int) -> bytes:
+    base = len(encode_bytes(m.ErrorFrame(code="c", detail=""))) - 1
+    line = encode_bytes(m.ErrorFrame(code="c", detail="x" * (length - base)))[:-1]
+    assert len(line) == length
+    return line
+
+
+def test_header_exactly_at_limit_is_accepted() -> None:
+    """A header line of exactly MAX_HEADER_LENGTH bytes decodes."""
+    line = _error_frame_line(MAX_HEADER_LENGTH)
+    [frame] = decode_all(line + b"\n")
+    assert encode_bytes(frame.msg) == line + b"\n"
+    decoder = Decoder()  # and also when its bytes arrive without the newline first
+    assert decoder.feed(line) == []
+    assert len(decoder.feed(b"\n")) == 1
+
+
+def test_header_one_over_limit_is_rejected() -> None:
+    """A header line of MAX_HEADER_LENGTH + 1 bytes is a header-too-long error."""
+    line = _error_frame_line(MAX_HEADER_LENGTH + 1)
+    assert error_code(line) == "header-too-long"
+    with pytest.raises(ProtocolError) as info:
+        parse_header(line)
+    assert info.value.code == "header-too-long"
+
+
+def test_header_without_newline_rejected_once_over_limit() -> None:
+    """Bytes without a newline are refused as soon as they pass MAX_HEADER_LENGTH."""
+    decoder = Decoder()
+    assert decoder.feed(b"x" * MAX_HEADER_LENGTH) == []
+    with pytest.raises(ProtocolError) as info:
+        decoder.feed(b"x")
+    assert info.value.code == "header-too-long"
+
+
+def test_payload_exactly_at_limit_is_accepted() -> None:
+    """A payload of exactly max_payload bytes decodes."""
+    data = encode_bytes(m.Chunk(job="j", seq=0), b"p" * 16)
+    assert decode_all(data, max_payload=16) == [Frame(m.Chunk(job="j", seq=0), b"p" * 16)]
+
+
+def test_payload_one_over_limit_is_rejected_from_header() -> None:
+    """A header announcing max_payload + 1 bytes is refused before any payload arrives."""
+    header = encode(m.Chunk(job="j", seq=0), b"p" * 17)[0]
+    with pytest.raises(ProtocolError) as info:
+        Decoder(max_payload=16).feed(header)
+    assert info.value.code == "payload-too-large"
+
+
+# --- malformed headers ----------------------------------------------------------------------
+@pytest.mark.parametrize("line", [b"not json", b"{", b"\xff\xfe{}", b"{'t': 'hb'}", b""])
+def test_non_json_header(line: bytes) -> None:
+    """A header that is not JSON is a bad-json error."""
+    assert error_code(line) == "bad-json"
+
+
+def test_deeply_nested_json_header() -> None:
+    """A header nested deeper than the parser's recursion limit is a ProtocolError."""
+    assert error_code(b"[" * 5000 + b"]" * 5000) == "bad-json"
+
+
+@pytest.mark.parametrize("line", [b"[1, 2]", b'"hb"', b"3", b"null", b"true"])
+def test_json_non_object_header(line: bytes) -> None:
+    """A header that is JSON but not an object is a not-object error."""
+    assert error_code(line) == "not-object"
+
+
+@pytest.mark.parametrize("header", [{"len": 0}, {"t": 1}, {"t": None}, {"t": ["hb"]}])
+def test_missing_or_non_string_type(header: dict[str, object]) -> None:
+    """A header without a string 't' is a bad-type error."""
+    assert error_code(header) == "bad-type"
+
+
+def test_unknown_type() -> None:
+    """A header whose 't' names no frame type is an unknown-type error."""
+    assert error_code({"t": "bogus", "len": 0}) == "unknown-type"
+
+
+@pytest.mark.parametrize("length", [-1, "3", 1.5, True, False, None, [1]])
+def test_bad_length(length: object) -> None:
+    """A 'len' that is negative, not an int, or a bool is a bad-length error."""
+    assert error_code({"t": "chunk", "len": length, "job": "j", "seq": 0}) == "bad-length"
+
+
+def test_missing_length_means_no_payload() -> None:
+    """A header without 'len' is a frame with an empty payload."""
+    assert decode_line({"t": "hb"}) == [Frame(m.Heartbeat())]
+
+
+def test_payload_on_type_without_payload() -> None:
+    """A non-zero 'len' on a frame type that takes no payload is an unexpected-payload error."""
+    assert error_code({"t": "hb", "len": 3}) == "unexpected-payload"
+    assert error_code({"t": "cancel", "len": 1, "job": "j"}) == "unexpected-payload"
+
+
+def test_payload_before_auth() -> None:
+    """Before authentication a payload is refused, while payload-less frames pass."""
+    header = {"t": "chunk", "len": 3, "job": "j", "seq": 0}
+    assert error_code(header, allow_payload=False) == "payload-before-auth"
+    assert decode_line({"t": "hb", "len": 0}, allow_payload=False) == [Frame(m.Heartbeat())]
+    parser = HeaderParser()  # the shells' parser starts unauthenticated
+    with pytest.raises(ProtocolError) as info:
+        parser.header(json.dumps(header).encode())
+    assert info.value.code == "payload-before-auth"
+
+
+@pytest.mark.parametrize("header", [
+    {"t": "chunk", "len": 0, "job": "j"},
+    {"t": "welcome", "digest": "00"},
+    {"t": "result", "job": "j", "seq": 0, "status": "ok"},
+])
+def test_missing_field(header: dict[str, object]) -> None:
+    """A header lacking one of its type's fields is a bad-field error."""
+    assert error_code(header) == "bad-field"
+
+
+@pytest.mark.parametrize("field,value", [
+    ("seq", "1"), ("seq", 1.0), ("seq", True), ("seq", None),
+    ("job", 5), ("job", ["j"]), ("timeout", "1"), ("timeout", None), ("timeout", False),
+])
+def test_wrong_field_type(field: str, value: object) -> None:
+    """A field of the wrong JSON type (bools count as wrong for numbers) is a bad-field error."""
+    header = {"t": "task", "len": 0, "job": "j", "seq": 1, "timeout": 0.5}
+    header[field] = value
+    assert error_code(header) == "bad-field"
+
+
+def test_int_accepted_for_float_field() -> None:
+    """An integer in a float field is accepted and becomes a float."""
+    [frame] = decode_line({"t": "task", "len": 0, "job": "j", "seq": 1, "timeout": 3})
+    assert frame.msg == m.Task(job="j", seq=1, timeout=3.0)
+    assert type(frame.msg.timeout) is float  # type: ignore[attr-defined]
+
+
+def test_huge_int_in_float_field_is_protocol_error() -> None:
+    """An integer too large for a float in a float field is a bad-field error, not OverflowError."""
+    line = (b'{"t":"task","len":0,"job":"j","seq":1,"timeout":' + b"9" * 400 + b"}")
+    assert error_code(line) == "bad-field"
+
+
+def test_extra_fields_are_ignored() -> None:
+    """Unknown extra keys in a header do not prevent decoding."""
+    assert decode_line({"t": "cancel", "job": "j", "extra": [1, 2]}) == [
+        Frame(m.Cancel(job="j"))]
+
+
+# --- fuzzing ----------------------------------------------------------------------------------
+def _feed_in_pieces(data: bytes, cuts: list[int], **kwargs: object) -> list[Frame]:
+    decoder = Decoder(**kwargs)  # type: ignore[arg-type]
+    frames: list[Frame] = []
+    bounds = sorted({0, len(data), *(c % (len(data) + 1) for c in cuts)})
+    for lo, hi in zip(bounds, bounds[1:]):
+        frames.extend(decoder.feed(data[lo:hi]))
+    return frames
+
+
+FUZZ = settings(max_examples=300, deadline=None, database=None,
+                suppress_health_check=[HealthCheck.too_slow])
+_json_value = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner,
+                                                                 max_size=3),
+    max_leaves=6)
+_field_names = sorted({name for fields in m.FIELD_TYPES.values() for name in fields} | {"len"})
+
+
+@FUZZ
+@given(st.lists(st.binary(max_size=40) | st.sampled_from([encode_bytes(*s) for s in SAMPLES]),
+                max_size=6),
+       st.lists(st.integers(min_value=0), max_size=8))
+def test_arbitrary_bytes_yield_frames_or_protocol_error(pieces: list[bytes],
+                                                        cuts: list[int]) -> None:
+    """Any byte stream, split anywhere, gives frames or a ProtocolError and nothing else."""
+    data = b"".join(pieces)
+    try:
+        frames = _feed_in_pieces(data, cuts, max_payload=64)
+    except ProtocolError as exc:
+        assert exc.code
+    else:
+        assert all(isinstance(f, Frame) and isinstance(f.msg, m.Message) for f in frames)
+
+
+@FUZZ
+@given(st.sampled_from(sorted(m.MESSAGES)),
+       st.dictionaries(st.sampled_from(_field_names), _json_value, max_size=6),
+       st.binary(max_size=20), st.booleans())
+def test_arbitrary_headers_yield_typed_frames_or_protocol_error(
+        t: str, fields: dict[str, object], tail: bytes, allow_payload: bool) -> None:
+    """A JSON header with arbitrary field values decodes to its type, or is a ProtocolError."""
+    line = json.dumps({"t": t, **fields}).encode()
+    try:
+        frames = Decoder(max_payload=64, allow_payload=allow_payload).feed(line + b"\n" + tail)
+    except ProtocolError as exc:
+        assert exc.code
+    else:
+        assert not frames or type(frames[0].msg) is m.MESSAGES[t]
