@@ -25,6 +25,7 @@ from functools import partial
 from typing import Any, Callable
 
 import multiprocess
+import multiprocess.pool as mp_pool
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.internet import endpoints, task
 
@@ -97,6 +98,7 @@ class Generation:
 
     def kill(self) -> None:
         """SIGKILL every worker, free the locks a dead worker may hold, stop the reader."""
+        self.pool._worker_handler._state = mp_pool.TERMINATE  # no replacement workers
         for p in set(self.procs) | set(self.pool._pool):
             try:
                 os.kill(p.pid, signal.SIGKILL)

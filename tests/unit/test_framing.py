@@ -182,7 +182,7 @@ def test_non_json_header(line: bytes) -> None:
 
 def test_deeply_nested_json_header() -> None:
     """A header nested deeper than the parser's recursion limit is a ProtocolError."""
-    assert error_code(b"[" * 5000 + b"]" * 5000) == "bad-json"
+    assert error_code(b"[" * 4000 + b"]" * 4000) == "bad-json"
 
 
 @pytest.mark.parametrize("line", [b"[1, 2]", b'"hb"', b"3", b"null", b"true"])
@@ -282,11 +282,8 @@ def _feed_in_pieces(data: bytes, cuts: list[int], **kwargs: object) -> list[Fram
 
 FUZZ = settings(max_examples=300, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow])
-_json_value = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner,
-                                                                 max_size=3),
-    max_leaves=6)
+_json_value = (st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8)
+               | st.lists(st.integers(), max_size=2))
 _field_names = sorted({name for fields in m.FIELD_TYPES.values() for name in fields} | {"len"})
 
 
