@@ -4,13 +4,28 @@
 
 Importing achilles starts nothing: the reactor thread starts with the first pool.
 """
-from achilles.config import genConfig
+from typing import Any
+
 from achilles.errors import (AchillesError, AuthenticationError, ChunkFailedError, ConfigError,
                              ConnectionLostError, NodeLostError, ProtocolError, RemoteError,
-                             RemoteTraceback, SerializationError, TimeoutError,
-                             VersionMismatchError)
-from achilles.pool import (AsyncResult, IMapIterator, Pool, getClusterStatus, imap,
-                           imap_unordered, killCluster, map)
+                             RemoteTraceback, SerializationError, VersionMismatchError)
+
+# The pool (and with it twisted, dill and multiprocessing) loads on first use (PEP 562),
+# so that `import achilles.core.scheduler` or a worker's `import achilles._worker` do not
+# drag it in.
+_LAZY = {"Pool": "pool", "AsyncResult": "pool", "IMapIterator": "pool", "map": "pool",
+         "imap": "pool", "imap_unordered": "pool", "killCluster": "pool",
+         "getClusterStatus": "pool", "genConfig": "config", "TimeoutError": "errors"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+        value = getattr(importlib.import_module(f"achilles.{_LAZY[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'achilles' has no attribute {name!r}")
+
 
 __version__ = "0.1.0"
 

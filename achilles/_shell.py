@@ -13,14 +13,14 @@ import platform
 import socket
 from typing import Any
 
-from twisted.internet import protocol
+from twisted.internet import protocol, task
 from twisted.protocols.basic import LineReceiver
 
 from achilles.errors import AuthenticationError, ProtocolError
 from achilles.protocol import auth
 from achilles.protocol.framing import MAX_HEADER_LENGTH, Frame, HeaderParser, Need, encode
 from achilles.protocol.messages import (PROTOCOL_VERSION, AuthReply, Challenge, ErrorFrame,
-                                        Message, Welcome)
+                                        Heartbeat, Message, Welcome)
 
 log = logging.getLogger("achilles")
 
@@ -32,10 +32,18 @@ class FramedProtocol(LineReceiver):
     MAX_LENGTH = MAX_HEADER_LENGTH
     max_payload = 512 * 1024 * 1024
     peer_desc = "peer"
+    clock: Any = None  # an IReactorTime, set by whoever builds the protocol
 
     def connectionMade(self) -> None:
         self.parser = HeaderParser(self.max_payload)
         self.authenticated = False
+        self.last_heard = self.clock.seconds()
+
+    def dataReceived(self, data: bytes) -> None:
+        # Any bytes count as a sign of life: a large payload may take longer to arrive
+        # than the heartbeat timeout, and it is not silence.
+        self.last_heard = self.clock.seconds()
+        super().dataReceived(data)
 
     def send(self, msg: Message, payload: bytes = b"") -> None:
         if self.transport is not None:
@@ -91,12 +99,37 @@ class ClientProtocol(FramedProtocol):
     role = "controller"
     peer_desc = "server"
 
-    def __init__(self, secret: str, username: str = "achilles", slots: int = 0) -> None:
+    def __init__(self, secret: str, clock: Any, username: str = "achilles", slots: int = 0,
+                 heartbeat_interval: float = 5.0, heartbeat_timeout: float = 30.0) -> None:
         self.secret = secret
+        self.clock = clock
         self.username = username
         self.slots = slots
+        self.heartbeat_interval = heartbeat_interval
+        self.heartbeat_timeout = heartbeat_timeout
         self._nonce = ""
         self.peer_id = -1
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self._keepalive = task.LoopingCall(self._keepalive_tick)
+        self._keepalive.clock = self.clock
+        self._keepalive.start(min(self.heartbeat_interval, self.heartbeat_timeout / 3),
+                              now=False)
+
+    def _keepalive_tick(self) -> None:
+        """Send our heartbeat; drop a server that has gone silent (no FIN may ever come,
+        e.g. when the network is cut), so that the reconnect logic takes over."""
+        silent = self.clock.seconds() - self.last_heard
+        if silent > self.heartbeat_timeout:
+            log.warning("server silent for %.0f s; dropping the connection", silent)
+            self.transport.abortConnection()
+        elif self.authenticated:
+            self.send(Heartbeat())
+
+    def connectionLost(self, reason: Any = None) -> None:
+        if self._keepalive.running:
+            self._keepalive.stop()
 
     def frameReceived(self, frame: Frame) -> None:
         msg = frame.msg

@@ -114,7 +114,8 @@ def genConfig(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,  # noqa: N802 
     if not os.path.exists(path):
         with open(path, "w", encoding="utf-8"):
             pass
-        os.chmod(path, 0o600)  # it may hold the secret
+    if secret_key is not None or not os.path.getsize(path):
+        os.chmod(path, 0o600)  # it holds the secret: readable by its owner only
     for name, value in (("host", host), ("port", port), ("username", username),
                         ("secret_key", secret_key)):
         if value is not None:

@@ -102,6 +102,7 @@ class ControllerProtocol(ClientProtocol):
         self.owner.refused(err)
 
     def connectionLost(self, reason: Any = None) -> None:
+        super().connectionLost(reason)
         self.owner.disconnected(self)
 
     def messageReceived(self, msg: Message, payload: bytes) -> None:
@@ -126,8 +127,10 @@ class Controller:
         endpoint = endpoints.TCP4ClientEndpoint(reactor, settings.host, settings.port,
                                                 timeout=10)
         cls = type("Proto", (ControllerProtocol,), {"role": role})
-        factory = ClientFactory(cls, self, secret=settings.secret_key or "",
-                                username=settings.username)
+        factory = ClientFactory(cls, self, secret=settings.secret_key or "", clock=reactor,
+                                username=settings.username,
+                                heartbeat_interval=settings.heartbeat_interval,
+                                heartbeat_timeout=settings.heartbeat_timeout)
         self.service = ClientService(endpoint, factory, clock=reactor,
                                      retryPolicy=backoffPolicy(initialDelay=0.1, maxDelay=2.0))
         self.service.startService()
@@ -217,6 +220,8 @@ class Controller:
         if self.fatal is not None:
             return handle.fail(self.fatal)
         self.jobs[handle.id] = handle
+        if self.proto is None:
+            self._arm_give_up()  # a job waits for the server at most reconnect_timeout
         self._send_submit(handle)
 
     def send_chunk(self, handle: JobHandle, seq: int, payload: bytes) -> None:

@@ -6,7 +6,7 @@ for ``multiprocessing`` keeps catching what it used to catch.
 """
 from __future__ import annotations
 
-import multiprocessing
+from typing import Any
 
 
 class AchillesError(Exception):
@@ -60,10 +60,6 @@ class ChunkFailedError(AchillesError):
         self.stop = stop
 
 
-class TimeoutError(AchillesError, multiprocessing.TimeoutError):  # noqa: A001
-    """A wait or a task went past its time limit."""
-
-
 class ConnectionLostError(AchillesError, ConnectionError):
     """The server could not be reached, or stayed away longer than allowed."""
 
@@ -102,3 +98,22 @@ def rebuild_exc(exc: BaseException, tb: str) -> BaseException:
     """Attach the remote traceback text to ``exc`` as its cause, as multiprocessing does."""
     exc.__cause__ = RemoteTraceback(tb)
     return exc
+
+
+def _make_timeout_error() -> type:
+    import multiprocessing  # not at import time: it pulls in socket, and the core must not
+
+    class TimeoutError(AchillesError, multiprocessing.TimeoutError):  # noqa: A001
+        """A wait or a task went past its time limit (a multiprocessing.TimeoutError)."""
+
+    TimeoutError.__module__ = __name__
+    TimeoutError.__qualname__ = "TimeoutError"
+    return TimeoutError
+
+
+def __getattr__(name: str) -> Any:
+    if name == "TimeoutError":
+        cls = _make_timeout_error()
+        globals()["TimeoutError"] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

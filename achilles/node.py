@@ -33,7 +33,7 @@ from achilles import _worker
 from achilles._shell import ClientFactory, ClientProtocol, node_name
 from achilles.config import Settings, require_secret
 from achilles.protocol.messages import (CRASHED, TIMEOUT, Cancel, Drain, ErrorFrame, Function,
-                                        Heartbeat, Kill, Message, Result, Task)
+                                        Kill, Message, Result, Task)
 
 log = logging.getLogger("achilles.node")
 
@@ -283,6 +283,7 @@ class NodeProtocol(ClientProtocol):
         self.owner.refused(err)
 
     def connectionLost(self, reason: Any = None) -> None:
+        super().connectionLost(reason)
         if self.authenticated:
             self.owner.disconnected(self)
 
@@ -319,12 +320,12 @@ class Node:
         self.executor = Executor(self.processes, self._result, reactor, self.name)
         endpoint = endpoints.TCP4ClientEndpoint(reactor, settings.host, settings.port,
                                                 timeout=10)
-        factory = ClientFactory(NodeProtocol, self, secret=self.secret,
-                                username=settings.username, slots=self.processes)
+        factory = ClientFactory(NodeProtocol, self, secret=self.secret, clock=reactor,
+                                username=settings.username, slots=self.processes,
+                                heartbeat_interval=settings.heartbeat_interval,
+                                heartbeat_timeout=settings.heartbeat_timeout)
         self.service = ClientService(endpoint, factory, clock=reactor,
                                      retryPolicy=backoffPolicy(initialDelay=0.2, maxDelay=5.0))
-        self._heartbeat = task.LoopingCall(self._beat)
-        self._heartbeat.clock = reactor
 
     def start(self) -> None:
         log.info("node %s with %d worker(s) connecting to %s:%d", self.name,
@@ -335,8 +336,6 @@ class Node:
         self.proto = proto
         log.info("connected to achilles server at %s:%d as node %d",
                  self.settings.host, self.settings.port, proto.peer_id)
-        if not self._heartbeat.running:
-            self._heartbeat.start(self.settings.heartbeat_interval, now=False)
 
     def disconnected(self, proto: NodeProtocol) -> None:
         if self.proto is proto and not self.executor.closed:
@@ -347,10 +346,6 @@ class Node:
     def refused(self, err: ErrorFrame) -> None:
         log.error("the server refused this node: %s", err.detail)
         self.stop(exit_code=2)
-
-    def _beat(self) -> None:
-        if self.proto is not None:
-            self.proto.send(Heartbeat())
 
     def _result(self, job: str, seq: int, status: str, payload: bytes,
                 elapsed: float) -> None:
@@ -363,8 +358,6 @@ class Node:
 
     def stop(self, exit_code: int = 0) -> None:
         self.exit_code = exit_code
-        if self._heartbeat.running:
-            self._heartbeat.stop()
         self.service.stopService()
         self.executor.close()
         if self.on_stop is not None:

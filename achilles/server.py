@@ -109,7 +109,7 @@ class ServerFactory(protocol.Factory):
         self.settings = settings
         self.clock = clock
         self.handshake_timeout = HANDSHAKE_TIMEOUT
-        self.scheduler = sch.Scheduler(settings.heartbeat_timeout)
+        self.scheduler = sch.Scheduler()
         self.ids = itertools.count(1)
         self.peers: dict[int, ServerProtocol] = {}
         self.cluster = Cluster(0, 0)
@@ -154,11 +154,6 @@ class ServerFactory(protocol.Factory):
             for peer in self.peers.values():
                 if peer.role == "controller":
                     peer.send(self.cluster)
-        elif isinstance(ins, sch.DropNode):
-            peer = self.peers.get(ins.node)
-            log.warning("node %s lost: %s", peer.name if peer else ins.node, ins.reason)
-            if peer is not None:
-                peer.transport.abortConnection()
         elif isinstance(ins, sch.Refuse):
             log.warning("refused from peer %s: %s", ins.peer, ins.reason)
 
@@ -167,10 +162,23 @@ class ServerFactory(protocol.Factory):
         if peer is not None:
             peer.send(msg, payload)
 
+    def buildProtocol(self, addr: Any) -> ServerProtocol:
+        proto = super().buildProtocol(addr)
+        proto.clock = self.clock
+        return proto
+
     def _tick(self) -> None:
-        self.feed(sch.Tick())
+        """Heartbeats both ways: a peer silent past the timeout is dropped (a frozen or
+        cut-off node sends no FIN), which for a node requeues its chunks."""
+        now = self.clock.seconds()
         for peer in list(self.peers.values()):
-            peer.send(Heartbeat())
+            silent = now - peer.last_heard
+            if silent > self.settings.heartbeat_timeout:
+                log.warning("%s %s lost: no heartbeat for %.1f s", peer.role, peer.name,
+                            silent)
+                peer.transport.abortConnection()
+            else:
+                peer.send(Heartbeat())
 
     # -- peers ------------------------------------------------------------------------
     def peer_joined(self, peer: ServerProtocol, msg: AuthReply) -> None:
@@ -191,8 +199,6 @@ class ServerFactory(protocol.Factory):
             self.feed(sch.OwnerLost(peer.peer_id))
 
     def message(self, peer: ServerProtocol, msg: Message, payload: bytes) -> None:
-        if peer.role == "node":
-            self.feed(sch.HeardFrom(peer.peer_id))
         self._handlers[type(msg)](peer, msg, payload)
 
     # -- handlers ---------------------------------------------------------------------
@@ -227,6 +233,10 @@ class ServerFactory(protocol.Factory):
 
     def _on_status(self, peer: ServerProtocol, msg: StatusRequest, payload: bytes) -> None:
         snap = self.scheduler.snapshot()
+        now = self.clock.seconds()
+        for node in snap["nodes"]:  # type: ignore[union-attr]
+            proto = self.peers.get(node["id"])
+            node["last_seen_age"] = round(now - proto.last_heard, 3) if proto else None
         snap["controllers"] = sum(1 for p in self.peers.values() if p.role == "controller")
         peer.send(Status(), json.dumps(snap).encode("utf-8"))
 

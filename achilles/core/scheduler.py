@@ -12,6 +12,9 @@ gets it, so concurrent jobs share the cluster fairly. Payloads are opaque ``byte
 the scheduler keeps a chunk's payload until its result arrives, so it can resend it
 to another node, and never looks inside.
 
+Heartbeats are the shell's business: a silent peer's connection is closed, and
+that arrives here as NodeLost like any other loss.
+
 Execution is at least once: a chunk on a lost node runs again elsewhere. Results are
 forwarded once per chunk; a late or unknown result is dropped here.
 """
@@ -21,7 +24,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Union
 
-from achilles.protocol.messages import CANCELLED, CRASHED, ERROR, OK, TIMEOUT
+from achilles.protocol.messages import CANCELLED, CRASHED, ERROR, OK, STATUSES, TIMEOUT
 
 PREFETCH = 2
 
@@ -42,11 +45,6 @@ class NodeLost:
 
 @dataclass(frozen=True)
 class NodeDraining:
-    node: int
-
-
-@dataclass(frozen=True)
-class HeardFrom:
     node: int
 
 
@@ -95,13 +93,8 @@ class OwnerLost:
     owner: int
 
 
-@dataclass(frozen=True)
-class Tick:
-    """Check heartbeat deadlines."""
-
-
-Event = Union[NodeJoined, NodeLost, NodeDraining, HeardFrom, JobSubmitted, ChunkAdded,
-              ResultReceived, JobCancelled, JobEnded, OwnerLost, Tick]
+Event = Union[NodeJoined, NodeLost, NodeDraining, JobSubmitted, ChunkAdded,
+              ResultReceived, JobCancelled, JobEnded, OwnerLost]
 
 
 # --- instructions --------------------------------------------------------------------
@@ -148,13 +141,6 @@ class FailJob:
 
 
 @dataclass(frozen=True)
-class DropNode:
-    """Close the node's connection (it missed its heartbeat deadline)."""
-    node: int
-    reason: str
-
-
-@dataclass(frozen=True)
 class ClusterChanged:
     nodes: int
     slots: int
@@ -167,7 +153,7 @@ class Refuse:
     reason: str
 
 
-Instruction = Union[SendFunction, SendTask, CancelOnNode, ForwardResult, FailJob, DropNode,
+Instruction = Union[SendFunction, SendTask, CancelOnNode, ForwardResult, FailJob,
                     ClusterChanged, Refuse]
 
 
@@ -176,7 +162,6 @@ class NodeState:
     id: int
     slots: int
     name: str
-    last_seen: float
     inflight: set[tuple[str, int]] = field(default_factory=set)
     functions: set[str] = field(default_factory=set)
     draining: bool = False
@@ -216,8 +201,7 @@ class JobState:
 class Scheduler:
     """Feed events with :meth:`handle`; carry out the instructions it returns, in order."""
 
-    def __init__(self, heartbeat_timeout: float = 30.0) -> None:
-        self.heartbeat_timeout = heartbeat_timeout
+    def __init__(self) -> None:
         self.nodes: dict[int, NodeState] = {}
         self.jobs: dict[str, JobState] = {}
         self._picks = 0
@@ -234,7 +218,7 @@ class Scheduler:
 
     # -- nodes -----------------------------------------------------------------------
     def _on_NodeJoined(self, ev: NodeJoined) -> None:
-        self.nodes[ev.node] = NodeState(ev.node, max(1, ev.slots), ev.name, self._now)
+        self.nodes[ev.node] = NodeState(ev.node, max(1, ev.slots), ev.name)
         self._cluster_changed()
         self._dispatch()
 
@@ -256,18 +240,6 @@ class Scheduler:
         if node is not None:
             node.draining = True
             self._cluster_changed()
-
-    def _on_HeardFrom(self, ev: HeardFrom) -> None:
-        node = self.nodes.get(ev.node)
-        if node is not None:
-            node.last_seen = self._now
-
-    def _on_Tick(self, ev: Tick) -> None:
-        deadline = self._now - self.heartbeat_timeout
-        for node in [n for n in self.nodes.values() if n.last_seen < deadline]:
-            reason = f"no heartbeat for {self.heartbeat_timeout:g} s"
-            self._out.append(DropNode(node.id, reason))
-            self._on_NodeLost(NodeLost(node.id, reason))
 
     def _cluster_changed(self) -> None:
         live = [n for n in self.nodes.values() if not n.draining]
@@ -303,21 +275,22 @@ class Scheduler:
     def _on_JobCancelled(self, ev: JobCancelled) -> None:
         job = self._owned_job(ev.job, ev.owner)
         if job is not None:
-            self._remove_job(job, cancel=True)
+            self._remove_job(job)
             self._dispatch()
 
     def _on_JobEnded(self, ev: JobEnded) -> None:
         job = self._owned_job(ev.job, ev.owner)
         if job is not None:
-            self._remove_job(job, cancel=bool(job.inflight))
+            self._remove_job(job)
             self._dispatch()
 
     def _on_OwnerLost(self, ev: OwnerLost) -> None:
         for job in [j for j in self.jobs.values() if j.owner == ev.owner]:
-            self._remove_job(job, cancel=True)
+            self._remove_job(job)
         self._dispatch()
 
-    def _remove_job(self, job: JobState, cancel: bool) -> None:
+    def _remove_job(self, job: JobState) -> None:
+        """Forget a job; nodes holding its function or chunks are told to drop them."""
         del self.jobs[job.id]
         for node in self.nodes.values():
             if job.id in node.functions or any(j == job.id for j, _ in node.inflight):
@@ -328,14 +301,15 @@ class Scheduler:
     # -- results ---------------------------------------------------------------------
     def _on_ResultReceived(self, ev: ResultReceived) -> None:
         node = self.nodes.get(ev.node)
-        if node is not None:
-            node.last_seen = self._now
         job = self.jobs.get(ev.job)
         if node is None or job is None or job.inflight.get(ev.seq) != ev.node:
             if job is not None and node is not None and ev.seq not in job.payloads \
                     and (ev.job, ev.seq) not in node.inflight and job.cutoff is None:
                 self._out.append(Refuse(ev.node, f"result for chunk {ev.seq} of job "
                                                  f"{ev.job}, which it was not given"))
+            return
+        if ev.status not in STATUSES:  # leave the chunk in flight: it is not lost
+            self._out.append(Refuse(ev.node, f"unknown result status {ev.status[:32]!r}"))
             return
         del job.inflight[ev.seq]
         node.inflight.discard((ev.job, ev.seq))
@@ -349,10 +323,8 @@ class Scheduler:
                 self._cut(job, ev.seq)
         elif ev.status in (CRASHED, TIMEOUT):
             self._retry(job, ev.seq, ev.status, ev.payload.decode("utf-8", "replace"))
-        elif ev.status == CANCELLED:
+        else:  # CANCELLED: the node dropped it without running it
             job.queue.appendleft(ev.seq)
-        else:
-            self._out.append(Refuse(ev.node, f"unknown result status {ev.status!r}"))
         self._dispatch()
 
     def _retry(self, job: JobState, seq: int, status: str, detail: str) -> None:
@@ -408,7 +380,6 @@ class Scheduler:
         return {
             "nodes": [{"id": n.id, "name": n.name, "slots": n.slots,
                        "inflight": len(n.inflight), "done": n.done,
-                       "last_seen_age": round(self._now - n.last_seen, 3),
                        "draining": n.draining} for n in self.nodes.values()],
             "jobs": [{"id": j.id, "owner": j.owner, "done": j.done,
                       "queued": len(j.queue), "inflight": len(j.inflight),

@@ -52,7 +52,10 @@ def _check_fields(t: str, header: dict[str, Any]) -> dict[str, Any]:
             raise ProtocolError("bad-field", f"{t!r} frame lacks field {name!r}")
         value = header[name]
         if typ is float and type(value) is int:
-            value = float(value)
+            try:
+                value = float(value)
+            except OverflowError:
+                raise ProtocolError("bad-field", f"{t!r} field {name!r} is out of range")
         if type(value) is not typ:
             raise ProtocolError(
                 "bad-field", f"{t!r} field {name!r} must be {typ.__name__}, "

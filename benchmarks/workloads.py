@@ -1,0 +1,111 @@
+"""The workload functions of the benchmark suite (see ../../shared/BENCHMARKS.md).
+
+Every system runs exactly these functions, imported from this module: the same bodies
+for ``multiprocessing.Pool``, achilles and the peers. Only the standard library is
+used here, so that achilles can ship this file by source to nodes that do not have it.
+"""
+from __future__ import annotations
+
+import random
+import time
+from typing import Iterator
+
+MiB = 1024 * 1024
+
+
+# --- W1, W5 (and warm-up) -------------------------------------------------------------
+def square(x: int) -> int:
+    """W1 and W5: ``x * x``."""
+    return x * x
+
+
+# --- W2, W7 ---------------------------------------------------------------------------
+def burn(task: tuple[int, int]) -> tuple[int, int]:
+    """W2: burn CPU in a pure-Python loop of ``iters`` steps; return ``(i, checksum)``.
+
+    The checksum depends only on ``iters``, so the expected result of every task is
+    known after running one of them.
+    """
+    i, iters = task
+    acc = 0
+    for k in range(iters):
+        acc = (acc + k * k) % 1000003
+    return i, acc
+
+
+def calibrate_burn(task_s: float, probe_s: float = 0.05) -> int:
+    """How many ``burn`` iterations take about ``task_s`` seconds on this machine now."""
+    iters = 1000
+    while True:
+        t0 = time.perf_counter()
+        burn((0, iters))
+        dt = time.perf_counter() - t0
+        if dt >= probe_s:
+            break
+        iters *= 2
+    samples = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        burn((0, iters))
+        samples.append(time.perf_counter() - t0)
+    samples.sort()
+    per_iter = samples[len(samples) // 2] / iters
+    return max(1, int(task_s / per_iter))
+
+
+# --- W3 -------------------------------------------------------------------------------
+def length(data: bytes) -> int:
+    """W3 ``len``: the argument's length (the data travels one way)."""
+    return len(data)
+
+
+def echo(data: bytes) -> bytes:
+    """W3 ``echo``: the argument itself (the data travels both ways)."""
+    return data
+
+
+def blob(i: int, size: int) -> bytes:
+    """A distinct, incompressible-looking ``size``-byte argument (deterministic in i)."""
+    return random.Random(i).randbytes(size)
+
+
+# --- W4, S ----------------------------------------------------------------------------
+def trivial(x: int) -> int:
+    """W4 and S: a trivial function."""
+    return x + 1
+
+
+# --- W5 -------------------------------------------------------------------------------
+class Pulled:
+    """Counts how many items a generator has yielded (read from the caller)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+
+def small_ints(n: int, pulled: Pulled) -> Iterator[int]:
+    """W5 input: ``n`` small ints, counting in ``pulled`` how many were taken."""
+    for i in range(n):
+        pulled.count += 1
+        yield i % 1000
+
+
+def w5_expected(n: int) -> tuple[int, int]:
+    """(count, weighted sum) that consuming ``imap(square, small_ints(n))`` must give.
+
+    The weighted sum ``sum(k * r_k)`` over positions k = 1..n is order-sensitive.
+    """
+    # Item i (position k = i + 1) is r = i % 1000; the positions holding r are
+    # r + 1 + 1000 j for j < J_r, so their sum is J_r (r + 1) + 1000 J_r (J_r - 1) / 2.
+    whole, rest = divmod(n, 1000)
+    w = 0
+    for r in range(1000):
+        j = whole + (1 if r < rest else 0)
+        w += r * r * (j * (r + 1) + 1000 * j * (j - 1) // 2)
+    return n, w
+
+
+# --- W6 -------------------------------------------------------------------------------
+def noop(x: int) -> None:
+    """W6: nothing; the chunk's round trip through the server is all there is."""
+    return None
