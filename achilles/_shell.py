@@ -38,6 +38,11 @@ class FramedProtocol(LineReceiver):
         self.parser = HeaderParser(self.max_payload)
         self.authenticated = False
         self.last_heard = self.clock.seconds()
+        # Small frames (a result, a heartbeat) must leave at once: with Nagle's algorithm
+        # and delayed ACKs each round trip waits ~40 ms.
+        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            set_no_delay(True)
 
     def dataReceived(self, data: bytes) -> None:
         # Any bytes count as a sign of life: a large payload may take longer to arrive

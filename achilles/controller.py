@@ -84,8 +84,8 @@ class JobHandle:
             return self.core.unfinished()
 
     # any thread (callers hold cond) ------------------------------------------------------
-    def take(self) -> list[Outcome]:
-        outs = self.core.take()
+    def take(self, limit: int | None = None) -> list[Outcome]:
+        outs = self.core.take(limit)
         if outs:
             self.cond.notify_all()  # room in the window for the feeder
         return outs

@@ -160,7 +160,7 @@ class IMapIterator:
         handle = self._handle
         with handle.cond:
             while True:
-                outs = handle.take()
+                outs = handle.take(1)  # one chunk at a time: the window stays honest
                 if outs or handle.core.finished():
                     break
                 if handle.error is not None:

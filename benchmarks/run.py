@@ -36,11 +36,13 @@ from typing import Any, Callable, Iterable, Iterator
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS_DIR = os.path.join(ROOT, "benchmarks", "results")
 MiB = 1024 * 1024
+CLK_TCK = os.sysconf("SC_CLK_TCK")
 PROCESSES = 2  # every system runs two workers (the project's machines have 2 cores)
 
 SYSTEMS = ["mp", "achilles-local", "achilles-cli"]
 PEERS = {"loky": ["loky"], "ray": ["ray"], "dask": ["dask", "distributed"]}
 WORKLOADS = ["S", "W1", "W2", "W3", "W4", "W5", "W6", "W7"]
+OTHER_LOAD_WARN = 0.3  # cores used by other processes during a child: flagged in the notes
 ONLY_ON = {"W6": {"achilles-cli"}, "W7": {"achilles-cli"}}
 
 FULL = dict(reps=3, timeout=300.0, w1_items=1_000_000, w2_tasks=400, w2_task_ms=10.0,
@@ -127,11 +129,22 @@ def tree_memory(roots: Iterable[int]) -> dict[str, Any]:
     return {"rss_mib": round(rss / 1024, 1), "peak_mib": round(hwm / 1024, 1), "procs": count}
 
 
+def cpu_busy() -> tuple[float, float]:
+    """(busy CPU s of the whole machine, of which stolen by the hypervisor), /proc/stat."""
+    with open("/proc/stat", encoding="ascii") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    return (user + nice + system + irq + softirq + steal) / CLK_TCK, steal / CLK_TCK
+
+
+def children_cpu() -> float:
+    """CPU s used by this process's waited-for descendants (RUSAGE_CHILDREN)."""
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
 def group_members(pgid: int) -> list[int]:
     return [pid for pid, (_, g, state) in _proc_table().items() if g == pgid and state != "Z"]
-
-
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def cpu_seconds(pid: int) -> tuple[float, float]:
@@ -914,10 +927,12 @@ def cases_of(workload: str, P: dict[str, Any]) -> list[str]:
 def calibrate(P: dict[str, Any]) -> dict[str, Any]:
     """Iterations for a task of ~w2_task_ms, and the serial time of all W2 tasks.
 
-    The serial time is measured once, in batches of 10 tasks, and taken as the number
-    of tasks times the fastest batch's time per task: the machine's single-core speed
-    with the least interference from other load (machines here are shared), so that a
-    burst of load during calibration does not push efficiencies above 1.
+    The serial time is measured once, in batches of 10 tasks, as CPU time
+    (``process_time``), and taken as the number of tasks times the fastest batch's time
+    per task: the single-core speed with the least interference from other load (the
+    machines are shared), so that load during calibration does not make the tasks
+    shorter than intended or push efficiencies above 1. The wall time of the whole
+    serial pass is kept in the JSON too.
     """
     from benchmarks.workloads import burn, calibrate_burn
     iters = calibrate_burn(P["w2_task_ms"] / 1000)
@@ -927,15 +942,33 @@ def calibrate(P: dict[str, Any]) -> dict[str, Any]:
     t_all = time.perf_counter()
     for start in range(0, n, 10):
         batch = range(start, min(n, start + 10))
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         for i in batch:
             burn((i, iters))
-        per_task.append((time.perf_counter() - t0) / len(batch))
+        per_task.append((time.process_time() - t0) / len(batch))
     elapsed = time.perf_counter() - t_all
     serial = min(per_task) * n
     return {"w2_iters": iters, "w2_checksum": checksum, "w2_serial_s": serial,
-            "w2_serial_elapsed_s": elapsed, "w2_task_ms_measured": serial / n * 1000,
+            "w2_serial_wall_s": elapsed, "w2_task_ms_measured": serial / n * 1000,
             "w2_task_ms_median": statistics.median(per_task) * 1000}
+
+
+def tree_digest(path: str) -> str:
+    """A digest of every .py file under ``path``: did achilles change during the run?"""
+    import hashlib
+    h = hashlib.sha256()
+    for dirpath, dirnames, filenames in os.walk(path):
+        dirnames[:] = sorted(d for d in dirnames if d != "__pycache__")
+        for name in sorted(filenames):
+            if name.endswith(".py"):
+                full = os.path.join(dirpath, name)
+                h.update(full.encode())
+                try:
+                    with open(full, "rb") as f:
+                        h.update(f.read())
+                except OSError:
+                    pass
+    return h.hexdigest()[:16]
 
 
 def _tail(path: str, n: int = 2500) -> str:
@@ -971,6 +1004,8 @@ def run_child(system: str, workload: str, P: dict[str, Any], timeout: float,
                         PYTHONPATH=os.pathsep.join(
                             p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
         t0 = time.perf_counter()
+        busy0, steal0 = cpu_busy()
+        own0 = children_cpu()
         with open(log, "wb") as out:
             child = subprocess.Popen([sys.executable, "-m", "benchmarks", "--child", spec_path],
                                      cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
@@ -981,7 +1016,13 @@ def run_child(system: str, workload: str, P: dict[str, Any], timeout: float,
         except subprocess.TimeoutExpired:
             timed_out = True
         stop_group(child.pid, popen=child)
-        merged["child_wall_s"] += time.perf_counter() - t0
+        wall = time.perf_counter() - t0
+        busy1, steal1 = cpu_busy()
+        merged["child_wall_s"] += wall
+        merged["own_cpu_s"] = merged.get("own_cpu_s", 0.0) + children_cpu() - own0
+        merged["other_cpu_s"] = merged.get("other_cpu_s", 0.0) + max(
+            0.0, (busy1 - busy0) - (children_cpu() - own0))
+        merged["steal_s"] = merged.get("steal_s", 0.0) + steal1 - steal0
         leaked = []
         try:
             with open(spec["pidfile"], encoding="ascii") as f:
@@ -1014,6 +1055,7 @@ def run_child(system: str, workload: str, P: dict[str, Any], timeout: float,
             merged["log_tail"] = _tail(log)
             skip = skip + done + ([current] if current in cases else [])
             if current in cases and any(c not in skip for c in cases):
+                shutil.rmtree(workdir, ignore_errors=True)
                 continue  # a fresh child for the cases after the one that hung
         elif not data.get("finished"):
             merged["errors"]["crash"] = (f"the child exited with code {child.returncode} "
@@ -1023,6 +1065,7 @@ def run_child(system: str, workload: str, P: dict[str, Any], timeout: float,
             merged["log_tail"] = _tail(log)
         shutil.rmtree(workdir, ignore_errors=True)
         break
+    merged["other_load_cores"] = merged["other_cpu_s"] / max(merged["child_wall_s"], 1e-9)
     for fig in merged["figures"].values():
         fig["median"] = statistics.median(fig["reps"]) if fig["reps"] else None
     merged["status"] = ("timeout" if any(str(e).startswith("timeout") for e in
@@ -1314,6 +1357,7 @@ def main(argv: list[str] | None = None) -> int:
 
     started = datetime.datetime.now().astimezone()
     load_before = os.getloadavg()
+    digest_before = tree_digest(os.path.join(ROOT, "achilles"))
     calib: dict[str, Any] = {}
     if {"W2", "W7"} & set(workloads):
         print(f"calibrating W2: {P['w2_tasks']} tasks of ~{P['w2_task_ms']:g} ms ...",
@@ -1340,7 +1384,9 @@ def main(argv: list[str] | None = None) -> int:
                         run["figures"].setdefault(key, {"reps": []})["reps"].extend(fig["reps"])
                     run["errors"].update(one["errors"])
                     run["notes"].extend(one["notes"])
-                    run["child_wall_s"] += one["child_wall_s"]
+                    for k in ("child_wall_s", "own_cpu_s", "other_cpu_s", "steal_s"):
+                        run[k] += one[k]
+                    run["other_load_cores"] = run["other_cpu_s"] / max(run["child_wall_s"], 1e-9)
                     run["attempts"] += one["attempts"]
                     if one["status"] != "ok":
                         run["status"] = one["status"]
@@ -1352,7 +1398,8 @@ def main(argv: list[str] | None = None) -> int:
             run = run_child(s, w, P, P["timeout"])
         runs.append(run)
         errs = "; ".join(f"{k}: {str(v).splitlines()[0]}" for k, v in run["errors"].items())
-        print(f"{run['status']:<7} {run['child_wall_s']:6.1f} s" + (f"  {errs}" if errs else ""),
+        print(f"{run['status']:<7} {run['child_wall_s']:6.1f} s  other load "
+              f"{run['other_load_cores']:.2f} cores" + (f"  {errs}" if errs else ""),
               file=sys.stderr, flush=True)
     add_ratios(runs, P)
     targets = evaluate_targets(runs, P)
@@ -1364,7 +1411,7 @@ def main(argv: list[str] | None = None) -> int:
              f"{platform.python_version()}; (x) = ratio to mp in this run"]
     if calib:
         lines.append(f"W2: {P['w2_tasks']} tasks of {calib['w2_task_ms_measured']:.1f} ms "
-                     f"(median batch {calib['w2_task_ms_median']:.1f} ms), "
+                     f"of CPU (median batch {calib['w2_task_ms_median']:.1f} ms), "
                      f"serially {calib['w2_serial_s']:.2f} s; efficiency = "
                      f"({calib['w2_serial_s']:.2f} s / {PROCESSES}) / wall")
     lines += ["", render_table(runs, shown, P), "", render_memory(runs, shown)]
@@ -1378,7 +1425,17 @@ def main(argv: list[str] | None = None) -> int:
         lines += ["", "failures:"]
         for s, w, k, v in failures:
             lines.append(f"  {w} {s} [{k}]: {str(v).splitlines()[0]}")
+    digest_after = tree_digest(os.path.join(ROOT, "achilles"))
     notes = skipped + [f"{r['workload']} {r['system']}: {n}" for r in runs for n in r["notes"]]
+    loaded = [f"{r['workload']} {r['system']} {r['other_load_cores']:.2f}" for r in runs
+              if r["other_load_cores"] > OTHER_LOAD_WARN]
+    if loaded:
+        notes.append(f"measured while other processes used more than {OTHER_LOAD_WARN} "
+                     f"core on average (CPU not used by the benchmark's own processes): "
+                     + ", ".join(loaded))
+    if digest_after != digest_before:
+        notes.append("the achilles/ sources changed during this run: the figures mix "
+                     "versions (each child imports achilles afresh)")
     if notes:
         lines += ["", "notes:"] + [f"  {n}" for n in notes]
     table = "\n".join(lines)
@@ -1391,6 +1448,7 @@ def main(argv: list[str] | None = None) -> int:
         "mode": "quick" if args.quick else "full", "params": P, "systems": shown,
         "workloads": workloads, "skipped": skipped, "machine": machine_info(),
         "load_average": {"before": load_before, "after": os.getloadavg()},
+        "achilles_digest": {"before": digest_before, "after": digest_after},
         "total_wall_s": time.perf_counter() - t_all, "calibration": calib, "runs": runs,
         "targets": targets, "table": table,
     }

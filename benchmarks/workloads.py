@@ -34,22 +34,25 @@ def burn(task: tuple[int, int]) -> tuple[int, int]:
 
 
 def calibrate_burn(task_s: float, probe_s: float = 0.05) -> int:
-    """How many ``burn`` iterations take about ``task_s`` seconds on this machine now."""
+    """How many ``burn`` iterations take about ``task_s`` s of CPU on this machine now.
+
+    CPU time (``process_time``) and the fastest of several probes: the machines are
+    shared, and other load must not make the tasks shorter than intended.
+    """
     iters = 1000
     while True:
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         burn((0, iters))
-        dt = time.perf_counter() - t0
+        dt = time.process_time() - t0
         if dt >= probe_s:
             break
         iters *= 2
     samples = []
     for _ in range(5):
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         burn((0, iters))
-        samples.append(time.perf_counter() - t0)
-    samples.sort()
-    per_iter = samples[len(samples) // 2] / iters
+        samples.append(time.process_time() - t0)
+    per_iter = min(samples) / iters
     return max(1, int(task_s / per_iter))
 
 

@@ -109,16 +109,17 @@ class Job:
         """The server gave up on chunk ``seq``."""
         return self.on_result(seq, FAILED, detail.encode("utf-8"))
 
-    def take(self) -> list[Outcome]:
-        """Outcomes the caller may have now: in input order if ordered, else all."""
+    def take(self, limit: int | None = None) -> list[Outcome]:
+        """Outcomes the caller may have now (at most ``limit``): in input order if
+        ordered, else in arrival order. Taken outcomes leave the window."""
+        out: list[Outcome] = []
         if self.ordered:
-            out = []
-            while self._next in self._ready:
+            while self._next in self._ready and (limit is None or len(out) < limit):
                 out.append(self._ready.pop(self._next))
                 self._next += 1
         else:
-            out = list(self._ready.values())
-            self._ready.clear()
+            while self._ready and (limit is None or len(out) < limit):
+                out.append(self._ready.pop(next(iter(self._ready))))
         self.consumed += len(out)
         return out
 
