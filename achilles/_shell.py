@@ -18,7 +18,8 @@ from twisted.protocols.basic import LineReceiver
 
 from achilles.errors import AuthenticationError, ProtocolError
 from achilles.protocol import auth
-from achilles.protocol.framing import MAX_HEADER_LENGTH, Frame, HeaderParser, Need, encode
+from achilles.protocol.framing import (MAX_HEADER_LENGTH, PREAUTH_MAX_HEADER_LENGTH, Frame,
+                                       HeaderParser, Need, encode)
 from achilles.protocol.messages import (PROTOCOL_VERSION, AuthReply, Challenge, ErrorFrame,
                                         Heartbeat, Message, Welcome)
 
@@ -29,7 +30,7 @@ PYTHON = "%s.%s" % platform.python_version_tuple()[:2]
 
 class FramedProtocol(LineReceiver):
     delimiter = b"\n"
-    MAX_LENGTH = MAX_HEADER_LENGTH
+    MAX_LENGTH = PREAUTH_MAX_HEADER_LENGTH  # raised by authenticated_ok()
     max_payload = 512 * 1024 * 1024
     peer_desc = "peer"
     clock: Any = None  # an IReactorTime, set by whoever builds the protocol
@@ -59,9 +60,15 @@ class FramedProtocol(LineReceiver):
         self.send(ErrorFrame(code, detail[:2000]))
         self.transport.loseConnection()
 
+    def authenticated_ok(self) -> None:
+        """The peer proved itself: payloads and full-size headers are accepted now."""
+        self.authenticated = True
+        self.parser.allow_payload = True
+        self.parser.max_header = self.MAX_LENGTH = MAX_HEADER_LENGTH
+
     def lineLengthExceeded(self, line: bytes) -> None:
         self._protocol_error(ProtocolError(
-            "header-too-long", f"header line over {MAX_HEADER_LENGTH} bytes"))
+            "header-too-long", f"header line over {self.MAX_LENGTH} bytes"))
 
     def lineReceived(self, line: bytes) -> None:
         try:
@@ -164,8 +171,7 @@ class ClientProtocol(FramedProtocol):
                 self.refused(ErrorFrame("bad-server", str(exc)))
                 self.transport.loseConnection()
                 return
-            self.authenticated = True
-            self.parser.allow_payload = True
+            self.authenticated_ok()
             self.peer_id = msg.peer_id
             self.ready()
         else:
@@ -195,3 +201,16 @@ class ClientFactory(protocol.Factory):
         proto.factory = self
         proto.owner = self.owner  # type: ignore[attr-defined]
         return proto
+
+
+def client_endpoint(reactor: Any, settings: Any) -> Any:
+    """TCP to the server, wrapped in TLS (verifying it against ``tls_ca``) if configured."""
+    from twisted.internet import endpoints
+    tcp = endpoints.TCP4ClientEndpoint(reactor, settings.host, settings.port, timeout=10)
+    if not settings.tls_ca:
+        return tcp
+    from twisted.internet import ssl
+    with open(settings.tls_ca, "rb") as f:
+        ca = ssl.Certificate.loadPEM(f.read())
+    options = ssl.optionsForClientTLS(settings.host, trustRoot=ca)
+    return endpoints.wrapClientTLS(options, tcp)

@@ -17,6 +17,8 @@ from achilles.errors import AchillesError
 
 def _common(p: argparse.ArgumentParser, secret: bool = True) -> None:
     p.add_argument("--host", help="server address (ACHILLES_HOST; default 127.0.0.1)")
+    p.add_argument("--tls-ca", dest="tls_ca", help="PEM CA certificate to verify the server "
+                                                   "with; turns TLS on (ACHILLES_TLS_CA)")
     p.add_argument("--port", type=int, help="server port (ACHILLES_PORT; default 9999)")
     p.add_argument("--username", help="name to log in as (ACHILLES_USERNAME)")
     if secret:
@@ -32,6 +34,11 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("server", help="run the server nodes and controllers connect to")
     _common(p)
+    p.add_argument("--tls-cert", dest="tls_cert", help="PEM certificate: serve TLS "
+                                                       "(ACHILLES_TLS_CERT)")
+    p.add_argument("--tls-key", dest="tls_key", help="PEM private key (ACHILLES_TLS_KEY)")
+    p.add_argument("--insecure-loopback", dest="insecure", action="store_true", default=None,
+                   help="run without a secret, on a loopback address only")
     p = sub.add_parser("node", help="run a node: all cores of this machine work for the "
                                     "cluster")
     _common(p)
@@ -51,7 +58,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
-    keys = ("host", "port", "username", "secret_key", "processes", "log_level")
+    keys = ("host", "port", "username", "secret_key", "processes", "log_level", "tls_ca",
+            "tls_cert", "tls_key", "insecure")
+    if getattr(args, "secret_key", None):
+        print("achilles: warning: a secret on the command line is visible to every user of "
+              "this machine (ps); use ACHILLES_SECRET_KEY or a .env file", file=sys.stderr)
     return resolve(**{k: getattr(args, k, None) for k in keys}, **extra)
 
 
@@ -70,9 +81,10 @@ def cmd_server(args: argparse.Namespace) -> int:
     from twisted.internet import reactor
     from achilles import server
     settings = _settings(args)
-    if not settings.secret_key:
-        raise AchillesError("the server needs a secret: set ACHILLES_SECRET_KEY (or "
-                            "--secret-key, or write .env with achilles.genConfig)")
+    if not settings.secret_key and not settings.insecure:
+        raise AchillesError("the server needs a secret: set ACHILLES_SECRET_KEY (or write "
+                            ".env with achilles.genConfig); or, for a loopback-only test "
+                            "server, pass --insecure-loopback")
     _logging(settings.log_level)
     _listening(server.listen(settings, reactor))
     reactor.run()
@@ -118,18 +130,22 @@ def cmd_local(args: argparse.Namespace) -> int:
     return 0
 
 
+def _admin_args(args: argparse.Namespace) -> dict[str, Any]:
+    s = _settings(args)
+    return dict(host=s.host, port=s.port, username=s.username, secret_key=s.secret_key,
+                tls_ca=s.tls_ca)
+
+
 def cmd_kill(args: argparse.Namespace) -> int:
     from achilles.pool import killCluster
-    n = killCluster(host=args.host, port=args.port, username=args.username,
-                    secret_key=args.secret_key, command_verified=args.yes)
+    n = killCluster(command_verified=args.yes, **_admin_args(args))
     print(f"told {n} node(s) to stop")
     return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     from achilles.pool import getClusterStatus
-    status = getClusterStatus(host=args.host, port=args.port, username=args.username,
-                              secret_key=args.secret_key)
+    status = getClusterStatus(**_admin_args(args))
     if args.json:
         print(json.dumps(status, indent=2))
         return 0

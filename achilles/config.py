@@ -30,12 +30,31 @@ class Settings:
     max_payload: int = 512 * 1024 * 1024  # bytes in one frame's payload
     max_attempts: int = 3  # tries of a chunk before its job fails
     log_level: str = "INFO"
+    max_connections: int = 1024  # server: open connections at once
+    handshake_timeout: float = 5.0  # server: seconds a new peer has to authenticate
+    insecure: bool = False  # server: no secret, loopback only (explicit opt-in)
+    tls_cert: str | None = None  # server: PEM certificate (chain) file: serve TLS
+    tls_key: str | None = None  # server: PEM private key file
+    tls_ca: str | None = None  # nodes/controllers: PEM CA file to verify the server; TLS on
 
 
 _ENV = {f.name: "ACHILLES_" + f.name.upper() for f in fields(Settings)}
+def _flag(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(value)
+
+
 _CONVERT: dict[str, Any] = {"port": int, "processes": int, "heartbeat_interval": float,
                             "heartbeat_timeout": float, "reconnect_timeout": float,
-                            "max_payload": int, "max_attempts": int}
+                            "max_payload": int, "max_attempts": int, "max_connections": int,
+                            "handshake_timeout": float, "insecure": _flag}
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 #: keys whose presence means "a cluster is configured" (else Pool() runs a local one)
 CLUSTER_KEYS = ("host", "port", "secret_key")
 
@@ -69,9 +88,10 @@ def resolve(env_file: str | None = None, **explicit: Any) -> Settings:
     for name, (value, source) in _sources(explicit, env_file).items():
         convert = _CONVERT.get(name)
         try:
-            values[name] = convert(value) if convert and not isinstance(value, bool) else value
+            values[name] = convert(value) if convert else value
         except (TypeError, ValueError):
-            raise ConfigError(f"{source} must be a number, got {value!r}") from None
+            kind = "true or false" if convert is _flag else "a number"
+            raise ConfigError(f"{source} must be {kind}, got {value!r}") from None
         if name == "port" and not 0 <= values[name] <= 65535:
             raise ConfigError(f"{source} must be a port number 0-65535, got {value!r}")
         if name == "processes" and values[name] < 1:
@@ -90,6 +110,9 @@ def cluster_configured(env_file: str | None = None, **explicit: Any) -> bool:
 
 
 def require_secret(settings: Settings, who: str) -> str:
+    """The secret to authenticate with; the empty one only for loopback insecure mode."""
+    if not settings.secret_key and settings.insecure and settings.host in LOOPBACK:
+        return ""
     if not settings.secret_key:
         raise ConfigError(
             f"{who} needs the cluster secret: pass --secret-key / secret_key=, set "

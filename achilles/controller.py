@@ -20,10 +20,10 @@ from collections import deque
 from typing import Any, Callable
 
 from twisted.application.internet import ClientService, backoffPolicy
-from twisted.internet import defer, endpoints
+from twisted.internet import defer
 
-from achilles._shell import ClientFactory, ClientProtocol
-from achilles.config import Settings
+from achilles._shell import ClientFactory, ClientProtocol, client_endpoint
+from achilles.config import Settings, require_secret
 from achilles.core.job import AdaptiveChunker, Job, Outcome
 from achilles.errors import AuthenticationError, ConnectionLostError
 from achilles.protocol.messages import (Cancel, Chunk, Cluster, End, ErrorFrame, JobFailed,
@@ -124,10 +124,10 @@ class Controller:
             Status: deque(), Killed: deque()}
         self._give_up: Any = None
         self.closing = False
-        endpoint = endpoints.TCP4ClientEndpoint(reactor, settings.host, settings.port,
-                                                timeout=10)
+        endpoint = client_endpoint(reactor, settings)
         cls = type("Proto", (ControllerProtocol,), {"role": role})
-        factory = ClientFactory(cls, self, secret=settings.secret_key or "", clock=reactor,
+        factory = ClientFactory(cls, self, secret=require_secret(settings, "a controller"),
+                                clock=reactor,
                                 username=settings.username,
                                 heartbeat_interval=settings.heartbeat_interval,
                                 heartbeat_timeout=settings.heartbeat_timeout)

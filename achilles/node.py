@@ -27,10 +27,10 @@ from typing import Any, Callable
 import multiprocess
 import multiprocess.pool as mp_pool
 from twisted.application.internet import ClientService, backoffPolicy
-from twisted.internet import endpoints, task
+from twisted.internet import task
 
 from achilles import _worker
-from achilles._shell import ClientFactory, ClientProtocol, node_name
+from achilles._shell import ClientFactory, ClientProtocol, client_endpoint, node_name
 from achilles.config import Settings, require_secret
 from achilles.protocol.messages import (CRASHED, TIMEOUT, Cancel, Drain, ErrorFrame, Function,
                                         Kill, Message, Result, Task)
@@ -318,8 +318,7 @@ class Node:
         self.exit_code = 0
         self.on_stop = on_stop
         self.executor = Executor(self.processes, self._result, reactor, self.name)
-        endpoint = endpoints.TCP4ClientEndpoint(reactor, settings.host, settings.port,
-                                                timeout=10)
+        endpoint = client_endpoint(reactor, settings)
         factory = ClientFactory(NodeProtocol, self, secret=self.secret, clock=reactor,
                                 username=settings.username, slots=self.processes,
                                 heartbeat_interval=settings.heartbeat_interval,

@@ -221,13 +221,15 @@ class Pool:
         host, port, username, secret_key: the cluster (else environment, .env).
         max_attempts: tries of a chunk whose worker or node dies before the job fails.
         task_timeout: seconds a chunk may run before its worker is killed (None: no limit).
+        tls_ca: PEM CA file to verify a TLS server with (turns TLS on).
     """
 
     def __init__(self, processes: int | None = None, initializer: Callable[..., Any] | None = None,
                  initargs: Iterable[Any] = (), maxtasksperchild: int | None = None,
                  context: Any = None, *, host: str | None = None, port: int | None = None,
                  username: str | None = None, secret_key: str | None = None,
-                 max_attempts: int | None = None, task_timeout: float | None = None) -> None:
+                 max_attempts: int | None = None, task_timeout: float | None = None,
+                 tls_ca: str | None = None) -> None:
         self._state = TERMINATE  # until constructed, __del__ has nothing to do
         if processes is not None and processes < 1:
             raise ValueError("Number of processes must be at least 1")
@@ -243,7 +245,7 @@ class Pool:
         self._initargs = tuple(initargs)
         self._local: LocalCluster | None = None
         explicit = dict(host=host, port=port, username=username, secret_key=secret_key)
-        settings = resolve(**explicit, max_attempts=max_attempts)
+        settings = resolve(**explicit, max_attempts=max_attempts, tls_ca=tls_ca)
         if cluster_configured(**explicit):
             require_secret(settings, "Pool")
             self._limit = processes or 0
@@ -559,8 +561,9 @@ def imap_unordered(func: Callable[..., Any], args: Iterable[Any],
 
 
 def _admin_call(method: str, host: Any, port: Any, username: Any, secret_key: Any,
-                timeout: float = 30.0) -> Any:
-    settings = resolve(host=host, port=port, username=username, secret_key=secret_key)
+                tls_ca: Any = None, timeout: float = 30.0) -> Any:
+    settings = resolve(host=host, port=port, username=username, secret_key=secret_key,
+                       tls_ca=tls_ca)
     require_secret(settings, method)
     reactor = _reactor.ensure_started()
     ctl = _reactor.call_blocking(Controller, settings, reactor, "admin")
@@ -582,7 +585,7 @@ def _confirm(prompt: str) -> bool:
 
 def killCluster(host: str | None = None, port: int | None = None,  # noqa: N802 (seed name)
                 username: str | None = None, secret_key: str | None = None,
-                command_verified: bool = False) -> int:
+                command_verified: bool = False, tls_ca: str | None = None) -> int:
     """Stop every node of the cluster (the server and this process keep running).
 
     Asks for confirmation unless ``command_verified=True``. Returns how many nodes were
@@ -592,13 +595,14 @@ def killCluster(host: str | None = None, port: int | None = None,  # noqa: N802 
             "achilles: stop every node of the cluster? [y/N] "):
         print("achilles: killCluster cancelled")
         return 0
-    return _admin_call("kill", host, port, username, secret_key)  # type: ignore[no-any-return]
+    return _admin_call("kill", host, port, username, secret_key, tls_ca)  # type: ignore[no-any-return]
 
 
 def getClusterStatus(host: str | None = None, port: int | None = None,  # noqa: N802
-                     username: str | None = None, secret_key: str | None = None) -> dict[str, Any]:
+                     username: str | None = None, secret_key: str | None = None,
+                     tls_ca: str | None = None) -> dict[str, Any]:
     """The cluster's nodes and jobs, as a dict (what ``achilles status --json`` prints)."""
-    return _admin_call("status", host, port, username, secret_key)  # type: ignore[no-any-return]
+    return _admin_call("status", host, port, username, secret_key, tls_ca)  # type: ignore[no-any-return]
 
 
 __all__ = ["Pool", "ApplyResult", "AsyncResult", "MapResult", "IMapIterator", "map", "imap",

@@ -15,9 +15,9 @@ from typing import Any, Callable
 from twisted.internet import protocol, task
 
 from achilles._shell import PYTHON, FramedProtocol
-from achilles.config import Settings
+from achilles.config import LOOPBACK, Settings, require_secret
 from achilles.core import scheduler as sch
-from achilles.errors import AuthenticationError, ProtocolError
+from achilles.errors import AuthenticationError, ConfigError, ProtocolError
 from achilles.protocol import auth
 from achilles.protocol.framing import Frame
 from achilles.protocol.messages import (
@@ -27,7 +27,6 @@ from achilles.protocol.messages import (
 
 log = logging.getLogger("achilles.server")
 
-HANDSHAKE_TIMEOUT = 10.0
 TICK = 1.0
 
 # What each role may send once authenticated.
@@ -49,20 +48,26 @@ class ServerProtocol(FramedProtocol):
         self.peer_id = next(self.factory.ids)
         self.role = ""
         self.name = self.peer_desc
+        self._handshake_timer = self.factory.clock.callLater(
+            self.factory.settings.handshake_timeout, self._handshake_expired)
+        self.factory.open_connections += 1
+        if self.factory.open_connections > self.factory.settings.max_connections:
+            log.warning("refused %s: over %d connections", self.peer_desc,
+                        self.factory.settings.max_connections)
+            return self.fail("too-many-connections", "the server is at its connection limit")
         self._nonce = auth.make_nonce(os.urandom(auth.NONCE_BYTES))
         self.send(Challenge(self._nonce, PROTOCOL_VERSION, PYTHON))
-        self._handshake_timer = self.factory.clock.callLater(
-            self.factory.handshake_timeout, self._handshake_expired)
 
     def _handshake_expired(self) -> None:
         log.warning("%s did not authenticate within %g s; dropped", self.peer_desc,
-                    self.factory.handshake_timeout)
+                    self.factory.settings.handshake_timeout)
         self.fail("handshake-timeout", "authentication not completed in time")
         self.transport.abortConnection()
 
     def connectionLost(self, reason: Any = None) -> None:
         if self._handshake_timer.active():
             self._handshake_timer.cancel()
+        self.factory.open_connections -= 1
         self.factory.peer_lost(self, reason)
 
     def frameReceived(self, frame: Frame) -> None:
@@ -77,26 +82,23 @@ class ServerProtocol(FramedProtocol):
         self.factory.message(self, msg, frame.payload)
 
     def _authenticate(self, msg: AuthReply) -> None:
-        settings = self.factory.settings
+        secret = self.factory.secret
         try:
             if msg.role not in ROLES:
                 raise ProtocolError("bad-role", f"unknown role {msg.role[:32]!r}")
             auth.check_versions(msg.version, msg.python, PYTHON,
                                 f"{msg.role} {self.peer_desc}")
-            expected = auth.peer_digest(settings.secret_key or "", self._nonce, msg.nonce,
-                                        msg.role, msg.username)
+            expected = auth.peer_digest(secret, self._nonce, msg.nonce, msg.role, msg.username)
             auth.verify(expected, msg.digest, f"{msg.role} at {self.peer_desc}")
         except AuthenticationError as exc:
             log.warning("refused %s: %s", self.peer_desc, exc)
             code = "version-mismatch" if "mismatch" in str(exc) else "auth-failed"
             return self.fail(code, str(exc))
         self._handshake_timer.cancel()
-        self.authenticated = True
-        self.parser.allow_payload = True
+        self.authenticated_ok()
         self.role = msg.role
         self.name = msg.name[:200] or self.peer_desc
-        self.send(Welcome(auth.server_digest(settings.secret_key or "", self._nonce,
-                                             msg.nonce), self.peer_id))
+        self.send(Welcome(auth.server_digest(secret, self._nonce, msg.nonce), self.peer_id))
         self.factory.peer_joined(self, msg)
 
 
@@ -107,8 +109,9 @@ class ServerFactory(protocol.Factory):
         if clock is None:
             from twisted.internet import reactor as clock  # noqa: N813
         self.settings = settings
+        self.secret = require_secret(settings, "achilles-server")
         self.clock = clock
-        self.handshake_timeout = HANDSHAKE_TIMEOUT
+        self.open_connections = 0
         self.scheduler = sch.Scheduler()
         self.ids = itertools.count(1)
         self.peers: dict[int, ServerProtocol] = {}
@@ -155,7 +158,10 @@ class ServerFactory(protocol.Factory):
                 if peer.role == "controller":
                     peer.send(self.cluster)
         elif isinstance(ins, sch.Refuse):
-            log.warning("refused from peer %s: %s", ins.peer, ins.reason)
+            peer = self.peers.get(ins.peer)
+            log.warning("refused from %s: %s", peer.name if peer else ins.peer, ins.reason)
+            if ins.close and peer is not None:
+                peer.fail("refused", ins.reason)
 
     def _send(self, peer_id: int, msg: Message, payload: bytes = b"") -> None:
         peer = self.peers.get(peer_id)
@@ -248,8 +254,26 @@ class ServerFactory(protocol.Factory):
 
 
 def listen(settings: Settings, reactor: Any = None) -> Any:
-    """Start listening; return the listening port (``.getHost().port`` is the real port)."""
+    """Start listening; return the listening port (``.getHost().port`` is the real port).
+
+    Raises:
+        ConfigError: no secret (unless insecure on loopback), or TLS half-configured.
+    """
     if reactor is None:
         from twisted.internet import reactor
+    if settings.insecure and not settings.secret_key and settings.host not in LOOPBACK:
+        raise ConfigError("insecure mode (no secret) is only allowed on a loopback address, "
+                          f"not on {settings.host!r}")
+    if settings.insecure and not settings.secret_key:
+        log.warning("INSECURE: no secret; any local process can use this server")
     factory = ServerFactory(settings, clock=reactor)
+    if bool(settings.tls_cert) != bool(settings.tls_key):
+        raise ConfigError("TLS needs both --tls-cert (ACHILLES_TLS_CERT) and --tls-key "
+                          "(ACHILLES_TLS_KEY)")
+    if settings.tls_cert:
+        from twisted.internet import ssl
+        with open(settings.tls_cert, "rb") as c, open(settings.tls_key, "rb") as k:
+            cert = ssl.PrivateCertificate.loadPEM(c.read() + b"\n" + k.read())
+        return reactor.listenSSL(settings.port, factory, cert.options(),
+                                 interface=settings.host)
     return reactor.listenTCP(settings.port, factory, interface=settings.host)

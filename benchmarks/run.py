@@ -137,6 +137,39 @@ def cpu_busy() -> tuple[float, float]:
     return (user + nice + system + irq + softirq + steal) / CLK_TCK, steal / CLK_TCK
 
 
+class TreeCpu:
+    """CPU s used by a process and all its descendants, sampled from /proc.
+
+    Each sample records every descendant's own utime+stime, keyed by (pid, start time);
+    the total is the sum of the last values seen. This counts descendants that die
+    without being reaped by the tree (a node's workers after SIGKILL of its group),
+    which RUSAGE_CHILDREN misses; it misses at most one interval of a process's life.
+    """
+
+    def __init__(self, root: int) -> None:
+        self.root = root
+        self.seen: dict[tuple[int, str], float] = {}
+
+    def sample(self) -> None:
+        table = _proc_table()
+        children: dict[int, list[int]] = {}
+        for pid, (ppid, _, _) in table.items():
+            children.setdefault(ppid, []).append(pid)
+        todo = [self.root]
+        while todo:
+            pid = todo.pop()
+            todo.extend(children.get(pid, []))
+            try:
+                with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            self.seen[(pid, fields[19])] = (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+    def total(self) -> float:
+        return sum(self.seen.values())
+
+
 def children_cpu() -> float:
     """CPU s used by this process's waited-for descendants (RUSAGE_CHILDREN)."""
     ru = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -1010,18 +1043,23 @@ def run_child(system: str, workload: str, P: dict[str, Any], timeout: float,
             child = subprocess.Popen([sys.executable, "-m", "benchmarks", "--child", spec_path],
                                      cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, start_new_session=True)
-        timed_out = False
-        try:
-            child.wait(timeout)
-        except subprocess.TimeoutExpired:
-            timed_out = True
+        tree = TreeCpu(child.pid)
+        deadline = time.monotonic() + timeout
+        while child.poll() is None and time.monotonic() < deadline:
+            tree.sample()
+            try:
+                child.wait(0.25)  # the sampling interval of a deadline wait
+            except subprocess.TimeoutExpired:
+                pass
+        timed_out = child.poll() is None
         stop_group(child.pid, popen=child)
         wall = time.perf_counter() - t0
         busy1, steal1 = cpu_busy()
         merged["child_wall_s"] += wall
-        merged["own_cpu_s"] = merged.get("own_cpu_s", 0.0) + children_cpu() - own0
+        own = max(children_cpu() - own0, tree.total())
+        merged["own_cpu_s"] = merged.get("own_cpu_s", 0.0) + own
         merged["other_cpu_s"] = merged.get("other_cpu_s", 0.0) + max(
-            0.0, (busy1 - busy0) - (children_cpu() - own0))
+            0.0, (busy1 - busy0) - own)
         merged["steal_s"] = merged.get("steal_s", 0.0) + steal1 - steal0
         leaked = []
         try:
@@ -1211,6 +1249,20 @@ def render_memory(runs: list[dict[str, Any]], systems: list[str]) -> str:
                 parts.append(f"{name} {fmt(m['peak_mib'])} ({m['procs']} procs, now "
                              f"{fmt(m['rss_mib'])})")
         lines.append(f"  {run['workload']:<3} {run['system']:<15} " + "; ".join(parts))
+    return "\n".join(lines)
+
+
+def render_load(runs: list[dict[str, Any]], systems: list[str]) -> str:
+    """Cores used by other processes while each child ran (see README)."""
+    by = {(r["system"], r["workload"]): r for r in runs}
+    workloads = list(dict.fromkeys(r["workload"] for r in runs))
+    width = max(len(s) for s in systems)
+    lines = ["outside load: cores used by other processes while each child ran "
+             f"(> {OTHER_LOAD_WARN} makes its figures unreliable)",
+             "  " + " " * 15 + "  ".join(w.rjust(5) for w in workloads)]
+    for s in systems:
+        cells = [f"{by[(s, w)]['other_load_cores']:.2f}" if (s, w) in by else "" for w in workloads]
+        lines.append(f"  {s:<{max(width, 13)}}  " + "  ".join(c.rjust(5) for c in cells))
     return "\n".join(lines)
 
 
@@ -1414,7 +1466,8 @@ def main(argv: list[str] | None = None) -> int:
                      f"of CPU (median batch {calib['w2_task_ms_median']:.1f} ms), "
                      f"serially {calib['w2_serial_s']:.2f} s; efficiency = "
                      f"({calib['w2_serial_s']:.2f} s / {PROCESSES}) / wall")
-    lines += ["", render_table(runs, shown, P), "", render_memory(runs, shown)]
+    lines += ["", render_table(runs, shown, P), "", render_memory(runs, shown), "",
+              render_load(runs, shown)]
     if targets:
         lines += ["", "targets (BENCHMARKS.md): stretch / target = met, MISSED = not met"]
         for t in targets:

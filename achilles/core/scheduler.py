@@ -148,9 +148,11 @@ class ClusterChanged:
 
 @dataclass(frozen=True)
 class Refuse:
-    """A peer sent something that does not fit the state; log it, and maybe close."""
+    """A peer sent something that does not fit the state: log it; ``close`` if it can
+    only be a misbehaving peer (not a race), and drop its connection."""
     peer: int
     reason: str
+    close: bool = False
 
 
 Instruction = Union[SendFunction, SendTask, CancelOnNode, ForwardResult, FailJob,
@@ -306,10 +308,12 @@ class Scheduler:
             if job is not None and node is not None and ev.seq not in job.payloads \
                     and (ev.job, ev.seq) not in node.inflight and job.cutoff is None:
                 self._out.append(Refuse(ev.node, f"result for chunk {ev.seq} of job "
-                                                 f"{ev.job}, which it was not given"))
+                                                 f"{ev.job}, which it was not given",
+                                        close=True))
             return
         if ev.status not in STATUSES:  # leave the chunk in flight: it is not lost
-            self._out.append(Refuse(ev.node, f"unknown result status {ev.status[:32]!r}"))
+            self._out.append(Refuse(ev.node, f"unknown result status {ev.status[:32]!r}",
+                                    close=True))
             return
         del job.inflight[ev.seq]
         node.inflight.discard((ev.job, ev.seq))

@@ -16,6 +16,7 @@ from achilles.protocol.messages import FIELD_TYPES, MESSAGES, Message
 
 DELIMITER = b"\n"
 MAX_HEADER_LENGTH = 8 * 1024
+PREAUTH_MAX_HEADER_LENGTH = 1024  # the handshake's frames are a few hundred bytes
 MAX_PAYLOAD_LENGTH = 512 * 1024 * 1024
 
 
@@ -65,16 +66,17 @@ def _check_fields(t: str, header: dict[str, Any]) -> dict[str, Any]:
 
 
 def parse_header(line: bytes, max_payload: int = MAX_PAYLOAD_LENGTH,
-                 allow_payload: bool = True) -> tuple[Message, int]:
+                 allow_payload: bool = True,
+                 max_header: int = MAX_HEADER_LENGTH) -> tuple[Message, int]:
     """Validate one header line (without its delimiter); return the message and ``len``.
 
     Raises:
         ProtocolError: for a line over the limit, non-JSON, a non-object, an unknown or
             missing type, a bad length, a missing or mistyped field.
     """
-    if len(line) > MAX_HEADER_LENGTH:
+    if len(line) > max_header:
         raise ProtocolError("header-too-long",
-                            f"header of {len(line)} bytes, limit {MAX_HEADER_LENGTH}")
+                            f"header of {len(line)} bytes, limit {max_header}")
     try:
         header = json.loads(line)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
@@ -108,13 +110,14 @@ class HeaderParser:
     def __init__(self, max_payload: int = MAX_PAYLOAD_LENGTH) -> None:
         self.max_payload = max_payload
         self.allow_payload = False  # set once the peer has authenticated
+        self.max_header = PREAUTH_MAX_HEADER_LENGTH  # raised with allow_payload
         self._msg: Message | None = None
         self._need = 0
         self._parts: list[bytes] = []
         self._have = 0
 
     def header(self, line: bytes) -> Frame | Need:
-        msg, n = parse_header(line, self.max_payload, self.allow_payload)
+        msg, n = parse_header(line, self.max_payload, self.allow_payload, self.max_header)
         if n == 0:
             return Frame(msg)
         self._msg, self._need, self._parts, self._have = msg, n, [], 0
@@ -142,6 +145,8 @@ class Decoder:
                  allow_payload: bool = True) -> None:
         self.parser = HeaderParser(max_payload)
         self.parser.allow_payload = allow_payload
+        self.parser.max_header = MAX_HEADER_LENGTH if allow_payload \
+            else PREAUTH_MAX_HEADER_LENGTH
         self._buffer = b""
         self._in_payload = False
 
@@ -159,9 +164,9 @@ class Decoder:
             data = b""
             idx = self._buffer.find(DELIMITER)
             if idx < 0:
-                if len(self._buffer) > MAX_HEADER_LENGTH:
+                if len(self._buffer) > self.parser.max_header:
                     raise ProtocolError("header-too-long",
-                                        f"no newline within {MAX_HEADER_LENGTH} bytes")
+                                        f"no newline within {self.parser.max_header} bytes")
                 break
             line, data = self._buffer[:idx], self._buffer[idx + 1:]
             self._buffer = b""

@@ -265,7 +265,7 @@ def test_unknown_status_is_refused_and_chunk_not_lost() -> None:
     submit(s)
     add(s, "j", 0)
     out = report(s, 1, "j", 0, "bogus", b"")
-    assert Refuse(1, "unknown result status 'bogus'") in out
+    assert Refuse(1, "unknown result status 'bogus'", close=True) in out
     job = s.jobs["j"]
     assert 0 in job.queue or 0 in job.inflight, "chunk 0 is neither queued nor in flight"
 
@@ -390,7 +390,7 @@ def test_late_result_from_dropped_node_is_dropped() -> None:
     assert report(s, 1, "j", 0) == []
     assert report(s, 2, "j", 0) == [forward("j", 0)]
     assert report(s, 2, "j", 0) == [Refuse(2, "result for chunk 0 of job j, which it was "
-                                              "not given")]
+                                              "not given", close=True)]
 
 
 def test_late_result_from_node_that_no_longer_holds_chunk_is_dropped() -> None:
@@ -413,7 +413,8 @@ def test_result_for_chunk_never_given_is_refused() -> None:
     submit(s)
     add(s, "j", 0)
     assert report(s, 1, "j", 99) == [
-        Refuse(1, "result for chunk 99 of job j, which it was not given")]
+        Refuse(1, "result for chunk 99 of job j, which it was not given",
+               close=True)]
     assert s.jobs["j"].inflight == {0: 1}
 
 
