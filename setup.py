@@ -18,9 +18,14 @@ setup(
         "dill>=0.3.6",
         "multiprocess>=0.70.14",
         "python-dotenv>=1.0",
+        # progress bars (Pool.map(..., progress=True)) that also render in notebooks
+        "tqdm>=4.60",
     ],
     extras_require={
-        "test": ["pytest>=7", "hypothesis>=6", "pytest-timeout>=2"],
+        # TLS between server, nodes and controllers (pyOpenSSL, service_identity)
+        "tls": ["twisted[tls]>=22.10"],
+        "test": ["pytest>=7", "hypothesis>=6", "pytest-timeout>=2", "twisted[tls]>=22.10",
+                 "nbclient>=0.7", "nbformat>=5", "ipykernel>=6"],
     },
     entry_points={
         "console_scripts": [

@@ -151,15 +151,21 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     print(f"{len(status['nodes'])} node(s), {status['controllers']} controller(s), "
           f"{len(status['jobs'])} job(s)")
-    print(f"{'NODE':<32} {'SLOTS':>5} {'BUSY':>5} {'DONE':>8} {'SEEN':>7}")
+    print(f"{'NODE':<32} {'SLOTS':>5} {'BUSY':>5} {'DONE':>8} {'HEARTBEAT':>10}  STATE")
     for n in status["nodes"]:
+        seen = n.get("last_seen_age")
         print(f"{n['name']:<32} {n['slots']:>5} {n['inflight']:>5} {n['done']:>8} "
-              f"{n['last_seen_age']:>6.1f}s")
+              f"{'-' if seen is None else f'{seen:.1f}s ago':>10}  "
+              f"{'leaving' if n['draining'] else 'ready'}")
     if status["jobs"]:
-        print(f"{'JOB':<34} {'DONE':>8} {'QUEUED':>7} {'FLIGHT':>7} {'RETRIES':>7}")
+        print(f"{'JOB':<10} {'OWNER':<24} {'PROGRESS':>14} {'CHUNKS/S':>9} {'FLIGHT':>6} "
+              f"{'RETRIES':>7}")
         for j in status["jobs"]:
-            print(f"{j['id']:<34} {j['done']:>8} {j['queued']:>7} {j['inflight']:>7} "
-                  f"{j['retries']:>7}")
+            total = j["total"] if j["total"] is not None else f"{j['added']}+"
+            progress = f"{j['done']}/{total}"
+            print(f"{j['id'][:8]:<10} {j['owner'][:24]:<24} {progress:>14} "
+                  f"{j['chunks_per_s']:>9.1f} {j['inflight']:>6} {j['retries']:>7}"
+                  f"{'  FAILED' if j['failed'] else ''}")
     return 0
 
 

@@ -38,12 +38,14 @@ class JobHandle:
 
     def __init__(self, function: bytes, ordered: bool, window: int, max_attempts: int = 3,
                  timeout: float = 0.0, limit: int = 0,
-                 on_outcome: Callable[["JobHandle"], None] | None = None) -> None:
+                 on_outcome: Callable[["JobHandle"], None] | None = None,
+                 total: int = -1) -> None:
         self.id = uuid.uuid4().hex
         self.function = function
         self.max_attempts = max_attempts
         self.timeout = timeout
         self.limit = limit
+        self.total = total  # chunks, when the input's length is known
         self.core = Job(ordered, window)
         self.chunker = AdaptiveChunker()
         self.cond = threading.Condition()
@@ -213,8 +215,8 @@ class Controller:
             self.proto.send(msg, payload)
 
     def _send_submit(self, handle: JobHandle) -> None:
-        self._send(Submit(handle.id, handle.max_attempts, handle.timeout, handle.limit),
-                   handle.function)
+        self._send(Submit(handle.id, handle.max_attempts, handle.timeout, handle.limit,
+                          handle.total), handle.function)
 
     def submit(self, handle: JobHandle) -> None:
         if self.fatal is not None:

@@ -351,11 +351,29 @@ class Node:
         if self.proto is not None:
             self.proto.send(Result(job, seq, status, elapsed), payload)
 
-    def drain(self) -> None:
-        if self.proto is not None:
-            self.proto.send(Drain())
+    def leave(self, deadline: float = 30.0) -> None:
+        """Leave gracefully (SIGTERM): take no new work, finish the chunks in hand (for at
+        most ``deadline`` s; the server requeues whatever is left), then stop."""
+        if self.proto is None or not (self.executor.running or self.executor.waiting):
+            return self.stop()
+        log.warning("leaving: finishing %d chunk(s) in hand, then stopping",
+                    len(self.executor.running) + len(self.executor.waiting))
+        self.proto.send(Drain())
+        give_up = self.reactor.callLater(deadline, self.stop)
+
+        def check() -> None:
+            if not (self.executor.running or self.executor.waiting) or self.proto is None:
+                if give_up.active():
+                    give_up.cancel()
+                self.stop()
+            else:
+                self.reactor.callLater(0.05, check)
+
+        check()
 
     def stop(self, exit_code: int = 0) -> None:
+        if self.executor.closed:
+            return
         self.exit_code = exit_code
         self.service.stopService()
         self.executor.close()
@@ -368,6 +386,19 @@ def run_node(settings: Settings) -> int:
     from twisted.internet import reactor
     node = Node(settings, reactor, on_stop=lambda code: reactor.callLater(0, reactor.stop))
     reactor.callWhenRunning(node.start)
+    reactor.callWhenRunning(_graceful_sigterm, node)
     reactor.addSystemEventTrigger("before", "shutdown", node.executor.close)
     reactor.run()
     return node.exit_code
+
+
+def _graceful_sigterm(node: Node) -> None:
+    """First SIGTERM: leave gracefully; a second one: stop now (SIGINT always does)."""
+    def on_term(signum: int, frame: Any) -> None:
+        if getattr(node, "_leaving", False):
+            node.reactor.callFromThread(node.stop)
+        else:
+            node._leaving = True  # type: ignore[attr-defined]
+            node.reactor.callFromThread(node.leave)
+
+    signal.signal(signal.SIGTERM, on_term)

@@ -27,6 +27,7 @@ from achilles.protocol.messages import ERROR, OK
 from achilles.serialization import dumps_chunk, dumps_function, loads_chunk, loads_exception
 
 RUN, CLOSE, TERMINATE = "RUN", "CLOSE", "TERMINATE"
+_END = object()
 
 _controllers: dict[tuple[Any, ...], Controller] = {}
 _controllers_lock = threading.Lock()
@@ -71,6 +72,25 @@ def _values(outcome: Outcome) -> list[Any]:
     return loads_chunk(outcome.payload)  # type: ignore[no-any-return]
 
 
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress_bar(progress: Any, total: int | None) -> Any:
+    """A tqdm bar (it also renders in notebooks) when asked for, else a no-op."""
+    if not progress:
+        return _NoBar()
+    from tqdm.auto import tqdm
+    options = {"total": total, "unit": "item", "smoothing": 0.1}
+    if isinstance(progress, dict):
+        options.update(progress)
+    return tqdm(**options)
+
+
 class ApplyResult:
     """What ``*_async`` returns: ``get``, ``wait``, ``ready``, ``successful``."""
 
@@ -81,6 +101,7 @@ class ApplyResult:
         self._error_callback = error_callback
         self._success = False
         self._value: Any = None
+        self._handle: Any = None
 
     def ready(self) -> bool:
         return self._event.is_set()
@@ -127,9 +148,10 @@ MapResult = ApplyResult
 class IMapIterator:
     """What ``imap`` returns; ``imap_unordered`` returns the unordered kind."""
 
-    def __init__(self, handle: JobHandle, pool: "Pool") -> None:
+    def __init__(self, handle: JobHandle, pool: "Pool", bar: Any = None) -> None:
         self._handle = handle
         self._pool = pool
+        self._bar = bar or _NoBar()
         self._items: list[Any] = []
         self._pos = 0
         self._raise: BaseException | None = None
@@ -148,10 +170,16 @@ class IMapIterator:
                 self._finish(cancel=True)
                 raise exc
             if self._done:
+                self._bar.close()
                 raise StopIteration
-            self._refill(timeout)
+            try:
+                self._refill(timeout)
+            except KeyboardInterrupt:  # Ctrl-C: stop the job on the cluster too
+                self._finish(cancel=True)
+                raise
         item = self._items[self._pos]
         self._pos += 1
+        self._bar.update(1)
         return item
 
     __next__ = next  # type: ignore[assignment]
@@ -181,6 +209,8 @@ class IMapIterator:
 
     def _finish(self, cancel: bool) -> None:
         self._done = True
+        if cancel:
+            self._bar.close()
         self._pool._job_done(self._handle, cancel)
 
     def __del__(self) -> None:
@@ -193,12 +223,19 @@ class IMapIterator:
     def __aiter__(self) -> "IMapIterator":
         return self
 
-    async def __anext__(self) -> Any:
-        import asyncio
+    def _next_or_end(self) -> Any:
         try:
-            return await asyncio.get_running_loop().run_in_executor(None, self.next)
-        except StopIteration:
-            raise StopAsyncIteration from None
+            return self.next()
+        except StopIteration:  # it cannot travel through an asyncio future
+            return _END
+
+    async def __anext__(self) -> Any:
+        """``async for x in pool.imap(...)``: waits in a thread, not in the event loop."""
+        import asyncio
+        item = await asyncio.get_running_loop().run_in_executor(None, self._next_or_end)
+        if item is _END:
+            raise StopAsyncIteration
+        return item
 
 
 IMapUnorderedIterator = IMapIterator
@@ -282,11 +319,11 @@ class Pool:
 
     def _new_job(self, func: Callable[..., Any], mode: str, ordered: bool,
                  on_outcome: Callable[[JobHandle], None] | None = None,
-                 window: int | None = None) -> JobHandle:
+                 window: int | None = None, total: int = -1) -> JobHandle:
         self._check_running()
         function = dumps_function(func, mode, self._initializer, self._initargs)
         handle = JobHandle(function, ordered, window or window_for(self._processes),
-                           self._max_attempts, self._timeout, self._limit, on_outcome)
+                           self._max_attempts, self._timeout, self._limit, on_outcome, total)
         with self._jobs_lock:
             self._jobs.add(handle)
         _reactor.call_soon(self._ctl.submit, handle)
@@ -302,20 +339,23 @@ class Pool:
             handle.cond.notify_all()
         _reactor.call_soon(self._ctl.cancel if cancel else self._ctl.end, handle)
 
-    def _chunks(self, iterable: Iterable[Any], chunksize: int | None,
+    def _plan(self, iterable: Iterable[Any],
+              chunksize: int | None) -> tuple[int | None, int, int | None]:
+        """(fixed chunk size or None for adaptive, chunk count or -1, item count or None)."""
+        if chunksize is not None and chunksize < 1:
+            raise ValueError("Chunksize must be 1+, not {0:n}".format(chunksize))
+        n = len(iterable) if hasattr(iterable, "__len__") else None  # type: ignore[arg-type]
+        if chunksize is None and n is not None:
+            chunksize = default_chunksize(n, self._processes)
+        total = -(-n // chunksize) if n is not None and chunksize else -1
+        return chunksize, total, n
+
+    @staticmethod
+    def _chunks(iterable: Iterable[Any], chunksize: int | None,
                 handle: JobHandle) -> Iterator[list[Any]]:
-        if chunksize is not None:
-            if chunksize < 1:
-                raise ValueError("Chunksize must be 1+, not {0:n}".format(chunksize))
-            size: Callable[[], int] = lambda: chunksize  # noqa: E731
-        elif hasattr(iterable, "__len__"):
-            fixed = default_chunksize(len(iterable), self._processes)  # type: ignore[arg-type]
-            size = lambda: fixed  # noqa: E731
-        else:
-            size = lambda: handle.chunker.size  # noqa: E731
         it = iter(iterable)
         while True:
-            chunk = list(itertools.islice(it, size()))
+            chunk = list(itertools.islice(it, chunksize or handle.chunker.size))
             if not chunk:
                 return
             yield chunk
@@ -349,19 +389,24 @@ class Pool:
 
     # -- map family -------------------------------------------------------------------
     def _map_async(self, func: Callable[..., Any], iterable: Iterable[Any], mode: str,
-                   chunksize: int | None, callback: Any, error_callback: Any) -> ApplyResult:
+                   chunksize: int | None, callback: Any, error_callback: Any,
+                   progress: Any = False) -> ApplyResult:
+        size, total, n = self._plan(iterable, chunksize)
         result = ApplyResult(callback, error_callback)
-        handle = self._new_job(func, mode, ordered=False)
-        self._start_thread(self._run_map, handle, iterable, chunksize, result)
+        handle = self._new_job(func, mode, ordered=False, total=total)
+        result._handle = handle
+        bar = _progress_bar(progress, n)
+        self._start_thread(self._run_map, handle, iterable, size, result, bar)
         return result
 
     def _run_map(self, handle: JobHandle, iterable: Iterable[Any], chunksize: int | None,
-                 result: ApplyResult) -> None:
+                 result: ApplyResult, bar: Any) -> None:
         parts: dict[int, list[Any]] = {}
 
         def collect(outs: list[Outcome]) -> None:
             for out in outs:
                 parts[out.start] = _values(out)
+                bar.update(out.count)
 
         try:
             self._feed(handle, self._chunks(iterable, chunksize, handle), collect)
@@ -379,41 +424,63 @@ class Pool:
                     else:
                         handle.cond.wait()
         except BaseException as exc:
+            bar.close()
             self._job_done(handle, cancel=True)
             result._set(False, exc)
             return
+        bar.close()
         self._job_done(handle, cancel=False)
         value = [x for start in sorted(parts) for x in parts[start]]
         result._set(True, value)
 
+    def _wait(self, result: ApplyResult) -> Any:
+        """get() for the blocking calls; Ctrl-C (KeyboardInterrupt) cancels the job on
+        the cluster and leaves the pool usable."""
+        try:
+            return result.get()
+        except KeyboardInterrupt:
+            handle = getattr(result, "_handle", None)
+            if handle is not None:
+                handle.fail(KeyboardInterrupt())
+                self._job_done(handle, cancel=True)
+            raise
+
     def map_async(self, func: Callable[..., Any], iterable: Iterable[Any],
                   chunksize: int | None = None, callback: Any = None,
-                  error_callback: Any = None) -> ApplyResult:
-        return self._map_async(func, iterable, "map", chunksize, callback, error_callback)
+                  error_callback: Any = None, *, progress: Any = False) -> ApplyResult:
+        return self._map_async(func, iterable, "map", chunksize, callback, error_callback,
+                               progress)
 
     def map(self, func: Callable[..., Any], iterable: Iterable[Any],
-            chunksize: int | None = None) -> list[Any]:
-        """Apply ``func`` to every item, in parallel on the cluster; results in order."""
-        return self._map_async(func, iterable, "map", chunksize, None, None).get()  # type: ignore[no-any-return]
+            chunksize: int | None = None, *, progress: Any = False) -> list[Any]:
+        """Apply ``func`` to every item, in parallel on the cluster; results in order.
+
+        ``progress=True`` shows a tqdm bar (items done, rate, ETA); a dict is passed to
+        tqdm as options."""
+        return self._wait(self._map_async(func, iterable, "map", chunksize, None, None,
+                                          progress))  # type: ignore[no-any-return]
 
     def starmap_async(self, func: Callable[..., Any], iterable: Iterable[Iterable[Any]],
                       chunksize: int | None = None, callback: Any = None,
-                      error_callback: Any = None) -> ApplyResult:
-        return self._map_async(func, iterable, "star", chunksize, callback, error_callback)
+                      error_callback: Any = None, *, progress: Any = False) -> ApplyResult:
+        return self._map_async(func, iterable, "star", chunksize, callback, error_callback,
+                               progress)
 
     def starmap(self, func: Callable[..., Any], iterable: Iterable[Iterable[Any]],
-                chunksize: int | None = None) -> list[Any]:
+                chunksize: int | None = None, *, progress: Any = False) -> list[Any]:
         """Like map, with each item unpacked as arguments: ``func(*item)``."""
-        return self._map_async(func, iterable, "star", chunksize, None, None).get()  # type: ignore[no-any-return]
+        return self._wait(self._map_async(func, iterable, "star", chunksize, None, None,
+                                          progress))  # type: ignore[no-any-return]
 
     def _imap(self, func: Callable[..., Any], iterable: Iterable[Any],
-              chunksize: int | None, ordered: bool) -> IMapIterator:
-        handle = self._new_job(func, "map", ordered)
-        it = IMapIterator(handle, self)
+              chunksize: int | None, ordered: bool, progress: Any) -> IMapIterator:
+        size, total, n = self._plan(iterable, chunksize)
+        handle = self._new_job(func, "map", ordered, total=total)
+        it = IMapIterator(handle, self, _progress_bar(progress, n))
 
         def feed() -> None:
             try:
-                self._feed(handle, self._chunks(iterable, chunksize, handle))
+                self._feed(handle, self._chunks(iterable, size, handle))
             except BaseException as exc:  # the input itself raised, or would not pickle
                 handle.fail(exc)
 
@@ -421,17 +488,18 @@ class Pool:
         return it
 
     def imap(self, func: Callable[..., Any], iterable: Iterable[Any],
-             chunksize: int | None = None) -> IMapIterator:
+             chunksize: int | None = None, *, progress: Any = False) -> IMapIterator:
         """Lazy ``map``: results in input order, as they come; input read as needed.
 
         ``chunksize=None`` picks one (multiprocessing's default is 1, which an explicit
-        ``chunksize=1`` still gives)."""
-        return self._imap(func, iterable, chunksize, ordered=True)
+        ``chunksize=1`` still gives). Also an async iterator: ``async for x in ...``."""
+        return self._imap(func, iterable, chunksize, True, progress)
 
     def imap_unordered(self, func: Callable[..., Any], iterable: Iterable[Any],
-                       chunksize: int | None = None) -> IMapIterator:
+                       chunksize: int | None = None, *,
+                       progress: Any = False) -> IMapIterator:
         """Like imap, in the order results finish."""
-        return self._imap(func, iterable, chunksize, ordered=False)
+        return self._imap(func, iterable, chunksize, False, progress)
 
     # -- apply ------------------------------------------------------------------------
     def apply_async(self, func: Callable[..., Any], args: Iterable[Any] = (),
@@ -454,7 +522,8 @@ class Pool:
                 self._job_done(handle, cancel=True)
                 result._set(False, error)
 
-        handle = self._new_job(func, "apply", True, on_outcome, window=1)
+        handle = self._new_job(func, "apply", True, on_outcome, window=1, total=1)
+        result._handle = handle
         with handle.cond:
             seq = handle.core.add(payload, 1)
             handle.core.close_input()
@@ -464,7 +533,7 @@ class Pool:
     def apply(self, func: Callable[..., Any], args: Iterable[Any] = (),
               kwds: dict[str, Any] | None = None) -> Any:
         """Run ``func(*args, **kwds)`` on the cluster and return its result."""
-        return self.apply_async(func, args, kwds).get()
+        return self._wait(self.apply_async(func, args, kwds))
 
     # -- lifecycle --------------------------------------------------------------------
     def close(self) -> None:

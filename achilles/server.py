@@ -200,8 +200,14 @@ class ServerFactory(protocol.Factory):
             return
         log.info("%s %s disconnected", peer.role, peer.name)
         if peer.role == "node":
+            node = self.scheduler.nodes.get(peer.peer_id)
+            if node is not None and node.inflight:
+                log.warning("node %s lost with %d chunk(s) in flight: requeued", peer.name,
+                            len(node.inflight))
             self.feed(sch.NodeLost(peer.peer_id, "connection closed"))
         elif peer.role == "controller":
+            for job in [j for j in self.scheduler.jobs.values() if j.owner == peer.peer_id]:
+                self._log_job_end(job.id, -1, "cancelled (its controller left)")
             self.feed(sch.OwnerLost(peer.peer_id))
 
     def message(self, peer: ServerProtocol, msg: Message, payload: bytes) -> None:
@@ -209,17 +215,26 @@ class ServerFactory(protocol.Factory):
 
     # -- handlers ---------------------------------------------------------------------
     def _on_submit(self, peer: ServerProtocol, msg: Submit, payload: bytes) -> None:
-        log.info("job %s submitted by %s", msg.job, peer.name)
+        log.info("job %s submitted by %s (%s chunks)", msg.job[:8], peer.name,
+                 msg.total if msg.total >= 0 else "?")
         self.feed(sch.JobSubmitted(msg.job, peer.peer_id, payload, msg.max_attempts,
-                                   msg.timeout, msg.limit))
+                                   msg.timeout, msg.limit, msg.total))
+
+    def _log_job_end(self, job_id: str, owner: int, how: str) -> None:
+        job = self.scheduler.jobs.get(job_id)
+        if job is not None and (owner < 0 or job.owner == owner):
+            log.info("job %s %s: %d chunks done in %.2f s, %d retries", job_id[:8], how,
+                     job.done, self.clock.seconds() - job.submitted, job.retries)
 
     def _on_chunk(self, peer: ServerProtocol, msg: Chunk, payload: bytes) -> None:
         self.feed(sch.ChunkAdded(msg.job, msg.seq, payload, peer.peer_id))
 
     def _on_cancel(self, peer: ServerProtocol, msg: Cancel, payload: bytes) -> None:
+        self._log_job_end(msg.job, peer.peer_id, "cancelled")
         self.feed(sch.JobCancelled(msg.job, peer.peer_id))
 
     def _on_end(self, peer: ServerProtocol, msg: End, payload: bytes) -> None:
+        self._log_job_end(msg.job, peer.peer_id, "finished")
         self.feed(sch.JobEnded(msg.job, peer.peer_id))
 
     def _on_result(self, peer: ServerProtocol, msg: Result, payload: bytes) -> None:
@@ -244,6 +259,9 @@ class ServerFactory(protocol.Factory):
             proto = self.peers.get(node["id"])
             node["last_seen_age"] = round(now - proto.last_heard, 3) if proto else None
         snap["controllers"] = sum(1 for p in self.peers.values() if p.role == "controller")
+        for job in snap["jobs"]:  # type: ignore[union-attr]
+            owner = self.peers.get(job["owner"])
+            job["owner"] = owner.name if owner else str(job["owner"])
         peer.send(Status(), json.dumps(snap).encode("utf-8"))
 
     def _on_heartbeat(self, peer: ServerProtocol, msg: Heartbeat, payload: bytes) -> None:

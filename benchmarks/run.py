@@ -1259,10 +1259,10 @@ def render_load(runs: list[dict[str, Any]], systems: list[str]) -> str:
     width = max(len(s) for s in systems)
     lines = ["outside load: cores used by other processes while each child ran "
              f"(> {OTHER_LOAD_WARN} makes its figures unreliable)",
-             "  " + " " * 15 + "  ".join(w.rjust(5) for w in workloads)]
+             "  " + " " * (width + 2) + "  ".join(w.rjust(5) for w in workloads)]
     for s in systems:
         cells = [f"{by[(s, w)]['other_load_cores']:.2f}" if (s, w) in by else "" for w in workloads]
-        lines.append(f"  {s:<{max(width, 13)}}  " + "  ".join(c.rjust(5) for c in cells))
+        lines.append(f"  {s:<{width}}  " + "  ".join(c.rjust(5) for c in cells))
     return "\n".join(lines)
 
 

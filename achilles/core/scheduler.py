@@ -56,6 +56,7 @@ class JobSubmitted:
     max_attempts: int = 3
     timeout: float = 0.0
     limit: int = 0
+    total: int = -1
 
 
 @dataclass(frozen=True)
@@ -192,6 +193,8 @@ class JobState:
     inflight: dict[int, int] = field(default_factory=dict)  # seq -> node
     attempts: dict[int, int] = field(default_factory=dict)
     cutoff: int | None = None  # after a failure: chunks above it are dropped
+    total: int = -1  # chunks expected, -1 if unknown
+    added: int = 0
     done: int = 0
     retries: int = 0
     last_pick: int = 0
@@ -253,7 +256,7 @@ class Scheduler:
             self._out.append(Refuse(ev.owner, f"job {ev.job} exists already"))
             return
         self.jobs[ev.job] = JobState(ev.job, ev.owner, ev.function, max(1, ev.max_attempts),
-                                     ev.timeout, ev.limit, self._now)
+                                     ev.timeout, ev.limit, self._now, total=ev.total)
 
     def _owned_job(self, job_id: str, owner: int) -> JobState | None:
         job = self.jobs.get(job_id)
@@ -272,6 +275,7 @@ class Scheduler:
             return  # re-sent after a reconnect, still pending here
         job.payloads[ev.seq] = ev.payload
         job.queue.append(ev.seq)
+        job.added = max(job.added, ev.seq + 1)
         self._dispatch()
 
     def _on_JobCancelled(self, ev: JobCancelled) -> None:
@@ -386,7 +390,9 @@ class Scheduler:
                        "inflight": len(n.inflight), "done": n.done,
                        "draining": n.draining} for n in self.nodes.values()],
             "jobs": [{"id": j.id, "owner": j.owner, "done": j.done,
+                      "total": j.total if j.total >= 0 else None, "added": j.added,
                       "queued": len(j.queue), "inflight": len(j.inflight),
                       "retries": j.retries, "age": round(self._now - j.submitted, 3),
+                      "chunks_per_s": round(j.done / max(self._now - j.submitted, 1e-9), 2),
                       "failed": j.cutoff is not None} for j in self.jobs.values()],
         }

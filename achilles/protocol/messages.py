@@ -95,6 +95,7 @@ class Submit(Message):
     max_attempts: int
     timeout: float  # per task, seconds; 0 means none
     limit: int  # most chunks in flight at once; 0 means no limit
+    total: int  # chunks the job will have; -1 while unknown (a generator)
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,7 +21,7 @@ SAMPLES: list[tuple[m.Message, bytes]] = [
     (m.Welcome(digest="01" * 32, peer_id=7), b""),
     (m.ErrorFrame(code="bad-json", detail="header is not JSON"), b""),
     (m.Heartbeat(), b""),
-    (m.Submit(job="j1", max_attempts=3, timeout=2.5, limit=0), b"FUNC\nBUNDLE"),
+    (m.Submit(job="j1", max_attempts=3, timeout=2.5, limit=0, total=-1), b"FUNC\nBUNDLE"),
     (m.Chunk(job="j1", seq=0), b"\n"),
     (m.Chunk(job="j1", seq=1), b"a\nb\r\n" * 5),
     (m.Cancel(job="j1"), b""),

@@ -430,6 +430,7 @@ def test_snapshot_shape() -> None:
     assert s.snapshot() == {
         "nodes": [{"id": 1, "name": "n1", "slots": 2, "inflight": 1, "done": 1,
                    "draining": False}],
-        "jobs": [{"id": "j", "owner": OWNER, "done": 1, "queued": 0, "inflight": 1,
-                  "retries": 0, "age": 2.0, "failed": False}],
+        "jobs": [{"id": "j", "owner": OWNER, "done": 1, "total": None, "added": 2,
+                  "queued": 0, "inflight": 1, "retries": 0, "age": 2.0,
+                  "chunks_per_s": 0.5, "failed": False}],
     }
