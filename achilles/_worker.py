@@ -3,8 +3,9 @@
 The node hands each worker a chunk as **bytes** (multiprocess's own pickler is dill's
 pure-Python one, so we keep it away from user data); the worker loads the job's code
 (once per job, cached), unpickles the arguments, runs them, and returns result bytes
-that go back to the server unopened. Before running, it reports ``(pid, job, seq)`` so
-the node knows which chunk died with a worker, or which worker to kill on a timeout.
+that go back to the server unopened. While it runs a chunk, its slot in a shared
+:class:`SlotTable` names the chunk, so the node knows which chunk died with a worker,
+or which worker to kill on a timeout.
 """
 from __future__ import annotations
 
@@ -19,19 +20,58 @@ from achilles.errors import SerializationError
 from achilles.protocol.messages import ERROR, OK
 from achilles.serialization import dumps_chunk, dumps_exception, loads_chunk, loads_function
 
-_report: Any = None
+_slots: "SlotTable | None" = None
+_slot = -1
 _node_name = "?"
 _jobs: OrderedDict[str, dict[str, Any]] = OrderedDict()
 _MAX_JOBS = 16
+_initialized: set[str] = set()  # pools whose initializer ran in this worker
 
 
-def init(report_queue: Any, node_name: str) -> None:
-    """Pool initializer: default signal dispositions, and the channel for start reports."""
-    global _report, _node_name
+class SlotTable:
+    """Shared memory a node and its pool workers use to say who runs what.
+
+    Worker ``i`` of a pool generation owns slot ``i``: its pid, and while it runs a
+    chunk, the job's number (0: idle), the sequence number and the start time
+    (``time.monotonic``, the same clock in every process of the machine).
+    """
+
+    def __init__(self, index: Any, pids: Any, jobs: Any, seqs: Any, starts: Any) -> None:
+        self.index, self.pids, self.jobs, self.seqs, self.starts = \
+            index, pids, jobs, seqs, starts
+
+    @classmethod
+    def create(cls, ctx: Any, n: int) -> "SlotTable":
+        return cls(ctx.Value("i", 0), ctx.Array("q", n, lock=False),
+                   ctx.Array("q", n, lock=False), ctx.Array("q", n, lock=False),
+                   ctx.Array("d", n, lock=False))
+
+    def claim(self) -> int:
+        """A new worker takes the next slot (-1 for a replacement beyond the table)."""
+        with self.index.get_lock():
+            i = self.index.value
+            self.index.value += 1
+        if i >= len(self.pids):
+            return -1
+        self.pids[i] = os.getpid()
+        return i
+
+    def busy(self) -> list[tuple[int, int, int, float]]:
+        return [(self.pids[i], self.jobs[i], self.seqs[i], self.starts[i])
+                for i in range(len(self.pids)) if self.jobs[i]]
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (SlotTable, (self.index, self.pids, self.jobs, self.seqs, self.starts))
+
+
+def init(slots: SlotTable, node_name: str) -> None:
+    """Pool initializer: default signal dispositions, and this worker's slot."""
+    global _slots, _slot, _node_name
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the node decides; Ctrl-C hits the group
-    _report = report_queue
+    _slots = slots
+    _slot = slots.claim()
     _node_name = node_name
 
 
@@ -41,8 +81,9 @@ def _runtime(job: str, bundle: bytes) -> dict[str, Any]:
         _jobs.move_to_end(job)
         return rt
     rt = loads_function(bundle)
-    if rt["initializer"] is not None:
+    if rt["initializer"] is not None and rt["pool"] not in _initialized:
         rt["initializer"](*rt["initargs"])
+        _initialized.add(rt["pool"])
     _jobs[job] = rt
     while len(_jobs) > _MAX_JOBS:
         _jobs.popitem(last=False)
@@ -57,10 +98,26 @@ def _error(exc: BaseException, tb: str | None = None) -> tuple[str, bytes, float
     return ERROR, dumps_exception(exc, tb or traceback.format_exc()), 0.0
 
 
-def run_chunk(job: str, seq: int, bundle: bytes, payload: bytes) -> tuple[str, bytes, float]:
-    """Run one chunk; return ``(status, payload, seconds)``; never raises an Exception."""
-    if _report is not None:
-        _report.put((os.getpid(), job, seq))
+def run_chunk(number: int, job: str, seq: int, bundle: bytes,
+              payload: bytes) -> tuple[str, bytes, float]:
+    """Run one chunk; return ``(status, payload, seconds)``; never raises an Exception.
+
+    While it runs, this worker's slot names the chunk (so the node knows what died with
+    it, or what ran too long)."""
+    slots, i = _slots, _slot
+    if slots is not None and i >= 0:
+        slots.seqs[i] = seq
+        slots.starts[i] = time.monotonic()
+        slots.jobs[i] = number  # written last: it marks the slot busy
+    result = _run(job, seq, bundle, payload)
+    # Not in a `finally`: a task that calls sys.exit() must leave its chunk named in the
+    # slot when the worker dies, or the node could not tell which chunk killed it.
+    if slots is not None and i >= 0:
+        slots.jobs[i] = 0
+    return result
+
+
+def _run(job: str, seq: int, bundle: bytes, payload: bytes) -> tuple[str, bytes, float]:
     start = time.perf_counter()
     try:
         rt = _runtime(job, bundle)

@@ -19,6 +19,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass
 from functools import partial
@@ -58,37 +59,30 @@ class Item:
     payload: bytes
     timeout: float
     gen: "Generation | None" = None
-    pid: int | None = None
-    started: float = 0.0
     cancelled: bool = False
-    timed_out: bool = False
+    reruns: int = 0  # times it was running when its pool was replaced, unblamed
+
+
+#: an unblamed chunk that keeps being caught in pool restarts is reported as crashed after
+#: this many local reruns, so the server's attempt count bounds it (never forever)
+MAX_LOCAL_RERUNS = 2
 
 
 class Generation:
-    """One incarnation of the pool, with its report queue and reader thread."""
+    """One incarnation of the pool, with the slot table its workers write to.
 
-    def __init__(self, ctx: Any, processes: int, name: str,
-                 post: Callable[..., None]) -> None:
+    Slot ``i`` belongs to the ``i``-th worker of this generation: its pid, and while it
+    runs a chunk, the chunk's job number, sequence number and start time (a monotonic
+    clock shared by every process). Shared memory, not messages: it costs no thread,
+    pipe or reactor wake-up per chunk, and it is still readable after the worker died.
+    """
+
+    def __init__(self, ctx: Any, processes: int, name: str) -> None:
         self.ctx = ctx
-        self.report = ctx.SimpleQueue()
+        self.slots = _worker.SlotTable.create(ctx, processes)
         self.pool = ctx.Pool(processes, initializer=_worker.init,
-                             initargs=(self.report, name))
+                             initargs=(self.slots, name))
         self.procs = list(self.pool._pool)  # the workers this generation started with
-        self._post = post
-        self.reader = threading.Thread(target=self._read, daemon=True,
-                                       name="achilles-worker-reports")
-        self.reader.start()
-
-    def _read(self) -> None:
-        while True:
-            try:
-                item = self.report.get()
-            except (EOFError, OSError):
-                break
-            if item is None:
-                break
-            self._post("started", self, item)
-        self._post("drained", self, None)
 
     def dead(self) -> list[Any]:
         # returncode is set by the pool's own handler thread when it reaps a worker;
@@ -96,8 +90,12 @@ class Generation:
         return [p for p in self.procs if p._popen is not None
                 and p._popen.returncode is not None]
 
+    def running(self) -> list[tuple[int, int, int, float]]:
+        """(pid, job number, seq, start) of every worker running a chunk now."""
+        return self.slots.busy()
+
     def kill(self) -> None:
-        """SIGKILL every worker, free the locks a dead worker may hold, stop the reader."""
+        """SIGKILL every worker, free the locks a dead worker may hold, tear down."""
         self.pool._worker_handler._state = mp_pool.TERMINATE  # no replacement workers
         for p in set(self.procs) | set(self.pool._pool):
             try:
@@ -108,8 +106,6 @@ class Generation:
         # copies of those locks are replaced so the pool can still be torn down.
         self.pool._inqueue._rlock = self.ctx.Lock()
         self.pool._outqueue._wlock = self.ctx.Lock()
-        self.report._wlock = self.ctx.Lock()
-        self.report.put(None)
         threading.Thread(target=self._terminate, daemon=True,
                          name="achilles-pool-teardown").start()
 
@@ -132,22 +128,15 @@ class Executor:
         self.ctx = multiprocess.get_context("forkserver")
         self.ctx.set_forkserver_preload(["achilles._worker"])
         self.bundles: dict[str, bytes] = {}
+        self.job_numbers: dict[str, int] = {}  # the slot table holds numbers, not ids
         self.waiting: deque[Item] = deque()
         self.running: dict[tuple[str, int], Item] = {}
-        self.retired: dict[Generation, dict[int, str]] = {}
         self.done = 0
         self.closed = False
-        self.gen = self._new_generation()
+        self.gen = Generation(self.ctx, self.processes, self.name)
         self._watcher = task.LoopingCall(self._watch)
         self._watcher.clock = reactor
         self._watcher.start(WATCH_INTERVAL, now=False)
-
-    def _new_generation(self) -> Generation:
-        return Generation(self.ctx, self.processes, self.name, self._post)
-
-    def _post(self, what: str, gen: Generation, data: Any) -> None:
-        """Called from pool/reader threads: hop to the reactor thread."""
-        self.reactor.callFromThread(getattr(self, "_" + what), gen, data)
 
     def _post_outcome(self, method: str, gen: Generation, key: tuple[str, int],
                       value: Any) -> None:
@@ -157,6 +146,7 @@ class Executor:
     # -- work in -----------------------------------------------------------------------
     def function(self, job: str, bundle: bytes) -> None:
         self.bundles[job] = bundle
+        self.job_numbers.setdefault(job, len(self.job_numbers) + 1)
 
     def submit(self, job: str, seq: int, payload: bytes, timeout: float) -> None:
         self.waiting.append(Item(job, seq, payload, timeout))
@@ -168,21 +158,16 @@ class Executor:
             bundle = self.bundles.get(item.job)
             if bundle is None:
                 continue  # job cancelled meanwhile
-            item.gen, item.pid, item.started = self.gen, None, 0.0
+            item.gen = self.gen
             key = (item.job, item.seq)
             self.running[key] = item
             self.gen.pool.apply_async(
-                _worker.run_chunk, (item.job, item.seq, bundle, item.payload),
+                _worker.run_chunk,
+                (self.job_numbers[item.job], item.job, item.seq, bundle, item.payload),
                 callback=partial(self._post_outcome, "_done", self.gen, key),
                 error_callback=partial(self._post_outcome, "_failed", self.gen, key))
 
     # -- events from threads, on the reactor thread ------------------------------------
-    def _started(self, gen: Generation, report: tuple[int, str, int]) -> None:
-        pid, job, seq = report
-        item = self.running.get((job, seq))
-        if item is not None and item.gen is gen:
-            item.pid, item.started = pid, self.reactor.seconds()
-
     def _done(self, gen: Generation, key: tuple[str, int], result: Any) -> None:
         item = self.running.get(key)
         if item is None or item.gen is not gen:
@@ -198,69 +183,82 @@ class Executor:
         self._done(gen, key, (CRASHED, f"pool error on node {self.name}: {exc!r}".encode(),
                               0.0))
 
-    def _drained(self, gen: Generation, _: Any) -> None:
-        """A killed generation's last reports are in: settle its chunks."""
-        culprits = self.retired.pop(gen, {})
+    # -- watching ----------------------------------------------------------------------
+    def _watch(self) -> None:
+        gen = self.gen
+        dead = {p.pid: _signal_name(p._popen.returncode) for p in gen.dead()}
+        numbers = {n: job for job, n in self.job_numbers.items()}
+        now = time.monotonic()
+        blamed: dict[tuple[str, int], bytes] = {}
+        status: dict[tuple[str, int], str] = {}
+        for pid, number, seq, started in gen.running():
+            key = (numbers.get(number, ""), seq)
+            item = self.running.get(key)
+            if item is None:
+                continue
+            if pid in dead:
+                status[key] = CRASHED
+                blamed[key] = (f"worker pid {pid} died ({dead[pid]}) running chunk {seq} "
+                               f"of job {item.job} on node {self.name}").encode()
+            elif item.timeout > 0 and now - started > item.timeout:
+                dead[pid] = "time limit"
+                status[key] = TIMEOUT
+                blamed[key] = (f"chunk {seq} of job {item.job} ran past its time limit "
+                               f"of {item.timeout:g} s on node {self.name}; its worker "
+                               f"was killed").encode()
+        if dead:
+            log.warning("node %s: %s; restarting its pool", self.name, ", ".join(
+                f"worker {pid} {why}" for pid, why in dead.items()))
+            self._rebuild(blamed, status)
+
+    def _rebuild(self, blamed: dict[tuple[str, int], bytes] | None = None,
+                 status: dict[tuple[str, int], str] | None = None) -> None:
+        """Kill this pool generation and start another. The chunk a dead worker was
+        running is reported (the server counts its attempts); the others run again."""
+        if self.closed:
+            return
+        old = self.gen
+        old.kill()
+        self.gen = Generation(self.ctx, self.processes, self.name)
+        blamed, status = blamed or {}, status or {}
         for key, item in list(self.running.items()):
-            if item.gen is not gen:
+            if item.gen is not old:
                 continue
             del self.running[key]
             if item.cancelled:
                 continue
-            if item.timed_out:
-                self.on_result(item.job, item.seq, TIMEOUT, (
-                    f"chunk {item.seq} of job {item.job} ran past its time limit of "
-                    f"{item.timeout:g} s on node {self.name}; its worker was killed"
-                ).encode(), 0.0)
-            elif item.pid is not None and item.pid in culprits:
+            if key in blamed:
+                self.on_result(item.job, item.seq, status[key], blamed[key], 0.0)
+            elif item.reruns >= MAX_LOCAL_RERUNS:
                 self.on_result(item.job, item.seq, CRASHED, (
-                    f"worker pid {item.pid} died ({culprits[item.pid]}) running chunk "
-                    f"{item.seq} of job {item.job} on node {self.name}").encode(), 0.0)
+                    f"chunk {item.seq} of job {item.job} was running on node {self.name} "
+                    f"when its pool had to be restarted, {item.reruns + 1} times").encode(),
+                    0.0)
             else:
+                item.reruns += 1
                 self.waiting.appendleft(item)
         self._fill()
-
-    # -- watching ----------------------------------------------------------------------
-    def _watch(self) -> None:
-        gen = self.gen
-        culprits = {p.pid: _signal_name(p._popen.returncode) for p in gen.dead()}
-        now = self.reactor.seconds()
-        for item in self.running.values():
-            if item.gen is gen and item.timeout > 0 and item.pid is not None \
-                    and now - item.started > item.timeout:
-                item.timed_out = True
-                culprits[item.pid] = "time limit"
-        if culprits:
-            log.warning("node %s: %s; restarting its pool", self.name, ", ".join(
-                f"worker {pid} {why}" for pid, why in culprits.items()))
-            self._rebuild(culprits)
-
-    def _rebuild(self, culprits: dict[int, str]) -> None:
-        if self.closed:
-            return
-        old = self.gen
-        self.retired[old] = culprits
-        old.kill()
-        self.gen = self._new_generation()
 
     def cancel(self, job: str) -> None:
         """Drop a job: its waiting chunks, its running ones (their workers are killed)."""
         self.bundles.pop(job, None)
+        self.job_numbers.pop(job, None)
         self.waiting = deque(i for i in self.waiting if i.job != job)
         hit = False
         for item in self.running.values():
             if item.job == job:
                 item.cancelled = hit = True
         if hit:
-            self._rebuild({})
+            self._rebuild()
 
     def cancel_all(self) -> None:
         self.bundles.clear()
+        self.job_numbers.clear()
         self.waiting.clear()
         if self.running:
             for item in self.running.values():
                 item.cancelled = True
-            self._rebuild({})
+            self._rebuild()
 
     def close(self) -> None:
         """Kill the workers; no new pool is started after this."""

@@ -280,6 +280,7 @@ class Pool:
             raise ValueError("task_timeout must be a positive number of seconds or None")
         self._initializer = initializer
         self._initargs = tuple(initargs)
+        self._id = os.urandom(8).hex()
         self._local: LocalCluster | None = None
         explicit = dict(host=host, port=port, username=username, secret_key=secret_key)
         settings = resolve(**explicit, max_attempts=max_attempts, tls_ca=tls_ca)
@@ -321,7 +322,7 @@ class Pool:
                  on_outcome: Callable[[JobHandle], None] | None = None,
                  window: int | None = None, total: int = -1) -> JobHandle:
         self._check_running()
-        function = dumps_function(func, mode, self._initializer, self._initargs)
+        function = dumps_function(func, mode, self._initializer, self._initargs, self._id)
         handle = JobHandle(function, ordered, window or window_for(self._processes),
                            self._max_attempts, self._timeout, self._limit, on_outcome, total)
         with self._jobs_lock:

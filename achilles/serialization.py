@@ -16,6 +16,8 @@ Pure functions, no I/O; the server never calls any of this.
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import importlib.abc
 import importlib.machinery
 import importlib.util
@@ -35,6 +37,7 @@ PROTOCOL = 5
 
 
 # --- code bundles --------------------------------------------------------------------
+@functools.lru_cache(maxsize=1)
 def _stdlib_roots() -> tuple[str, ...]:
     paths = sysconfig.get_paths()
     roots = {paths.get("stdlib"), paths.get("platstdlib")}
@@ -71,6 +74,20 @@ def _refs(objects: list[Any]) -> set[str]:
     return names
 
 
+_source_cache: dict[str, tuple[int, int, str]] = {}
+
+
+def _read_source(path: str) -> str:
+    """A module's source, re-read only when the file changed (mtime and size)."""
+    st = os.stat(path)
+    cached = _source_cache.get(path)
+    if cached is None or cached[:2] != (st.st_mtime_ns, st.st_size):
+        with open(path, encoding="utf-8") as f:
+            cached = (st.st_mtime_ns, st.st_size, f.read())
+        _source_cache[path] = cached
+    return cached[2]
+
+
 def _local_sources(objects: list[Any]) -> dict[str, str]:
     """Sources of local modules the objects refer to, and of what those refer to."""
     sources: dict[str, str] = {}
@@ -80,8 +97,7 @@ def _local_sources(objects: list[Any]) -> dict[str, str]:
         module = _local_module(name)
         if module is None or name in sources:
             continue
-        with open(module.__file__, encoding="utf-8") as f:  # type: ignore[arg-type]
-            sources[name] = f.read()
+        sources[name] = _read_source(module.__file__)  # type: ignore[arg-type]
         if "." in name:
             todo.add(name.rsplit(".", 1)[0])
         todo |= _refs([v for v in vars(module).values()
@@ -96,32 +112,94 @@ def _main_namespace() -> dict[str, Any]:
             and getattr(obj, "__module__", None) == "__main__"} if main else {}
 
 
+class _MainPickler(dill.Pickler):  # type: ignore[misc]
+    """dill, with the caller's ``__main__`` classes as references into the shipped
+    namespace, so a function and its arguments agree on one class object."""
+
+    def __init__(self, file: Any, classes: dict[int, str]) -> None:
+        super().__init__(file, protocol=PROTOCOL, recurse=True)
+        self._classes = classes
+
+    def persistent_id(self, obj: Any) -> Any:
+        name = self._classes.get(id(obj))
+        return None if name is None else ("__main__", name)
+
+
+class _MainUnpickler(dill.Unpickler):  # type: ignore[misc]
+    def __init__(self, file: Any, namespace: dict[str, Any]) -> None:
+        super().__init__(file)
+        self._namespace = namespace
+
+    def persistent_load(self, pid: Any) -> Any:
+        return self._namespace[pid[1]]
+
+
+_main_cache: dict[tuple[Any, ...], tuple[bytes, dict[int, str]]] = {}
+
+
+def _main_bundle() -> tuple[bytes, dict[int, str]]:
+    """The caller's ``__main__`` classes and functions, by value (dill), for resolving
+    references in arguments and results on the nodes. Pickling them costs milliseconds,
+    so the bytes are kept while the namespace holds the same objects."""
+    namespace = _main_namespace()
+    key = tuple(sorted((name, id(obj)) for name, obj in namespace.items()))
+    cached = _main_cache.get(key)
+    if cached is not None:
+        return cached
+    keep = {}
+    for name, obj in namespace.items():  # each alone: one class that will not pickle
+        try:                             # must not stop a job that does not use it
+            dill.dumps(obj, recurse=True)
+            keep[name] = obj
+        except Exception:
+            pass
+    data = dill.dumps(keep, protocol=PROTOCOL, recurse=True) if keep else b""
+    classes = {id(obj): name for name, obj in keep.items() if isinstance(obj, type)}
+    _main_cache.clear()
+    _main_cache[key] = (data, classes)
+    return data, classes
+
+
+def _from_main(obj: Any) -> bool:
+    return getattr(obj, "__module__", None) == "__main__"
+
+
 def dumps_function(fn: Callable[..., Any], mode: str = "map",
                    initializer: Callable[..., Any] | None = None,
-                   initargs: tuple[Any, ...] = ()) -> bytes:
+                   initargs: tuple[Any, ...] = (), pool_id: str = "") -> bytes:
     """Serialise a job's code once: ``mode`` is ``map``, ``star`` or ``apply``.
+
+    Functions that pickle by reference (module-level functions of installed or local
+    modules, builtins) go with the C pickle, in microseconds; lambdas, closures and
+    ``__main__`` functions go by value with dill. ``pool_id`` lets workers run a pool's
+    initializer once, not once per job.
 
     Raises:
         SerializationError: naming what could not be serialised.
     """
     if not callable(fn):
         raise TypeError(f"{fn!r} is not callable")
-    main = {}
-    for name, obj in _main_namespace().items():  # each alone: one bad class must not
-        try:                                     # stop the job that does not use it
-            dill.dumps(obj, recurse=True)
-            main[name] = obj
-        except Exception:
-            pass
+    name = getattr(fn, "__qualname__", fn)
     try:
-        sources = _local_sources([fn, initializer, *main.values()])
-        body = dill.dumps({"fn": fn, "mode": mode, "initializer": initializer,
-                           "initargs": tuple(initargs), "main": main}, recurse=True)
+        main, classes = _main_bundle()
+        sources = _local_sources([fn, initializer, *_main_namespace().values()])
+        parts = {"fn": fn, "mode": mode, "initializer": initializer,
+                 "initargs": tuple(initargs), "pool": pool_id}
+        body = None
+        if not _from_main(fn) and not _from_main(initializer):
+            try:
+                body = b"P" + pickle.dumps(parts, protocol=PROTOCOL)
+            except Exception:  # a lambda, a closure, a bound method of a local object...
+                body = None
+        if body is None:
+            buf = io.BytesIO()
+            _MainPickler(buf, classes).dump(parts)
+            body = b"D" + buf.getvalue()
     except Exception as exc:
         raise SerializationError(
-            f"cannot serialise function {getattr(fn, '__qualname__', fn)!r} "
-            f"with dill: {exc.__class__.__name__}: {exc}") from exc
-    return pickle.dumps((sources, body), protocol=PROTOCOL)
+            f"cannot serialise function {name!r} with dill: "
+            f"{exc.__class__.__name__}: {exc}") from exc
+    return pickle.dumps((sources, main, body), protocol=PROTOCOL)
 
 
 class _ShippedSources(importlib.abc.MetaPathFinder, importlib.abc.Loader):
@@ -145,18 +223,43 @@ class _ShippedSources(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
 
 _FINDER = _ShippedSources()
+_loaded: dict[bytes, Any] = {}  # worker side: bundles already loaded, by content
+
+
+def _load_cached(kind: str, data: bytes, load: Callable[[], Any]) -> Any:
+    key = kind.encode() + hashlib.blake2b(data, digest_size=16).digest()
+    value = _loaded.get(key)
+    if value is None:
+        value = load()
+        if len(_loaded) > 64:
+            _loaded.clear()
+        _loaded[key] = value
+    return value
 
 
 def loads_function(data: bytes) -> dict[str, Any]:
-    """Inverse of :func:`dumps_function`, on a node's worker."""
-    sources, body = pickle.loads(data)
+    """Inverse of :func:`dumps_function`, on a node's worker. A bundle seen before (the
+    same bytes) is not loaded again: a pool's many ``apply`` calls pay once."""
+    sources, main, body = pickle.loads(data)
     if sources:
         for name, src in sources.items():
             _FINDER.sources.setdefault(name, src)
         if _FINDER not in sys.meta_path:
             sys.meta_path.append(_FINDER)
-    bundle: dict[str, Any] = dill.loads(body)
-    return bundle
+    namespace: dict[str, Any] = _load_cached("M", main, lambda: dill.loads(main)) \
+        if main else {}
+
+    def load_body() -> dict[str, Any]:
+        stream = io.BytesIO(body)
+        stream.read(1)
+        if body[:1] == b"P":
+            parts: dict[str, Any] = _JobUnpickler(stream, namespace).load()
+        else:
+            parts = _MainUnpickler(stream, namespace).load()
+        parts["main"] = namespace
+        return parts
+
+    return _load_cached("B" + str(id(namespace)), body, load_body)  # type: ignore[no-any-return]
 
 
 # --- data chunks ---------------------------------------------------------------------
@@ -178,8 +281,8 @@ class _ResultPickler(pickle.Pickler):
 
 
 class _JobUnpickler(pickle.Unpickler):
-    def __init__(self, data: bytes, namespace: dict[str, Any]) -> None:
-        super().__init__(io.BytesIO(data))
+    def __init__(self, data: Any, namespace: dict[str, Any]) -> None:
+        super().__init__(data if hasattr(data, "read") else io.BytesIO(data))
         self.namespace = namespace
 
     def find_class(self, module: str, name: str) -> Any:

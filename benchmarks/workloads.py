@@ -36,7 +36,7 @@ def burn(task: tuple[int, int]) -> tuple[int, int]:
 def calibrate_burn(task_s: float, probe_s: float = 0.05) -> int:
     """How many ``burn`` iterations take about ``task_s`` s of CPU on this machine now.
 
-    CPU time (``process_time``) and the fastest of several probes: the machines are
+    CPU time (``process_time``) and the fastest of 10 probes: the machines are
     shared, and other load must not make the tasks shorter than intended.
     """
     iters = 1000
@@ -48,7 +48,7 @@ def calibrate_burn(task_s: float, probe_s: float = 0.05) -> int:
             break
         iters *= 2
     samples = []
-    for _ in range(5):
+    for _ in range(10):
         t0 = time.process_time()
         burn((0, iters))
         samples.append(time.process_time() - t0)
