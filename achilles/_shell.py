@@ -25,6 +25,9 @@ from achilles.protocol.messages import (PROTOCOL_VERSION, AuthReply, Challenge, 
 
 log = logging.getLogger("achilles")
 
+#: refusals that say "not now" rather than "never": the peer retries with backoff
+TRANSIENT_REFUSALS = ("too-many-connections", "handshake-timeout")
+
 PYTHON = "%s.%s" % platform.python_version_tuple()[:2]
 
 

@@ -64,6 +64,18 @@ class SlotTable:
         return (SlotTable, (self.index, self.pids, self.jobs, self.seqs, self.starts))
 
 
+def context() -> Any:
+    """The forkserver context a node's pools come from. Call it early: starting the fork
+    server (a fresh interpreter that preloads this module) then overlaps with the rest
+    of the node's start-up. Its workers never inherit the node's signal handlers."""
+    import multiprocess
+    from multiprocess import forkserver
+    ctx = multiprocess.get_context("forkserver")
+    ctx.set_forkserver_preload(["achilles._worker"])
+    forkserver.ensure_running()
+    return ctx
+
+
 def init(slots: SlotTable, node_name: str) -> None:
     """Pool initializer: default signal dispositions, and this worker's slot."""
     global _slots, _slot, _node_name

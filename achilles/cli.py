@@ -78,6 +78,7 @@ def _listening(port: Any) -> None:
 
 
 def cmd_server(args: argparse.Namespace) -> int:
+    sys.setswitchinterval(0.0005)
     from twisted.internet import reactor
     from achilles import server
     settings = _settings(args)
@@ -91,7 +92,15 @@ def cmd_server(args: argparse.Namespace) -> int:
     return 0
 
 
+def _early_worker_start() -> None:
+    """Start the pool's fork server first: it loads in parallel with Twisted."""
+    sys.setswitchinterval(0.0005)  # reactor and pool threads hand work over quickly
+    from achilles import _worker
+    _worker.context()
+
+
 def cmd_node(args: argparse.Namespace) -> int:
+    _early_worker_start()
     from achilles import node
     settings = _settings(args)
     _logging(settings.log_level)
@@ -101,6 +110,7 @@ def cmd_node(args: argparse.Namespace) -> int:
 
 
 def cmd_local(args: argparse.Namespace) -> int:
+    _early_worker_start()
     from twisted.internet import reactor
     from achilles import node, server
     settings = resolve(host="127.0.0.1", port=args.port, processes=args.processes,

@@ -22,7 +22,8 @@ from typing import Any, Callable
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.internet import defer
 
-from achilles._shell import ClientFactory, ClientProtocol, client_endpoint
+from achilles._shell import (TRANSIENT_REFUSALS, ClientFactory, ClientProtocol,
+                             client_endpoint)
 from achilles.config import Settings, require_secret
 from achilles.core.job import AdaptiveChunker, Job, Outcome
 from achilles.errors import AuthenticationError, ConnectionLostError
@@ -178,6 +179,9 @@ class Controller:
                 replies.popleft().errback(ConnectionLostError("lost the server"))
 
     def refused(self, err: ErrorFrame) -> None:
+        if err.code in TRANSIENT_REFUSALS:
+            log.warning("the achilles server is busy (%s); retrying", err.detail)
+            return
         self.service.stopService()
         self._fail_all(AuthenticationError(
             f"the achilles server at {self.settings.host}:{self.settings.port} refused "

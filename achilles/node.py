@@ -25,13 +25,13 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable
 
-import multiprocess
 import multiprocess.pool as mp_pool
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.internet import task
 
 from achilles import _worker
-from achilles._shell import ClientFactory, ClientProtocol, client_endpoint, node_name
+from achilles._shell import (TRANSIENT_REFUSALS, ClientFactory, ClientProtocol,
+                             client_endpoint), node_name
 from achilles.config import Settings, require_secret
 from achilles.protocol.messages import (CRASHED, TIMEOUT, Cancel, Drain, ErrorFrame, Function,
                                         Kill, Message, Result, Task)
@@ -125,8 +125,7 @@ class Executor:
         self.on_result = on_result
         self.reactor = reactor
         self.name = name
-        self.ctx = multiprocess.get_context("forkserver")
-        self.ctx.set_forkserver_preload(["achilles._worker"])
+        self.ctx = _worker.context()
         self.bundles: dict[str, bytes] = {}
         self.job_numbers: dict[str, int] = {}  # the slot table holds numbers, not ids
         self.waiting: deque[Item] = deque()
@@ -153,7 +152,10 @@ class Executor:
         self._fill()
 
     def _fill(self) -> None:
-        while self.waiting and len(self.running) < self.processes:
+        # Two chunks per worker inside the pool: a worker that finishes picks up the next
+        # at once instead of idling while its result travels through the reactor. A
+        # chunk not yet started is never blamed (its slot is not busy) when a pool dies.
+        while self.waiting and len(self.running) < 2 * self.processes:
             item = self.waiting.popleft()
             bundle = self.bundles.get(item.job)
             if bundle is None:
@@ -341,6 +343,9 @@ class Node:
             self.executor.cancel_all()
 
     def refused(self, err: ErrorFrame) -> None:
+        if err.code in TRANSIENT_REFUSALS:
+            log.warning("the server is busy (%s); retrying", err.detail)
+            return
         log.error("the server refused this node: %s", err.detail)
         self.stop(exit_code=2)
 

@@ -34,7 +34,8 @@ _controllers_lock = threading.Lock()
 
 
 def _controller(settings: Any) -> Controller:
-    key = (settings.host, settings.port, settings.username, settings.secret_key)
+    key = (settings.host, settings.port, settings.username, settings.secret_key,
+           settings.tls_ca)
     with _controllers_lock:
         ctl = _controllers.get(key)
         if ctl is None or ctl.fatal is not None:
@@ -49,7 +50,10 @@ def _forget_controller(ctl: Controller) -> None:
         for key, value in list(_controllers.items()):
             if value is ctl:
                 del _controllers[key]
-    _reactor.call_soon(ctl.close)
+    try:
+        _reactor.call_blocking(ctl.close, timeout=5)
+    except Exception:  # closing is best effort: the server may be gone already
+        pass
 
 
 def _exception(outcome: Outcome) -> BaseException:

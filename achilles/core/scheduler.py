@@ -308,12 +308,14 @@ class Scheduler:
     def _on_ResultReceived(self, ev: ResultReceived) -> None:
         node = self.nodes.get(ev.node)
         job = self.jobs.get(ev.job)
-        if node is None or job is None or job.inflight.get(ev.seq) != ev.node:
-            if job is not None and node is not None and ev.seq not in job.payloads \
-                    and (ev.job, ev.seq) not in node.inflight and job.cutoff is None:
-                self._out.append(Refuse(ev.node, f"result for chunk {ev.seq} of job "
-                                                 f"{ev.job}, which it was not given",
-                                        close=True))
+        if node is None or job is None:
+            return  # the job was cancelled or ended meanwhile: a harmless race
+        if (ev.job, ev.seq) not in node.inflight or job.inflight.get(ev.seq) != ev.node:
+            # Only a misbehaving node reports a chunk it does not hold: a node that lost
+            # a chunk to a requeue was disconnected first.
+            self._out.append(Refuse(ev.node, f"result for chunk {ev.seq} of job "
+                                             f"{ev.job}, which it was not given",
+                                    close=True))
             return
         if ev.status not in STATUSES:  # leave the chunk in flight: it is not lost
             self._out.append(Refuse(ev.node, f"unknown result status {ev.status[:32]!r}",

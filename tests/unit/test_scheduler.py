@@ -393,15 +393,18 @@ def test_late_result_from_dropped_node_is_dropped() -> None:
                                               "not given", close=True)]
 
 
-def test_late_result_from_node_that_no_longer_holds_chunk_is_dropped() -> None:
-    """A result from a live node for a chunk now held by another node is ignored."""
+def test_result_from_node_that_no_longer_holds_chunk_is_refused() -> None:
+    """A result from a node for a chunk it no longer holds is refused and it is dropped."""
     s = Scheduler()
     join(s, 1)
     submit(s)
     add(s, "j", 0, 1)
     join(s, 2)
     assert report(s, 1, "j", 0, CRASHED, b"died") == [send_fn(2, "j"), task(2, "j", 0)]
-    assert report(s, 1, "j", 0) == []  # node 1 is not running chunk 0 any more
+    # node 1 is not running chunk 0 any more: a result from it now can only come from a
+    # misbehaving node (ours never reports a chunk after reporting it crashed)
+    assert report(s, 1, "j", 0) == [Refuse(1, "result for chunk 0 of job j, which it was "
+                                              "not given", close=True)]
     assert s.jobs["j"].inflight == {0: 2, 1: 1}
     assert report(s, 2, "j", 0) == [forward("j", 0)]
 
