@@ -31,7 +31,7 @@ from twisted.internet import task
 
 from achilles import _worker
 from achilles._shell import (TRANSIENT_REFUSALS, ClientFactory, ClientProtocol,
-                             client_endpoint), node_name
+                             client_endpoint, node_name)
 from achilles.config import Settings, require_secret
 from achilles.protocol.messages import (CRASHED, TIMEOUT, Cancel, Drain, ErrorFrame, Function,
                                         Kill, Message, Result, Task)

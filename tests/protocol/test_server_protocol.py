@@ -315,7 +315,7 @@ def test_authenticated_peer_outlives_the_handshake_timeout() -> None:
     peer = net.peer("admin")
     net.advance(10.0, step=0.5)
     assert not peer.closed
-    assert not [c for c in net.clock.getDelayedCalls()]
+    assert not net.clock.getDelayedCalls()
 
 
 # --- limits ---------------------------------------------------------------------------------
@@ -374,10 +374,10 @@ def test_connection_cap_refuses_extra_connections() -> None:
     assert net.factory.open_connections == 0
 
 
-def test_thousands_of_dropped_connections_leave_nothing_behind() -> None:
-    """2000 connections opened and dropped leave no count, peer or timer behind."""
+def test_many_dropped_connections_leave_nothing_behind() -> None:
+    """600 connections opened and dropped leave no count, peer or timer behind."""
     net = Net()
-    for i in range(2000):
+    for i in range(600):
         peer = net.connect()
         if i % 3 == 0:
             peer.feed(b'{"t":"au')  # half a header

@@ -15,6 +15,7 @@ import json
 import os
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.internet import task
@@ -31,6 +32,11 @@ from achilles.protocol import messages as m
 from achilles.protocol.framing import (MAX_HEADER_LENGTH, PREAUTH_MAX_HEADER_LENGTH, Decoder,
                                        Frame, encode_bytes)
 from achilles.server import ServerFactory, ServerProtocol
+
+# Hypothesis imports libcst to print a failing example as a patch; libcst's import warns,
+# and filterwarnings=error would turn the report of a real failure into an INTERNALERROR.
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:mypy_extensions.TypedDict is deprecated:DeprecationWarning")
 
 EXAMPLES = int(os.environ.get("ACHILLES_FUZZ_EXAMPLES", "50"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None,
