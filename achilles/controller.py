@@ -230,6 +230,10 @@ class Controller:
             self._arm_give_up()  # a job waits for the server at most reconnect_timeout
         self._send_submit(handle)
 
+    def submit_with_chunk(self, handle: JobHandle, seq: int, payload: bytes) -> None:
+        self.submit(handle)
+        self.send_chunk(handle, seq, payload)
+
     def send_chunk(self, handle: JobHandle, seq: int, payload: bytes) -> None:
         if handle.id in self.jobs:
             self._send(Chunk(handle.id, seq), payload)

@@ -324,14 +324,16 @@ class Pool:
 
     def _new_job(self, func: Callable[..., Any], mode: str, ordered: bool,
                  on_outcome: Callable[[JobHandle], None] | None = None,
-                 window: int | None = None, total: int = -1) -> JobHandle:
+                 window: int | None = None, total: int = -1,
+                 submit: bool = True) -> JobHandle:
         self._check_running()
         function = dumps_function(func, mode, self._initializer, self._initargs, self._id)
         handle = JobHandle(function, ordered, window or window_for(self._processes),
                            self._max_attempts, self._timeout, self._limit, on_outcome, total)
         with self._jobs_lock:
             self._jobs.add(handle)
-        _reactor.call_soon(self._ctl.submit, handle)
+        if submit:
+            _reactor.call_soon(self._ctl.submit, handle)
         return handle
 
     def _job_done(self, handle: JobHandle, cancel: bool) -> None:
@@ -518,21 +520,24 @@ class Pool:
                 outs = handle.take()
                 error = handle.error
             if outs:
-                self._job_done(handle, cancel=outs[0].status != OK)
-                try:
+                try:  # the caller first; the bookkeeping frame to the server after
                     result._set(True, _values(outs[0])[0])
                 except BaseException as exc:
                     result._set(False, exc)
+                self._job_done(handle, cancel=outs[0].status != OK)
             elif error is not None:
                 self._job_done(handle, cancel=True)
                 result._set(False, error)
 
-        handle = self._new_job(func, "apply", True, on_outcome, window=1, total=1)
+        handle = self._new_job(func, "apply", True, on_outcome, window=1, total=1,
+                               submit=False)
         result._handle = handle
         with handle.cond:
             seq = handle.core.add(payload, 1)
             handle.core.close_input()
-        _reactor.call_soon(self._ctl.send_chunk, handle, seq, payload)
+        # one hop to the reactor thread for the job and its only chunk: each hop costs a
+        # wake-up and a GIL hand-over, which is most of an apply's latency
+        _reactor.call_soon(self._ctl.submit_with_chunk, handle, seq, payload)
         return result
 
     def apply(self, func: Callable[..., Any], args: Iterable[Any] = (),

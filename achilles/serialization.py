@@ -44,19 +44,28 @@ def _stdlib_roots() -> tuple[str, ...]:
     return tuple(os.path.join(os.path.realpath(r), "") for r in roots if r)
 
 
+_is_local: dict[tuple[str, int], bool] = {}
+
+
 def _local_module(name: str | None) -> types.ModuleType | None:
     """The module if it is one of the user's own source files, not an installed one."""
     if not name or name == "__main__" or name.split(".")[0] in ("achilles", "dill"):
         return None
     module = sys.modules.get(name)
-    path = getattr(module, "__file__", None)
-    if module is None or not path or not path.endswith(".py"):
+    if module is None:
         return None
-    real = os.path.realpath(path)
-    parts = real.split(os.sep)
-    if "site-packages" in parts or "dist-packages" in parts or real.startswith(_stdlib_roots()):
-        return None
-    return module
+    key = (name, id(module))  # resolving real paths costs: once per module object
+    local = _is_local.get(key)
+    if local is None:
+        path = getattr(module, "__file__", None)
+        local = bool(path) and path.endswith(".py")
+        if local:
+            real = os.path.realpath(path)
+            parts = real.split(os.sep)
+            local = not ("site-packages" in parts or "dist-packages" in parts
+                         or real.startswith(_stdlib_roots()))
+        _is_local[key] = local
+    return module if local else None
 
 
 def _refs(objects: list[Any]) -> set[str]:
