@@ -145,6 +145,7 @@ class ClientProtocol(FramedProtocol):
     def connectionLost(self, reason: Any = None) -> None:
         if self._keepalive.running:
             self._keepalive.stop()
+        self.owner.disconnected(self)
 
     def frameReceived(self, frame: Frame) -> None:
         msg = frame.msg
@@ -180,12 +181,17 @@ class ClientProtocol(FramedProtocol):
         else:
             raise ProtocolError("unexpected", f"{msg.TYPE!r} frame during the handshake")
 
+    # The owner (a Node or a Controller, set by ClientFactory) hears about the
+    # connection's life: connected(proto), refused(error frame), disconnected(proto).
+    owner: Any
+
     def ready(self) -> None:
         """Authenticated both ways: start work."""
+        self.owner.connected(self)
 
     def refused(self, err: ErrorFrame) -> None:
         """The server refused us (or could not prove itself)."""
-        log.error("server refused the connection: %s", err.detail)
+        self.owner.refused(err)
 
     def messageReceived(self, msg: Message, payload: bytes) -> None:
         raise NotImplementedError

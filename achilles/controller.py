@@ -98,16 +98,6 @@ class ControllerProtocol(ClientProtocol):
     role = "controller"
     owner: "Controller"
 
-    def ready(self) -> None:
-        self.owner.connected(self)
-
-    def refused(self, err: ErrorFrame) -> None:
-        self.owner.refused(err)
-
-    def connectionLost(self, reason: Any = None) -> None:
-        super().connectionLost(reason)
-        self.owner.disconnected(self)
-
     def messageReceived(self, msg: Message, payload: bytes) -> None:
         self.owner.message(msg, payload)
 

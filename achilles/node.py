@@ -276,17 +276,6 @@ class NodeProtocol(ClientProtocol):
     role = "node"
     owner: "Node"
 
-    def ready(self) -> None:
-        self.owner.connected(self)
-
-    def refused(self, err: ErrorFrame) -> None:
-        self.owner.refused(err)
-
-    def connectionLost(self, reason: Any = None) -> None:
-        super().connectionLost(reason)
-        if self.authenticated:
-            self.owner.disconnected(self)
-
     def messageReceived(self, msg: Message, payload: bytes) -> None:
         node = self.owner
         if isinstance(msg, Task):
