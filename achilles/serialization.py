@@ -57,8 +57,8 @@ def _local_module(name: str | None) -> types.ModuleType | None:
     key = (name, id(module))  # resolving real paths costs: once per module object
     local = _is_local.get(key)
     if local is None:
-        path = getattr(module, "__file__", None)
-        local = bool(path) and path.endswith(".py")
+        path: str = getattr(module, "__file__", None) or ""
+        local = path.endswith(".py")
         if local:
             real = os.path.realpath(path)
             parts = real.split(os.sep)
@@ -77,7 +77,7 @@ def _refs(objects: list[Any]) -> set[str]:
             names.add(getattr(obj, "__module__", None) or "")
             globs = getattr(obj, "__globals__", None)
             if globs is not None:
-                names.update(getattr(v, "__module__", None) or getattr(v, "__name__", "")
+                names.update(str(getattr(v, "__module__", None) or getattr(v, "__name__", ""))
                              for v in globs.values()
                              if isinstance(v, (types.ModuleType, type, types.FunctionType)))
     return names

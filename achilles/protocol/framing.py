@@ -61,7 +61,7 @@ def _check_fields(t: str, header: dict[str, Any]) -> dict[str, Any]:
             raise ProtocolError(
                 "bad-field", f"{t!r} field {name!r} must be {typ.__name__}, "
                 f"not {type(value).__name__}")
-        if typ is str:
+        if isinstance(value, str):
             try:  # JSON escapes can smuggle in lone surrogates, which no codec accepts
                 value.encode("utf-8")
             except UnicodeEncodeError:
