@@ -68,19 +68,43 @@ def _local_module(name: str | None) -> types.ModuleType | None:
     return module if local else None
 
 
+_CODE = (types.ModuleType, type, types.FunctionType)
+
+
+def _names(values: Any) -> set[str]:
+    """Modules that these values are, or come from."""
+    return {str(getattr(v, "__module__", None) or getattr(v, "__name__", ""))
+            for v in values if isinstance(v, _CODE)}
+
+
 def _refs(objects: list[Any]) -> set[str]:
+    """Modules the objects come from; for ``__main__`` functions, also the modules of what
+    their globals hold (a local module's own references are followed in _module_refs)."""
     names: set[str] = set()
+    scanned: set[int] = set()  # every __main__ function shares one globals dict
     for obj in objects:
         if isinstance(obj, types.ModuleType):
             names.add(obj.__name__)
-        else:
-            names.add(getattr(obj, "__module__", None) or "")
-            globs = getattr(obj, "__globals__", None)
-            if globs is not None:
-                names.update(str(getattr(v, "__module__", None) or getattr(v, "__name__", ""))
-                             for v in globs.values()
-                             if isinstance(v, (types.ModuleType, type, types.FunctionType)))
+            continue
+        names.add(getattr(obj, "__module__", None) or "")
+        globs = getattr(obj, "__globals__", None)
+        if globs is not None and id(globs) not in scanned \
+                and globs.get("__name__") == "__main__":
+            scanned.add(id(globs))
+            names |= _names(globs.values())
     return names
+
+
+_module_refs_cache: dict[int, tuple[Any, set[str]]] = {}
+
+
+def _module_refs(module: types.ModuleType) -> set[str]:
+    """What a local module's top level refers to (computed once per module object)."""
+    cached = _module_refs_cache.get(id(module))
+    if cached is None or cached[0] is not module:
+        cached = (module, _names(vars(module).values()))
+        _module_refs_cache[id(module)] = cached
+    return cached[1]
 
 
 _source_cache: dict[str, tuple[int, int, str]] = {}
@@ -98,19 +122,28 @@ def _read_source(path: str) -> str:
 
 
 def _local_sources(objects: list[Any]) -> dict[str, str]:
-    """Sources of local modules the objects refer to, and of what those refer to."""
+    """Sources of the local modules the objects come from, and of the local modules those
+    refer to. A package's ``__init__`` goes along (so its submodules import) but is not
+    followed: what a package happens to have imported is not needed."""
     sources: dict[str, str] = {}
     todo = _refs(objects)
+    seen: set[str] = set()
     while todo:
         name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
         module = _local_module(name)
-        if module is None or name in sources:
+        if module is None:
             continue
         sources[name] = _read_source(module.__file__)  # type: ignore[arg-type]
-        if "." in name:
-            todo.add(name.rsplit(".", 1)[0])
-        todo |= _refs([v for v in vars(module).values()
-                       if isinstance(v, (types.ModuleType, type, types.FunctionType))])
+        parent = name.rpartition(".")[0]
+        while parent:
+            package = _local_module(parent)
+            if package is not None:
+                sources[parent] = _read_source(package.__file__)  # type: ignore[arg-type]
+            parent = parent.rpartition(".")[0]
+        todo |= _module_refs(module) - seen
     return sources
 
 
