@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import threading
 import uuid
 from collections import deque
@@ -32,6 +33,7 @@ from achilles.protocol.messages import (Cancel, Chunk, Cluster, End, ErrorFrame,
                                         Submit)
 
 log = logging.getLogger("achilles.controller")
+_JITTER = random.Random()  # our own: reconnect jitter must not disturb the global RNG
 
 
 class JobHandle:
@@ -117,6 +119,7 @@ class Controller:
             Status: deque(), Killed: deque()}
         self._give_up: Any = None
         self.closing = False
+        self.users = 0  # pools sharing this connection (see pool._controller)
         endpoint = client_endpoint(reactor, settings)
         cls = type("Proto", (ControllerProtocol,), {"role": role})
         factory = ClientFactory(cls, self, secret=require_secret(settings, "a controller"),
@@ -125,7 +128,8 @@ class Controller:
                                 heartbeat_interval=settings.heartbeat_interval,
                                 heartbeat_timeout=settings.heartbeat_timeout)
         self.service = ClientService(endpoint, factory, clock=reactor,
-                                     retryPolicy=backoffPolicy(initialDelay=0.1, maxDelay=2.0))
+                                     retryPolicy=backoffPolicy(initialDelay=0.1, maxDelay=2.0,
+                                                               jitter=_JITTER.random))
         self.service.startService()
         self._arm_give_up()
         reactor.addSystemEventTrigger("before", "shutdown", self._shutting_down)

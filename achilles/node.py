@@ -16,6 +16,7 @@ the other running chunks are resubmitted locally.
 from __future__ import annotations
 
 import logging
+import random
 import os
 import signal
 import threading
@@ -313,7 +314,8 @@ class Node:
                                 heartbeat_interval=settings.heartbeat_interval,
                                 heartbeat_timeout=settings.heartbeat_timeout)
         self.service = ClientService(endpoint, factory, clock=reactor,
-                                     retryPolicy=backoffPolicy(initialDelay=0.2, maxDelay=5.0))
+                                     retryPolicy=backoffPolicy(initialDelay=0.2, maxDelay=5.0,
+                                                               jitter=random.Random().random))
 
     def start(self) -> None:
         log.info("node %s with %d worker(s) connecting to %s:%d", self.name,

@@ -34,6 +34,7 @@ _controllers_lock = threading.Lock()
 
 
 def _controller(settings: Any) -> Controller:
+    """The connection to this cluster, shared by the pools that use it (counted)."""
     key = (settings.host, settings.port, settings.username, settings.secret_key,
            settings.tls_ca)
     with _controllers_lock:
@@ -42,11 +43,17 @@ def _controller(settings: Any) -> Controller:
             reactor = _reactor.ensure_started()
             ctl = _reactor.call_blocking(Controller, settings, reactor)
             _controllers[key] = ctl
+        ctl.users += 1
         return ctl
 
 
-def _forget_controller(ctl: Controller) -> None:
+def _release_controller(ctl: Controller) -> None:
+    """A pool is done with the connection; the last one closes it (no reconnecting to a
+    cluster nobody uses any more)."""
     with _controllers_lock:
+        ctl.users -= 1
+        if ctl.users > 0:
+            return
         for key, value in list(_controllers.items()):
             if value is ctl:
                 del _controllers[key]
@@ -301,12 +308,12 @@ class Pool:
         self._timeout = float(task_timeout or 0.0)
         self._jobs: set[JobHandle] = set()
         self._jobs_lock = threading.Lock()
+        self._ctl_held: Controller | None = None
         try:
-            self._ctl = _controller(settings)
+            self._ctl = self._ctl_held = _controller(settings)
             _reactor.call_blocking(self._ctl.when_ready, timeout=settings.reconnect_timeout)
         except BaseException:
-            if self._local is not None:
-                self._local.stop()
+            self._shutdown()
             raise
         self._state = RUN
 
@@ -553,7 +560,7 @@ class Pool:
 
     def terminate(self) -> None:
         """Stop now: cancel every job (their results raise), stop an embedded cluster."""
-        if self._state == TERMINATE and not self._jobs and self._local is None:
+        if self._state == TERMINATE and not self._jobs and self._ctl_held is None:
             return
         self._state = TERMINATE
         with self._jobs_lock:
@@ -575,9 +582,11 @@ class Pool:
         self._shutdown()
 
     def _shutdown(self) -> None:
+        ctl, self._ctl_held = self._ctl_held, None
+        if ctl is not None:
+            _release_controller(ctl)
         if self._local is not None:
             local, self._local = self._local, None
-            _forget_controller(self._ctl)
             local.stop()
 
     def __enter__(self) -> "Pool":
@@ -588,7 +597,7 @@ class Pool:
         self.terminate()
 
     def __del__(self) -> None:
-        if getattr(self, "_local", None) is not None and sys is not None:
+        if getattr(self, "_ctl_held", None) is not None and sys is not None:
             try:
                 self.terminate()
             except Exception:
