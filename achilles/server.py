@@ -62,7 +62,13 @@ class ServerProtocol(FramedProtocol):
         log.warning("%s did not authenticate within %g s; dropped", self.peer_desc,
                     self.factory.settings.handshake_timeout)
         self.fail("handshake-timeout", "authentication not completed in time")
-        self.transport.abortConnection()
+        # fail() flushes the error frame, then closes; a peer that will not read it
+        # (a full socket buffer) is cut off a moment later
+        self.factory.clock.callLater(1.0, self._abort_if_open)
+
+    def _abort_if_open(self) -> None:
+        if self.transport is not None and self.connected:
+            self.transport.abortConnection()
 
     def connectionLost(self, reason: Any = None) -> None:
         if self._handshake_timer.active():

@@ -8,6 +8,7 @@ caller without Twisted. Every limit is checked before memory is committed to it.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,6 +58,8 @@ def _check_fields(t: str, header: dict[str, Any]) -> dict[str, Any]:
                 value = float(value)
             except OverflowError:
                 raise ProtocolError("bad-field", f"{t!r} field {name!r} is out of range")
+        if typ is float and type(value) is float and not math.isfinite(value):
+            raise ProtocolError("bad-field", f"{t!r} field {name!r} must be finite")
         if type(value) is not typ:
             raise ProtocolError(
                 "bad-field", f"{t!r} field {name!r} must be {typ.__name__}, "

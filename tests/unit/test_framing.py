@@ -319,3 +319,13 @@ def test_arbitrary_headers_yield_typed_frames_or_protocol_error(
         assert exc.code
     else:
         assert not frames or type(frames[0].msg) is m.MESSAGES[t]
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
+def test_non_finite_float_field_is_protocol_error(literal: str) -> None:
+    """A float field holding NaN or Infinity (JSON extensions) is refused as bad-field."""
+    line = ('{"t":"result","len":0,"job":"j","seq":0,"status":"ok","elapsed":%s}'
+            % literal).encode()
+    with pytest.raises(ProtocolError) as info:
+        parse_header(line)
+    assert info.value.code == "bad-field"
