@@ -1,7 +1,8 @@
 """Settings, resolved as: explicit arguments > ``ACHILLES_*`` environment > ``.env`` > defaults.
 
-``.env`` is read from the working directory (python-dotenv's ``dotenv_values``; it never
-changes ``os.environ``). ``.env.example`` at the top of the repository lists every key.
+``.env`` is read from the working directory, or else from the user's config directory
+(``~/.config/achilles/.env``; python-dotenv's ``dotenv_values``, which never changes
+``os.environ``). ``.env.example`` at the top of the repository lists every key.
 """
 from __future__ import annotations
 
@@ -59,11 +60,22 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 CLUSTER_KEYS = ("host", "port", "secret_key")
 
 
+def user_config_dir() -> str:
+    """Where a per-user ``.env`` may live: ``$XDG_CONFIG_HOME/achilles`` (or
+    ``~/.config/achilles``)."""
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"),
+                                                             ".config")
+    return os.path.join(base, "achilles")
+
+
 def _dotenv(path: str | None) -> dict[str, str]:
-    path = path or os.path.join(os.getcwd(), ".env")
-    if not os.path.isfile(path):
-        return {}
-    return {k: v for k, v in dotenv_values(path).items() if v is not None}
+    """The ``.env`` of the working directory, else the user's (see user_config_dir)."""
+    candidates = [path] if path else [os.path.join(os.getcwd(), ".env"),
+                                      os.path.join(user_config_dir(), ".env")]
+    for candidate in candidates:
+        if os.path.isfile(candidate):
+            return {k: v for k, v in dotenv_values(candidate).items() if v is not None}
+    return {}
 
 
 def _sources(explicit: dict[str, Any], env_file: str | None) -> dict[str, tuple[Any, str]]:

@@ -103,8 +103,13 @@ def _group_alive(pgid: int) -> bool:
         return True
 
 
+NO_USER_CONFIG = os.path.join(tempfile.gettempdir(), "achilles-tests-no-user-config")
+
+
 def child_env(**extra: str) -> dict[str, str]:
+    """The environment with nothing of achilles configured (not even a user .env)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("ACHILLES_")}
+    env["XDG_CONFIG_HOME"] = NO_USER_CONFIG
     env.update(extra)
     return env
 
@@ -196,6 +201,7 @@ def no_cluster_config(monkeypatch: Any, tmp_path: Any) -> None:
     for key in list(os.environ):
         if key.startswith("ACHILLES_"):
             monkeypatch.delenv(key)
+    monkeypatch.setenv("XDG_CONFIG_HOME", NO_USER_CONFIG)
     monkeypatch.chdir(tmp_path)
 
 

@@ -202,3 +202,21 @@ def test_genconfig_validates_before_writing(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="port"):
         genConfig(port=123456)
     assert not (tmp_path / ".env").exists()
+
+
+def test_user_config_dir_env_is_read_when_cwd_has_none(monkeypatch, tmp_path) -> None:
+    """With no .env in the working directory, $XDG_CONFIG_HOME/achilles/.env is used;
+    the working directory's .env wins over it."""
+    for key in list(os.environ):
+        if key.startswith("ACHILLES_"):
+            monkeypatch.delenv(key)
+    home = tmp_path / "cfg"
+    (home / "achilles").mkdir(parents=True)
+    (home / "achilles" / ".env").write_text("ACHILLES_PORT=4321\n")
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(home))
+    monkeypatch.chdir(work)
+    assert resolve().port == 4321
+    (work / ".env").write_text("ACHILLES_PORT=1234\n")
+    assert resolve().port == 1234
