@@ -167,6 +167,8 @@ class NodeState:
     name: str
     inflight: set[tuple[str, int]] = field(default_factory=set)
     functions: set[str] = field(default_factory=set)
+    # jobs this node was told to drop: a result of theirs may still be on its way
+    dropped: deque[str] = field(default_factory=lambda: deque(maxlen=64))
     draining: bool = False
     done: int = 0
 
@@ -302,6 +304,7 @@ class Scheduler:
             if job.id in node.functions or any(j == job.id for j, _ in node.inflight):
                 node.inflight = {(j, s) for j, s in node.inflight if j != job.id}
                 node.functions.discard(job.id)
+                node.dropped.append(job.id)
                 self._out.append(CancelOnNode(node.id, job.id))
 
     # -- results ---------------------------------------------------------------------
@@ -311,6 +314,8 @@ class Scheduler:
         if node is None or job is None:
             return  # the job was cancelled or ended meanwhile: a harmless race
         if (ev.job, ev.seq) not in node.inflight or job.inflight.get(ev.seq) != ev.node:
+            if ev.job in node.dropped:
+                return  # from before the job was dropped here (and submitted again)
             # Only a misbehaving node reports a chunk it does not hold: a node that lost
             # a chunk to a requeue was disconnected first.
             self._out.append(Refuse(ev.node, f"result for chunk {ev.seq} of job "

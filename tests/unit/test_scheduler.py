@@ -437,3 +437,16 @@ def test_snapshot_shape() -> None:
                   "queued": 0, "inflight": 1, "retries": 0, "age": 2.0,
                   "chunks_per_s": 0.5, "failed": False}],
     }
+
+
+def test_stale_result_of_a_dropped_then_resubmitted_job_is_ignored() -> None:
+    """A result sent before the node dropped a job is ignored quietly, even when the
+    same job id was submitted again meanwhile (a controller that reconnected)."""
+    s = Scheduler()
+    join(s, 1)
+    submit(s)
+    add(s, "j", 0)
+    s.handle(OwnerLost(OWNER), 1.0)
+    submit(s)
+    assert report(s, 1, "j", 0) == []  # no Refuse: the node is not disconnected
+    assert add(s, "j", 0) == [send_fn(1, "j"), task(1, "j", 0)]  # and serves the new job
