@@ -28,8 +28,6 @@ STATUSES = (OK, ERROR, CRASHED, TIMEOUT, CANCELLED)
 @dataclass(frozen=True, slots=True)
 class Message:
     TYPE: ClassVar[str] = ""
-    #: who may send it after authentication ("server" for frames only the server sends)
-    SENDERS: ClassVar[tuple[str, ...]] = ()
     #: whether a payload is allowed
     PAYLOAD: ClassVar[bool] = False
 
@@ -39,7 +37,6 @@ class Message:
 class Challenge(Message):
     """Server's opening: a fresh nonce and the server's versions."""
     TYPE = "challenge"
-    SENDERS = ("server",)
     nonce: str
     version: int
     python: str
@@ -49,7 +46,6 @@ class Challenge(Message):
 class AuthReply(Message):
     """Peer's answer: who it is, its own nonce for the server, and its proof."""
     TYPE = "auth"
-    SENDERS = ("peer",)
     role: str
     username: str
     nonce: str
@@ -64,7 +60,6 @@ class AuthReply(Message):
 class Welcome(Message):
     """Server's proof that it holds the secret too, and the peer's id."""
     TYPE = "welcome"
-    SENDERS = ("server",)
     digest: str
     peer_id: int
 
@@ -73,7 +68,6 @@ class Welcome(Message):
 class ErrorFrame(Message):
     """Sent before the sender closes the connection (or to fail one request)."""
     TYPE = "error"
-    SENDERS = ("server", "node", "controller", "admin", "peer")
     code: str
     detail: str
 
@@ -81,7 +75,6 @@ class ErrorFrame(Message):
 @dataclass(frozen=True, slots=True)
 class Heartbeat(Message):
     TYPE = "hb"
-    SENDERS = ("server", "node", "controller", "admin")
 
 
 # --- controller -> server ---------------------------------------------------------------
@@ -89,7 +82,6 @@ class Heartbeat(Message):
 class Submit(Message):
     """A new job; the payload is the serialised function bundle."""
     TYPE = "submit"
-    SENDERS = ("controller",)
     PAYLOAD = True
     job: str
     max_attempts: int
@@ -102,7 +94,6 @@ class Submit(Message):
 class Chunk(Message):
     """One chunk of a job's arguments (opaque payload)."""
     TYPE = "chunk"
-    SENDERS = ("controller",)
     PAYLOAD = True
     job: str
     seq: int
@@ -112,7 +103,6 @@ class Chunk(Message):
 class Cancel(Message):
     """Stop a job: the controller gave up on it, or (server->node) drop its work."""
     TYPE = "cancel"
-    SENDERS = ("controller", "server")
     job: str
 
 
@@ -120,7 +110,6 @@ class Cancel(Message):
 class End(Message):
     """The controller has every result of the job; the server may forget it."""
     TYPE = "end"
-    SENDERS = ("controller",)
     job: str
 
 
@@ -128,13 +117,11 @@ class End(Message):
 class Kill(Message):
     """Stop every node (killCluster)."""
     TYPE = "kill"
-    SENDERS = ("controller", "admin", "server")
 
 
 @dataclass(frozen=True, slots=True)
 class StatusRequest(Message):
     TYPE = "status?"
-    SENDERS = ("controller", "admin")
 
 
 # --- server -> node ---------------------------------------------------------------------
@@ -142,7 +129,6 @@ class StatusRequest(Message):
 class Function(Message):
     """A job's function bundle, sent once per node before its first task."""
     TYPE = "function"
-    SENDERS = ("server",)
     PAYLOAD = True
     job: str
 
@@ -151,7 +137,6 @@ class Function(Message):
 class Task(Message):
     """Run chunk ``seq`` of ``job``."""
     TYPE = "task"
-    SENDERS = ("server",)
     PAYLOAD = True
     job: str
     seq: int
@@ -163,7 +148,6 @@ class Task(Message):
 class Result(Message):
     """The outcome of one chunk; ``status`` is one of STATUSES."""
     TYPE = "result"
-    SENDERS = ("node", "server")
     PAYLOAD = True
     job: str
     seq: int
@@ -175,7 +159,6 @@ class Result(Message):
 class Drain(Message):
     """A node is leaving: send it no more work."""
     TYPE = "drain"
-    SENDERS = ("node",)
 
 
 # --- server -> controller ----------------------------------------------------------------
@@ -183,7 +166,6 @@ class Drain(Message):
 class JobFailed(Message):
     """The job cannot finish (a chunk failed max_attempts times)."""
     TYPE = "jobfailed"
-    SENDERS = ("server",)
     PAYLOAD = True  # utf-8 text of the last failure
     job: str
     seq: int
@@ -194,7 +176,6 @@ class JobFailed(Message):
 class Cluster(Message):
     """The cluster's size, pushed to controllers whenever it changes."""
     TYPE = "cluster"
-    SENDERS = ("server",)
     nodes: int
     slots: int
 
@@ -203,7 +184,6 @@ class Cluster(Message):
 class Status(Message):
     """Reply to StatusRequest; the payload is a JSON document."""
     TYPE = "status"
-    SENDERS = ("server",)
     PAYLOAD = True
 
 
@@ -211,7 +191,6 @@ class Status(Message):
 class Killed(Message):
     """Reply to Kill: how many nodes were told to stop."""
     TYPE = "killed"
-    SENDERS = ("server",)
     nodes: int
 
 

@@ -11,6 +11,10 @@ from achilles.config import (DEFAULT_HOST, DEFAULT_PORT, Settings, cluster_confi
                              genConfig, require_secret, resolve)
 from achilles.errors import ConfigError
 
+# Port *values* for configuration parsing: nothing listens on them in these tests.
+DOTENV_PORT, ARG_PORT, HIGHEST_PORT, SOME_PORT, GEN_PORT, OTHER_PORT = (
+    1111, 3333, 65535, 1234, 5555, 6000)
+
 
 @pytest.fixture(autouse=True)
 def clean(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
@@ -36,15 +40,15 @@ def test_defaults_when_nothing_is_set() -> None:
 
 def test_dotenv_overrides_defaults(tmp_path: Path) -> None:
     """A .env in the working directory overrides the defaults, converting types."""
-    write_env(tmp_path, port=1111, host="10.0.0.1", heartbeat_timeout="2.5")
+    write_env(tmp_path, port=DOTENV_PORT, host="10.0.0.1", heartbeat_timeout="2.5")
     settings = resolve()
-    assert (settings.port, settings.host, settings.heartbeat_timeout) == (1111, "10.0.0.1", 2.5)
+    assert (settings.port, settings.host, settings.heartbeat_timeout) == (DOTENV_PORT, "10.0.0.1", 2.5)
     assert settings.username == "achilles"
 
 
 def test_environment_overrides_dotenv(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """An ACHILLES_* variable overrides the same key in .env, key by key."""
-    write_env(tmp_path, port=1111, host="10.0.0.1")
+    write_env(tmp_path, port=DOTENV_PORT, host="10.0.0.1")
     monkeypatch.setenv("ACHILLES_PORT", "2222")
     assert (resolve().port, resolve().host) == (2222, "10.0.0.1")
 
@@ -52,16 +56,16 @@ def test_environment_overrides_dotenv(monkeypatch: pytest.MonkeyPatch, tmp_path:
 def test_argument_overrides_environment(monkeypatch: pytest.MonkeyPatch,
                                         tmp_path: Path) -> None:
     """An explicit argument overrides the environment and .env; None means not given."""
-    write_env(tmp_path, port=1111)
+    write_env(tmp_path, port=DOTENV_PORT)
     monkeypatch.setenv("ACHILLES_PORT", "2222")
-    assert resolve(port=3333).port == 3333
+    assert resolve(port=ARG_PORT).port == ARG_PORT
     assert resolve(port=None).port == 2222
 
 
 def test_each_source_supplies_its_own_keys(monkeypatch: pytest.MonkeyPatch,
                                            tmp_path: Path) -> None:
     """Keys come from the highest source that sets them, mixing all four sources."""
-    write_env(tmp_path, host="dotenv-host", port=1111, username="dotenv-user")
+    write_env(tmp_path, host="dotenv-host", port=DOTENV_PORT, username="dotenv-user")
     monkeypatch.setenv("ACHILLES_PORT", "2222")
     monkeypatch.setenv("ACHILLES_USERNAME", "env-user")
     settings = resolve(username="arg-user")
@@ -72,16 +76,16 @@ def test_each_source_supplies_its_own_keys(monkeypatch: pytest.MonkeyPatch,
 def test_empty_environment_variable_falls_through(monkeypatch: pytest.MonkeyPatch,
                                                   tmp_path: Path) -> None:
     """An empty ACHILLES_* variable counts as unset."""
-    write_env(tmp_path, port=1111)
+    write_env(tmp_path, port=DOTENV_PORT)
     monkeypatch.setenv("ACHILLES_PORT", "")
-    assert resolve().port == 1111
+    assert resolve().port == DOTENV_PORT
 
 
 def test_explicit_env_file(tmp_path: Path) -> None:
     """env_file= reads that file instead of ./.env."""
     other = tmp_path / "cluster.env"
     other.write_text("ACHILLES_PORT=4444\n", encoding="utf-8")
-    write_env(tmp_path, port=1111)
+    write_env(tmp_path, port=DOTENV_PORT)
     assert resolve(env_file=str(other)).port == 4444
 
 
@@ -126,7 +130,7 @@ def test_port_out_of_range_in_environment(monkeypatch: pytest.MonkeyPatch) -> No
 def test_port_bounds_are_accepted() -> None:
     """Ports 0 and 65535 are valid."""
     assert resolve(port=0).port == 0
-    assert resolve(port=65535).port == 65535
+    assert resolve(port=HIGHEST_PORT).port == HIGHEST_PORT
 
 
 def test_processes_below_one_refused() -> None:
@@ -151,7 +155,7 @@ def test_cluster_not_configured_by_default() -> None:
 def test_cluster_configured_from_each_source(monkeypatch: pytest.MonkeyPatch,
                                              tmp_path: Path) -> None:
     """Host, port or secret from any source means a cluster is configured."""
-    assert cluster_configured(port=1234) is True
+    assert cluster_configured(port=SOME_PORT) is True
     monkeypatch.setenv("ACHILLES_HOST", "10.1.1.1")
     assert cluster_configured() is True
     monkeypatch.delenv("ACHILLES_HOST")
@@ -173,11 +177,11 @@ def test_require_secret_returns_it_or_explains() -> None:
 # --- genConfig ----------------------------------------------------------------------------
 def test_genconfig_writes_file_that_resolve_reads(tmp_path: Path) -> None:
     """genConfig writes .env in the working directory and resolve() then reads it back."""
-    path = genConfig(host="10.2.3.4", port=5555, username="ann", secret_key="s3cr3t")
+    path = genConfig(host="10.2.3.4", port=GEN_PORT, username="ann", secret_key="s3cr3t")
     assert path == str(tmp_path / ".env")
     settings = resolve()
     assert (settings.host, settings.port, settings.username, settings.secret_key) == (
-        "10.2.3.4", 5555, "ann", "s3cr3t")
+        "10.2.3.4", GEN_PORT, "ann", "s3cr3t")
 
 
 def test_genconfig_creates_file_private() -> None:
@@ -190,11 +194,11 @@ def test_genconfig_keeps_unrelated_lines_and_updates_keys(tmp_path: Path) -> Non
     """genConfig updates its keys in an existing .env and keeps every other line."""
     (tmp_path / ".env").write_text("# my settings\nOTHER_TOOL=1\nACHILLES_PORT=1\n",
                                    encoding="utf-8")
-    genConfig(port=6000, secret_key="k")
+    genConfig(port=OTHER_PORT, secret_key="k")
     text = (tmp_path / ".env").read_text(encoding="utf-8")
     assert "# my settings\n" in text and "OTHER_TOOL=1\n" in text
     assert text.count("ACHILLES_PORT=") == 1
-    assert resolve().port == 6000 and resolve().secret_key == "k"
+    assert resolve().port == OTHER_PORT and resolve().secret_key == "k"
 
 
 def test_genconfig_validates_before_writing(tmp_path: Path) -> None:
@@ -219,4 +223,4 @@ def test_user_config_dir_env_is_read_when_cwd_has_none(monkeypatch, tmp_path) ->
     monkeypatch.chdir(work)
     assert resolve().port == 4321
     (work / ".env").write_text("ACHILLES_PORT=1234\n")
-    assert resolve().port == 1234
+    assert resolve().port == SOME_PORT
