@@ -1,7 +1,7 @@
 """The Twisted half of the wire protocol, shared by server, node and controller.
 
 :class:`FramedProtocol` is a ``LineReceiver`` whose header lines and raw payloads go
-through the sans-IO :class:`~achilles.protocol.framing.HeaderParser`; a protocol error
+through the sans-IO :class:`~achilles.protocol.framing.FrameReader`; a protocol error
 from a peer becomes an error frame and a close, never an exception in the reactor.
 :class:`ClientProtocol` adds the peer side of the handshake (nodes, controllers, admin).
 """
@@ -19,7 +19,7 @@ from twisted.protocols.basic import LineReceiver
 from achilles.errors import AuthenticationError, ProtocolError
 from achilles.protocol import auth
 from achilles.protocol.framing import (MAX_HEADER_LENGTH, PREAUTH_MAX_HEADER_LENGTH, Frame,
-                                       HeaderParser, Need, encode)
+                                       FrameReader, encode)
 from achilles.protocol.messages import (PROTOCOL_VERSION, AuthReply, Challenge, ErrorFrame,
                                         Heartbeat, Message, Welcome)
 
@@ -32,6 +32,13 @@ PYTHON = "%s.%s" % platform.python_version_tuple()[:2]
 
 
 class FramedProtocol(LineReceiver):
+    """Header lines and raw payloads, read by the sans-IO FrameReader.
+
+    Still a ``LineReceiver`` on the wire (a header line, then raw bytes), but the
+    reading is the FrameReader's: ``LineReceiver`` re-splits everything left in its
+    buffer each time it switches between line and raw mode, which is quadratic in the
+    number of frames that arrive in one read (a node's burst of small results).
+    """
     delimiter = b"\n"
     MAX_LENGTH = PREAUTH_MAX_HEADER_LENGTH  # raised by authenticated_ok()
     max_payload = 512 * 1024 * 1024
@@ -39,7 +46,7 @@ class FramedProtocol(LineReceiver):
     clock: Any = None  # an IReactorTime, set by whoever builds the protocol
 
     def connectionMade(self) -> None:
-        self.parser = HeaderParser(self.max_payload)
+        self.reader = FrameReader(self.max_payload)
         self.authenticated = False
         self.last_heard = self.clock.seconds()
         # Small frames (a result, a heartbeat) must leave at once: with Nagle's algorithm
@@ -52,7 +59,17 @@ class FramedProtocol(LineReceiver):
         # Any bytes count as a sign of life: a large payload may take longer to arrive
         # than the heartbeat timeout, and it is not silence.
         self.last_heard = self.clock.seconds()
-        super().dataReceived(data)
+        reader = self.reader
+        reader.feed(data)
+        transport = self.transport
+        while not transport.disconnecting:
+            try:
+                frame = reader.next()
+            except ProtocolError as exc:
+                return self._protocol_error(exc)
+            if frame is None:
+                return
+            self._dispatch(frame)
 
     def send(self, msg: Message, payload: bytes = b"") -> None:
         if self.transport is not None:
@@ -66,29 +83,8 @@ class FramedProtocol(LineReceiver):
     def authenticated_ok(self) -> None:
         """The peer proved itself: payloads and full-size headers are accepted now."""
         self.authenticated = True
-        self.parser.allow_payload = True
-        self.parser.max_header = self.MAX_LENGTH = MAX_HEADER_LENGTH
-
-    def lineLengthExceeded(self, line: bytes) -> None:
-        self._protocol_error(ProtocolError(
-            "header-too-long", f"header line over {self.MAX_LENGTH} bytes"))
-
-    def lineReceived(self, line: bytes) -> None:
-        try:
-            got = self.parser.header(line)
-        except ProtocolError as exc:
-            return self._protocol_error(exc)
-        if isinstance(got, Need):
-            self.setRawMode()
-        else:
-            self._dispatch(got)
-
-    def rawDataReceived(self, data: bytes) -> None:
-        frame, rest = self.parser.payload(data)
-        if frame is not None:
-            self._dispatch(frame)
-            if not self.transport.disconnecting:
-                self.setLineMode(rest)
+        self.reader.authenticated()
+        self.MAX_LENGTH = MAX_HEADER_LENGTH
 
     def _dispatch(self, frame: Frame) -> None:
         try:

@@ -42,7 +42,7 @@ class ServerProtocol(FramedProtocol):
 
     def connectionMade(self) -> None:
         super().connectionMade()
-        self.parser.max_payload = self.factory.settings.max_payload
+        self.reader.max_payload = self.factory.settings.max_payload
         peer = self.transport.getPeer()
         self.peer_desc = f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"
         self.peer_id = next(self.factory.ids)

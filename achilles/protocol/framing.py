@@ -1,9 +1,9 @@
 """Sans-IO framing: a JSON header line, then ``len`` raw payload bytes.
 
-The Twisted shells use :class:`HeaderParser` from ``LineReceiver`` (``lineReceived`` ->
-:meth:`HeaderParser.header`, ``rawDataReceived`` -> :meth:`HeaderParser.payload`).
-:class:`Decoder` does the same over a plain byte stream, for tests, the fuzzer and any
-caller without Twisted. Every limit is checked before memory is committed to it.
+The Twisted shells feed what they receive to a :class:`FrameReader` and take frames
+from it one at a time; :class:`Decoder` returns every frame of a feed at once, for
+tests, the fuzzer and any caller without Twisted. Every limit is checked before memory
+is committed to it.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from achilles.errors import ProtocolError
-from achilles.protocol.messages import FIELD_TYPES, MESSAGES, Message
+from achilles.protocol.messages import FIELD_NAMES, FIELD_SPECS, MESSAGES, Message
 
 DELIMITER = b"\n"
 MAX_HEADER_LENGTH = 8 * 1024
@@ -27,18 +27,34 @@ class Frame:
     payload: bytes = b""
 
 
-@dataclass(frozen=True, slots=True)
-class Need:
-    """The header was read; ``n`` payload bytes must follow."""
-    n: int
+_PREFIX = {t: '{"t":%s,"len":' % json.dumps(t) for t in MESSAGES}
+_quote = json.encoder.encode_basestring_ascii  # type: ignore[attr-defined]
+
+
+def _json_value(value: Any) -> str:
+    """One field value as JSON text (fields are str, int or finite float)."""
+    t = type(value)
+    if t is str:
+        return _quote(value)  # type: ignore[no-any-return]
+    if t is int:
+        return int.__repr__(value)
+    if t is float and math.isfinite(value):
+        return float.__repr__(value)  # repr of a finite float is valid JSON
+    return json.dumps(value)  # anything else: let json decide (or refuse)
 
 
 def encode(msg: Message, payload: bytes = b"") -> list[bytes]:
-    """Return the pieces of one frame (header line, payload) for ``writeSequence``."""
-    header: dict[str, Any] = {"t": msg.TYPE, "len": len(payload)}
-    for name in FIELD_TYPES[msg.TYPE]:
-        header[name] = getattr(msg, name)
-    line = json.dumps(header, separators=(",", ":")).encode("ascii") + DELIMITER
+    """Return the pieces of one frame (header line, payload) for ``writeSequence``.
+
+    The header is built by hand (about 4x faster than ``json.dumps`` of a dict: this runs
+    for every frame); its text is exactly what ``json.dumps`` with compact separators
+    would give for the same fields."""
+    parts = [_PREFIX[msg.TYPE], str(len(payload))]
+    for name in FIELD_NAMES[msg.TYPE]:
+        parts.append(',"%s":' % name)
+        parts.append(_json_value(getattr(msg, name)))
+    parts.append("}\n")
+    line = "".join(parts).encode("ascii")
     return [line, payload] if payload else [line]
 
 
@@ -47,29 +63,40 @@ def encode_bytes(msg: Message, payload: bytes = b"") -> bytes:
     return b"".join(encode(msg, payload))
 
 
-def _check_fields(t: str, header: dict[str, Any]) -> dict[str, Any]:
-    values: dict[str, Any] = {}
-    for name, typ in FIELD_TYPES[t].items():
-        if name not in header:
-            raise ProtocolError("bad-field", f"{t!r} frame lacks field {name!r}")
-        value = header[name]
-        if typ is float and type(value) is int:
-            try:
-                value = float(value)
-            except OverflowError:
-                raise ProtocolError("bad-field", f"{t!r} field {name!r} is out of range")
-        if typ is float and type(value) is float and not math.isfinite(value):
+def _bad_value(t: str, name: str, typ: type, value: Any) -> Any:
+    """The slow path of :func:`_check_fields`: convert an int for a float field, or
+    explain what is wrong with the value."""
+    if typ is float and type(value) is int:
+        try:
+            value = float(value)
+        except OverflowError:
+            raise ProtocolError("bad-field", f"{t!r} field {name!r} is out of range")
+    if typ is float and type(value) is float:
+        if not math.isfinite(value):
             raise ProtocolError("bad-field", f"{t!r} field {name!r} must be finite")
-        if type(value) is not typ:
-            raise ProtocolError(
-                "bad-field", f"{t!r} field {name!r} must be {typ.__name__}, "
-                f"not {type(value).__name__}")
-        if isinstance(value, str):
-            try:  # JSON escapes can smuggle in lone surrogates, which no codec accepts
-                value.encode("utf-8")
-            except UnicodeEncodeError:
-                raise ProtocolError("bad-field", f"{t!r} field {name!r} is not valid text")
-        values[name] = value
+        return value
+    if typ is str and type(value) is str:  # JSON escapes can smuggle in lone surrogates
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ProtocolError("bad-field", f"{t!r} field {name!r} is not valid text")
+        return value
+    raise ProtocolError("bad-field", f"{t!r} field {name!r} must be {typ.__name__}, "
+                                     f"not {type(value).__name__}")
+
+
+def _check_fields(t: str, header: dict[str, Any]) -> list[Any]:
+    values: list[Any] = []
+    for name, typ in FIELD_SPECS[t]:
+        try:
+            value = header[name]
+        except KeyError:
+            raise ProtocolError("bad-field", f"{t!r} frame lacks field {name!r}") from None
+        # the common case costs two type checks: ints, ASCII text, finite floats
+        if type(value) is not typ or (typ is str and not value.isascii()) or (
+                typ is float and not math.isfinite(value)):
+            value = _bad_value(t, name, typ, value)
+        values.append(value)
     return values
 
 
@@ -86,7 +113,7 @@ def parse_header(line: bytes, max_payload: int = MAX_PAYLOAD_LENGTH,
         raise ProtocolError("header-too-long",
                             f"header of {len(line)} bytes, limit {max_header}")
     try:
-        header = json.loads(line)
+        header = _loads(line.decode("utf-8"))
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise ProtocolError("bad-json", f"header is not JSON ({exc.__class__.__name__})")
     if type(header) is not dict:
@@ -109,78 +136,109 @@ def parse_header(line: bytes, max_payload: int = MAX_PAYLOAD_LENGTH,
         if n > max_payload:
             raise ProtocolError("payload-too-large",
                                 f"payload of {n} bytes, limit {max_payload}")
-    return cls(**_check_fields(t, header)), n
+    return cls(*_check_fields(t, header)), n
 
 
-class HeaderParser:
-    """Turns a header line, then raw data, into frames; used by the Twisted shells."""
+_loads = json.JSONDecoder().decode  # json.loads minus its per-call type sniffing
 
-    def __init__(self, max_payload: int = MAX_PAYLOAD_LENGTH) -> None:
+
+class FrameReader:
+    """Bytes in (:meth:`feed`), frames out (:meth:`next`), one at a time.
+
+    One at a time, so that a frame can change the limits for the frames after it (the
+    handshake raises them) and a protocol error stops reading at the bad frame, after
+    the good frames before it were handled. Linear in the bytes fed, however they are
+    split: the read position moves through the buffer (no re-splitting of what is left,
+    as ``LineReceiver`` does on every switch between line and raw mode); what stays
+    between feeds is at most a partial header line; a payload that spans feeds is kept
+    as a list of the pieces received and joined once, when complete.
+    """
+
+    def __init__(self, max_payload: int = MAX_PAYLOAD_LENGTH,
+                 allow_payload: bool = False) -> None:
         self.max_payload = max_payload
-        self.allow_payload = False  # set once the peer has authenticated
-        self.max_header = PREAUTH_MAX_HEADER_LENGTH  # raised with allow_payload
-        self._msg: Message | None = None
-        self._need = 0
-        self._parts: list[bytes] = []
-        self._have = 0
+        self.allow_payload = allow_payload
+        self.max_header = MAX_HEADER_LENGTH if allow_payload else PREAUTH_MAX_HEADER_LENGTH
+        self._buf = b""
+        self._pos = 0
+        self._msg: Message | None = None  # a header read, its payload still owed
+        self._need = 0  # payload bytes still owed
+        self._parts: list[bytes] = []  # payload pieces received so far
 
-    def header(self, line: bytes) -> Frame | Need:
-        msg, n = parse_header(line, self.max_payload, self.allow_payload, self.max_header)
+    def authenticated(self) -> None:
+        """The peer proved itself: payloads and full-size headers are accepted now."""
+        self.allow_payload = True
+        self.max_header = MAX_HEADER_LENGTH
+
+    @property
+    def held(self) -> int:
+        """Bytes kept between feeds (a partial header and a partial payload)."""
+        return len(self._buf) - self._pos + sum(len(p) for p in self._parts)
+
+    def feed(self, data: bytes) -> None:
+        if self._pos >= len(self._buf):
+            self._buf = data
+        else:  # a partial header line (at most max_header bytes) is left
+            self._buf = self._buf[self._pos:] + data
+        self._pos = 0
+
+    def next(self) -> Frame | None:
+        """The next complete frame, or None until more bytes are fed.
+
+        Raises:
+            ProtocolError: the stream is malformed (the connection must be closed).
+        """
+        buf, pos = self._buf, self._pos
+        if self._msg is not None:
+            return self._payload(buf, pos)
+        end = buf.find(DELIMITER, pos)
+        if end < 0:
+            if len(buf) - pos > self.max_header:
+                raise ProtocolError("header-too-long",
+                                    f"no newline within {self.max_header} bytes")
+            return None
+        self._pos = end + 1
+        msg, n = parse_header(buf[pos:end], self.max_payload, self.allow_payload,
+                              self.max_header)
         if n == 0:
             return Frame(msg)
-        self._msg, self._need, self._parts, self._have = msg, n, [], 0
-        return Need(n)
+        self._msg, self._need = msg, n
+        return self._payload(buf, end + 1)
 
-    def payload(self, data: bytes) -> tuple[Frame | None, bytes]:
-        """Take raw bytes; return the frame once complete, and what is left over."""
-        missing = self._need - self._have
-        if len(data) < missing:
-            self._parts.append(data)
-            self._have += len(data)
-            return None, b""
-        self._parts.append(data[:missing] if len(data) > missing else data)
-        payload = self._parts[0] if len(self._parts) == 1 else b"".join(self._parts)
-        msg = self._msg
+    def _payload(self, buf: bytes, pos: int) -> Frame | None:
+        need = self._need
+        have = len(buf) - pos
+        if not self._parts and have >= need:  # all of it in this buffer: one slice
+            self._pos = pos + need
+            payload = buf[pos:pos + need]
+        else:
+            take = min(have, need)
+            if take:
+                self._parts.append(buf[pos:pos + take])  # the whole piece: no copy
+                self._need = need = need - take
+            self._pos = pos + take
+            if need:
+                return None
+            payload = b"".join(self._parts)
+            self._parts = []
+        msg, self._msg, self._need = self._msg, None, 0
         assert msg is not None
-        self._msg, self._parts, self._need, self._have = None, [], 0, 0
-        return Frame(msg, payload), data[missing:]
+        return Frame(msg, payload)
 
 
-class Decoder:
-    """Byte stream in, frames out: :class:`HeaderParser` plus line splitting."""
+class Decoder(FrameReader):
+    """:class:`FrameReader` for callers that want every frame of each feed at once
+    (payloads allowed unless told otherwise: it reads an authenticated stream)."""
 
     def __init__(self, max_payload: int = MAX_PAYLOAD_LENGTH,
                  allow_payload: bool = True) -> None:
-        self.parser = HeaderParser(max_payload)
-        self.parser.allow_payload = allow_payload
-        self.parser.max_header = MAX_HEADER_LENGTH if allow_payload \
-            else PREAUTH_MAX_HEADER_LENGTH
-        self._buffer = b""
-        self._in_payload = False
+        super().__init__(max_payload, allow_payload)
 
-    def feed(self, data: bytes) -> list[Frame]:
+    def feed(self, data: bytes) -> list[Frame]:  # type: ignore[override]
+        super().feed(data)
         frames: list[Frame] = []
-        while data:
-            if self._in_payload:
-                frame, data = self.parser.payload(data)
-                if frame is None:
-                    break
-                frames.append(frame)
-                self._in_payload = False
-                continue
-            self._buffer += data
-            data = b""
-            idx = self._buffer.find(DELIMITER)
-            if idx < 0:
-                if len(self._buffer) > self.parser.max_header:
-                    raise ProtocolError("header-too-long",
-                                        f"no newline within {self.parser.max_header} bytes")
-                break
-            line, data = self._buffer[:idx], self._buffer[idx + 1:]
-            self._buffer = b""
-            got = self.parser.header(line)
-            if isinstance(got, Need):
-                self._in_payload = True
-            else:
-                frames.append(got)
-        return frames
+        while True:
+            frame = self.next()
+            if frame is None:
+                return frames
+            frames.append(frame)

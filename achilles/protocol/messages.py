@@ -206,3 +206,9 @@ FIELD_TYPES: dict[str, dict[str, type]] = {
         for _t in [{"str": str, "int": int, "float": float}[str(f.type)]]}
     for t, cls in MESSAGES.items()
 }
+
+#: per type, its fields and their JSON types, in declaration (constructor) order
+FIELD_SPECS: dict[str, tuple[tuple[str, type], ...]] = {
+    t: tuple(spec.items()) for t, spec in FIELD_TYPES.items()}
+FIELD_NAMES: dict[str, tuple[str, ...]] = {
+    t: tuple(spec) for t, spec in FIELD_TYPES.items()}

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from achilles.errors import ProtocolError
 from achilles.protocol import messages as m
-from achilles.protocol.framing import (MAX_HEADER_LENGTH, Decoder, Frame, HeaderParser, Need,
+from achilles.protocol.framing import (MAX_HEADER_LENGTH, Decoder, Frame, FrameReader,
                                        encode, encode_bytes, parse_header)
 
 # One sample of every frame type; payloads contain newlines so that a decoder which
@@ -115,14 +115,59 @@ def test_split_at_newline_and_inside_payload() -> None:
         Frame(m.Chunk(job="j", seq=0), b"pay\nload"), Frame(m.Heartbeat())]
 
 
-def test_header_parser_switches_to_raw_mode_and_returns_leftover() -> None:
-    """HeaderParser asks for n payload bytes, then returns the frame and the bytes after it."""
-    parser = HeaderParser()
-    parser.allow_payload = True
-    assert parser.header(b'{"t":"hb","len":0}') == Frame(m.Heartbeat())
-    assert parser.header(b'{"t":"chunk","len":5,"job":"j","seq":2}') == Need(5)
-    assert parser.payload(b"ab") == (None, b"")
-    assert parser.payload(b"cdeNEXT") == (Frame(m.Chunk(job="j", seq=2), b"abcde"), b"NEXT")
+def test_frame_reader_gives_one_frame_at_a_time_and_keeps_only_a_partial_header() -> None:
+    """FrameReader hands out frames one by one; between feeds it holds at most a partial
+    header line, and a payload split across feeds is returned whole."""
+    reader = FrameReader(allow_payload=True)
+    reader.feed(b'{"t":"hb","len":0}\n{"t":"chunk","len":5,"job":"j","seq":2}\nab')
+    assert reader.next() == Frame(m.Heartbeat())
+    assert reader.next() is None  # header read, payload owed
+    assert reader.held == 2
+    reader.feed(b'cde{"t":"hb"')
+    assert reader.next() == Frame(m.Chunk(job="j", seq=2), b"abcde")
+    assert reader.next() is None
+    assert reader.held == len(b'{"t":"hb"')
+    reader.feed(b',"len":0}\n')
+    assert reader.next() == Frame(m.Heartbeat())
+    assert reader.next() is None and reader.held == 0
+
+
+def test_frame_reader_is_linear_in_frames_per_feed() -> None:
+    """Thousands of small frames in one feed are read without re-copying what is left
+    (LineReceiver's line/raw switching re-split the rest of the buffer every frame)."""
+    one = encode_bytes(m.Result(job="j", seq=1, status=m.OK, elapsed=0.0), b"r\n" * 8)
+    data = one * 5000
+    reader = FrameReader(allow_payload=True)
+    reader.feed(data)
+    frames = 0
+    while reader.next() is not None:
+        frames += 1
+        assert reader._buf is data  # read in place: the rest is never copied or re-split
+    assert frames == 5000 and reader.held == 0
+
+
+def test_frame_reader_limits_change_after_authentication() -> None:
+    """Before authenticated(): no payloads, short headers; after: both allowed."""
+    reader = FrameReader()
+    reader.feed(encode_bytes(m.Chunk(job="j", seq=0), b"x"))
+    with pytest.raises(ProtocolError) as info:
+        reader.next()
+    assert info.value.code == "payload-before-auth"
+    reader = FrameReader()
+    reader.authenticated()
+    reader.feed(encode_bytes(m.Chunk(job="j", seq=0), b"x"))
+    assert reader.next() == Frame(m.Chunk(job="j", seq=0), b"x")
+
+
+def test_encode_matches_json_dumps() -> None:
+    """The hand-built header is exactly json.dumps of the same fields, compact."""
+    for msg, payload in SAMPLES + [(m.ErrorFrame(code="q\"", detail="\u2603\x00\n\\"), b""),
+                                   (m.Result(job="j", seq=2**70, status="ok",
+                                             elapsed=1e-300), b"x")]:
+        header: dict[str, object] = {"t": msg.TYPE, "len": len(payload)}
+        header.update({f: getattr(msg, f) for f in m.FIELD_TYPES[msg.TYPE]})
+        expected = json.dumps(header, separators=(",", ":")).encode() + b"\n"
+        assert encode(msg, payload)[0] == expected
 
 
 # --- limits -------------------------------------------------------------------------------
@@ -226,9 +271,10 @@ def test_payload_before_auth() -> None:
     header = {"t": "chunk", "len": 3, "job": "j", "seq": 0}
     assert error_code(header, allow_payload=False) == "payload-before-auth"
     assert decode_line({"t": "hb", "len": 0}, allow_payload=False) == [Frame(m.Heartbeat())]
-    parser = HeaderParser()  # the shells' parser starts unauthenticated
+    reader = FrameReader()  # the shells' reader starts unauthenticated
+    reader.feed(json.dumps(header).encode() + b"\n")
     with pytest.raises(ProtocolError) as info:
-        parser.header(json.dumps(header).encode())
+        reader.next()
     assert info.value.code == "payload-before-auth"
 
 
