@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import random
 import os
+import pickle
 import signal
 import threading
 import time
@@ -70,7 +71,8 @@ MAX_LOCAL_RERUNS = 2
 
 
 class _Pool(mp_pool.Pool):
-    """``multiprocess.Pool`` without its worker handler's busy loop.
+    """``multiprocess.Pool`` without its worker handler's busy loop, and with C-pickled
+    pipes.
 
     The stock pool's worker-handler thread also waits on the result pipe, so while a
     result sits there unread it wakes, finds nothing to do, and waits again, holding
@@ -81,6 +83,14 @@ class _Pool(mp_pool.Pool):
 
     def _get_sentinels(self) -> list[Any]:
         return [self._change_notifier._reader]
+
+    def _setup_queues(self) -> None:
+        """Task and result pipes that pickle with the C pickler (see PickleQueue)."""
+        self._inqueue = _worker.PickleQueue(self._ctx)
+        self._outqueue = _worker.PickleQueue(self._ctx)
+        send, recv = self._inqueue._writer.send_bytes, self._outqueue._reader.recv_bytes
+        self._quick_put = lambda obj: send(_worker.dumps_message(obj))
+        self._quick_get = lambda: pickle.loads(recv())
 
 
 class Generation:
