@@ -7,13 +7,14 @@ from a peer becomes an error frame and a close, never an exception in the reacto
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import platform
 import socket
-from typing import Any
+from typing import Any, Iterator
 
-from twisted.internet import protocol, task
+from twisted.internet import protocol, task, tcp
 from twisted.protocols.basic import LineReceiver
 
 from achilles.errors import AuthenticationError, ProtocolError
@@ -29,6 +30,31 @@ log = logging.getLogger("achilles")
 TRANSIENT_REFUSALS = ("too-many-connections", "handshake-timeout")
 
 PYTHON = "%s.%s" % platform.python_version_tuple()[:2]
+
+#: frames up to this payload size may be written straight to the socket (see send)
+DIRECT_SEND_MAX = 64 * 1024
+
+
+#: while a read is being handled, the protocols holding frames to send (see corked)
+_corked: list["FramedProtocol"] | None = None
+
+
+@contextlib.contextmanager
+def corked() -> Iterator[None]:
+    """Hold every frame sent while the block runs, then write each connection's frames
+    together: one handler's read often sends several (a node's results become results
+    for controllers and tasks for nodes), and one write is cheaper than several."""
+    global _corked
+    if _corked is not None:  # nested: the outer block writes
+        yield
+        return
+    _corked = []
+    try:
+        yield
+    finally:
+        held, _corked = _corked, None
+        for proto in held:
+            proto._flush()
 
 
 class FramedProtocol(LineReceiver):
@@ -54,6 +80,11 @@ class FramedProtocol(LineReceiver):
         set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
         if set_no_delay is not None:
             set_no_delay(True)
+        # Plain TCP: small frames are sent at once (see send); TLS and test transports
+        # always go through Twisted's buffered write.
+        self._socket = self.transport.socket if isinstance(self.transport, tcp.Connection) \
+            else None
+        self._out: list[bytes] = []
 
     def dataReceived(self, data: bytes) -> None:
         # Any bytes count as a sign of life: a large payload may take longer to arrive
@@ -62,22 +93,64 @@ class FramedProtocol(LineReceiver):
         reader = self.reader
         reader.feed(data)
         transport = self.transport
-        while not transport.disconnecting:
-            try:
-                frame = reader.next()
-            except ProtocolError as exc:
-                return self._protocol_error(exc)
-            if frame is None:
-                return
-            self._dispatch(frame)
+        with corked():
+            while not transport.disconnecting:
+                try:
+                    frame = reader.next()
+                except ProtocolError as exc:
+                    return self._protocol_error(exc)
+                if frame is None:
+                    return
+                self._dispatch(frame)
 
     def send(self, msg: Message, payload: bytes = b"") -> None:
-        if self.transport is not None:
-            self.transport.writeSequence(encode(msg, payload))
+        """Send one frame.
+
+        Twisted buffers every write until the reactor's next poll says the socket is
+        writable: two ``epoll_ctl`` calls and a loop turn per frame, which on a
+        two-core machine is a large part of a small frame's cost. When nothing is
+        buffered ahead of it, a small frame is written to the socket here and now;
+        whatever the socket does not take (and every large frame) goes to Twisted.
+        """
+        t = self.transport
+        if t is None:
+            return
+        pieces = encode(msg, payload)
+        if self._socket is None:
+            t.writeSequence(pieces)
+        elif _corked is not None:  # held until the read that caused it is handled
+            if not self._out:
+                _corked.append(self)
+            self._out.extend(pieces)
+        else:
+            self._out = pieces
+            self._flush()
+
+    def _flush(self) -> None:
+        """Write the held frames: straight to the socket if they are small and nothing
+        is buffered ahead of them, else (and for what the socket does not take) through
+        Twisted."""
+        pieces, self._out = self._out, []
+        t, sock = self.transport, self._socket
+        if not pieces or t is None or sock is None:
+            return
+        size = sum(len(p) for p in pieces)
+        if size > DIRECT_SEND_MAX or t._tempDataBuffer or t.offset < len(t.dataBuffer) \
+                or not t.connected or t.disconnecting:
+            t.writeSequence(pieces)
+            return
+        data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        try:
+            sent = sock.send(data)
+        except OSError:  # EAGAIN, or a broken connection: Twisted's write path reports it
+            sent = 0
+        if sent < len(data):
+            t.write(data[sent:])
 
     def fail(self, code: str, detail: str) -> None:
         """Tell the peer what was wrong, then close."""
         self.send(ErrorFrame(code, detail[:2000]))
+        self._flush()
         self.transport.loseConnection()
 
     def authenticated_ok(self) -> None:
