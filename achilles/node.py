@@ -70,6 +70,11 @@ class Item:
 MAX_LOCAL_RERUNS = 2
 
 
+class _NoNotifier:
+    def put(self, obj: Any) -> None:
+        pass
+
+
 class _Pool(mp_pool.Pool):
     """``multiprocess.Pool`` without its worker handler's busy loop, and with C-pickled
     pipes.
@@ -80,6 +85,13 @@ class _Pool(mp_pool.Pool):
     node running one-item chunks: 9-15 ms of CPU per chunk, most of it this loop.
     Worker exits still wake it (their sentinels); results are the result handler's job.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # The task cache wakes the worker handler each time it empties (after every
+        # chunk of a node that is not kept busy): that lets a *closing* pool's handler
+        # exit; ours are only ever terminated, which wakes the handler by itself.
+        self._cache.notifier = _NoNotifier()
 
     def _get_sentinels(self) -> list[Any]:
         return [self._change_notifier._reader]

@@ -63,6 +63,21 @@ def _release_controller(ctl: Controller) -> None:
         pass
 
 
+def _item_bytes(iterable: Any, n: int) -> int:
+    """The pickled size of a sequence's first item (0 if it cannot be told cheaply)."""
+    if n == 0 or not hasattr(iterable, "__getitem__") or isinstance(iterable, dict):
+        return 0
+    try:
+        first = iterable[0]
+        if isinstance(first, (bytes, bytearray, str)):
+            return len(first)
+        if isinstance(first, (int, float, bool)) or first is None:
+            return 0  # small: no cap
+        return len(dumps_chunk([first]))
+    except Exception:  # not indexable after all, or not picklable: found out later
+        return 0
+
+
 def _exception(outcome: Outcome) -> BaseException:
     """The exception a failed outcome stands for, with the remote traceback as cause."""
     if outcome.status == ERROR:
@@ -360,7 +375,7 @@ class Pool:
             raise ValueError("Chunksize must be 1+, not {0:n}".format(chunksize))
         n = len(iterable) if hasattr(iterable, "__len__") else None  # type: ignore[arg-type]
         if chunksize is None and n is not None:
-            chunksize = default_chunksize(n, self._processes)
+            chunksize = default_chunksize(n, self._processes, _item_bytes(iterable, n))
         total = -(-n // chunksize) if n is not None and chunksize else -1
         return chunksize, total, n
 

@@ -31,12 +31,27 @@ class Outcome:
     count: int
 
 
-def default_chunksize(n_items: int, slots: int) -> int:
-    """multiprocessing's rule: about four chunks per worker slot."""
+#: an automatic chunk size keeps a chunk's pickled arguments under about this many bytes
+CHUNK_BYTES = 4 * 1024 * 1024
+
+
+def default_chunksize(n_items: int, slots: int, item_bytes: int = 0) -> int:
+    """multiprocessing's rule, about four chunks per worker slot, capped so that a chunk
+    of items of about ``item_bytes`` each (pickled) stays near CHUNK_BYTES.
+
+    The cap matters for large arguments: every hop copies a chunk into a fresh buffer,
+    and buffers of tens of MiB are fresh pages from the kernel each time (page faults
+    on every 4 KiB), where a few MiB are reused. Measured on W3 (64 arguments of
+    4 MiB, two slots): chunks of 8 arguments ran at 0.35x multiprocessing's MiB/s,
+    chunks of one at 0.75x.
+    """
     if n_items == 0:
         return 1
     chunksize, extra = divmod(n_items, max(1, slots) * 4)
-    return chunksize + 1 if extra else chunksize
+    chunksize = chunksize + 1 if extra else chunksize
+    if item_bytes > 0:
+        chunksize = min(chunksize, max(1, CHUNK_BYTES // item_bytes))
+    return chunksize
 
 
 class AdaptiveChunker:

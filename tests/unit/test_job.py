@@ -6,8 +6,8 @@ import types
 
 import pytest
 
-from achilles.core.job import (FAILED, AdaptiveChunker, Job, Outcome, default_chunksize,
-                               window_for)
+from achilles.core.job import (CHUNK_BYTES, FAILED, AdaptiveChunker, Job, Outcome,
+                               default_chunksize, window_for)
 from achilles.protocol.messages import ERROR, OK
 
 
@@ -184,6 +184,32 @@ def test_default_chunksize_edge_cases() -> None:
     """No items or no slots still give a usable chunksize of at least one."""
     assert default_chunksize(0, 4) == 1
     assert default_chunksize(10, 0) == default_chunksize(10, 1) == 3
+
+
+def test_default_chunksize_caps_the_bytes_of_a_chunk() -> None:
+    """Large items get smaller chunks (about CHUNK_BYTES of arguments each, at least one
+    item); small items keep multiprocessing's choice."""
+    MiB = 1024 * 1024
+    assert CHUNK_BYTES == 4 * MiB
+    assert default_chunksize(64, 2, item_bytes=4 * MiB) == 1  # W3: was 8, i.e. 32 MiB
+    assert default_chunksize(64, 2, item_bytes=10 * MiB) == 1
+    assert default_chunksize(64, 2, item_bytes=MiB) == 4
+    assert default_chunksize(1_000_000, 2, item_bytes=30) == 125_000  # the cap is far off
+    assert default_chunksize(64, 2, item_bytes=0) == default_chunksize(64, 2) == 8
+
+
+def test_pool_measures_the_first_item_for_automatic_chunks() -> None:
+    """Pool's estimate of an item's size: length for bytes and text, pickled size for
+    other objects, nothing for plain numbers, iterators or an empty input."""
+    from achilles.pool import _item_bytes
+    assert _item_bytes([b"x" * 1000, b""], 2) == 1000
+    assert _item_bytes(["abc"], 1) == 3
+    assert _item_bytes([1, 2, 3], 3) == 0
+    assert 1000 < _item_bytes([list(range(500))], 1) < 3000
+    assert _item_bytes(range(10), 10) == 0
+    assert _item_bytes([], 0) == 0
+    assert _item_bytes({"a": 1}, 1) == 0  # a dict is iterated over its keys, not indexed
+    assert _item_bytes([(x for x in ())], 1) == 0  # unpicklable: the real pickling says so
 
 
 def test_adaptive_chunker_grows_at_most_twice_per_step() -> None:
