@@ -64,6 +64,7 @@ class JobHandle:
                 return
             if pos is not None and status == "ok":
                 self.chunker.observe(pos[1] - pos[0], elapsed)
+                self.core.observe(elapsed)
             self.cond.notify_all()
         if self.on_outcome is not None:
             self.on_outcome(self)

@@ -77,12 +77,19 @@ class AdaptiveChunker:
         self.size = max(1, min(self.maximum, want, self.size * 2))
 
 
+#: chunks shorter than this (compute seconds) widen a job's window ...
+SHORT_CHUNK_S = 0.002
+#: ... up to this many times its base
+WINDOW_GROWTH = 8
+
+
 class Job:
     """State of one job on the controller side. Not thread-safe: callers hold a lock."""
 
     def __init__(self, ordered: bool, window: int) -> None:
         self.ordered = ordered
-        self.window = max(1, window)
+        self.window = self.base_window = max(1, window)
+        self.chunk_s = -1.0  # smoothed compute time of a chunk, -1 until one is seen
         self.pending: dict[int, ChunkInfo] = {}
         self._ready: dict[int, Outcome] = {}
         self._next = 0  # next sequence number to hand out (ordered)
@@ -106,6 +113,14 @@ class Job:
         self.added += 1
         self.items += count
         return seq
+
+    def observe(self, elapsed: float) -> None:
+        """A chunk took ``elapsed`` s to compute. While chunks are much shorter than a
+        round trip, keep more of them outstanding (up to WINDOW_GROWTH times the base
+        window), or the cluster idles between them; longer chunks keep the base."""
+        self.chunk_s = elapsed if self.chunk_s < 0 else 0.8 * self.chunk_s + 0.2 * elapsed
+        factor = min(WINDOW_GROWTH, max(1, int(SHORT_CHUNK_S / max(self.chunk_s, 1e-6))))
+        self.window = self.base_window * factor
 
     def close_input(self) -> None:
         self.input_done = True

@@ -7,7 +7,8 @@
 
 A node announces ``slots`` worker processes; it is given up to ``slots * PREFETCH``
 chunks so that the next chunk is already there when a worker frees up (round trips
-hide behind work). Whenever a slot frees, the job with the fewest chunks in flight
+hide behind work), and more (up to MAX_PREFETCH per slot) while its chunks take less
+than a round trip. Whenever a slot frees, the job with the fewest chunks in flight
 gets it, so concurrent jobs share the cluster fairly. Payloads are opaque ``bytes``:
 the scheduler keeps a chunk's payload until its result arrives, so it can resend it
 to another node, and never looks inside.
@@ -27,6 +28,11 @@ from typing import Union
 from achilles.protocol.messages import CANCELLED, CRASHED, ERROR, OK, STATUSES, TIMEOUT
 
 PREFETCH = 2
+#: most chunks per slot a node may hold, when its chunks are very short
+MAX_PREFETCH = 16
+#: how much work (seconds) a node should hold per slot beyond the running chunk, so
+#: that the round trip of the next chunk hides behind work
+QUEUED_WORK = 0.002
 
 
 # --- events --------------------------------------------------------------------------
@@ -171,10 +177,21 @@ class NodeState:
     dropped: deque[str] = field(default_factory=lambda: deque(maxlen=64))
     draining: bool = False
     done: int = 0
+    depth: int = PREFETCH  # chunks per slot (see observe)
+    chunk_s: float = -1.0  # smoothed duration of its chunks, -1 until one is seen
 
     @property
     def capacity(self) -> int:
-        return 0 if self.draining else self.slots * PREFETCH
+        return 0 if self.draining else self.slots * self.depth
+
+    def observe(self, elapsed: float) -> None:
+        """A chunk took ``elapsed`` s on this node: hold about QUEUED_WORK of work per
+        slot. Long chunks keep PREFETCH per slot (little to wait for at a job's end);
+        chunks of microseconds get up to MAX_PREFETCH, or each would wait for a whole
+        round trip through the server."""
+        self.chunk_s = elapsed if self.chunk_s < 0 else 0.8 * self.chunk_s + 0.2 * elapsed
+        want = int(QUEUED_WORK / max(self.chunk_s, 1e-6)) + 1
+        self.depth = max(PREFETCH, min(MAX_PREFETCH, want))
 
     @property
     def free(self) -> int:
@@ -330,6 +347,8 @@ class Scheduler:
         node.inflight.discard((ev.job, ev.seq))
         if ev.status in (OK, ERROR):
             node.done += 1
+            if ev.status == OK:
+                node.observe(ev.elapsed)
             job.done += 1
             del job.payloads[ev.seq]
             self._out.append(ForwardResult(job.owner, job.id, ev.seq, ev.status, ev.payload,

@@ -6,8 +6,8 @@ import types
 
 import pytest
 
-from achilles.core.job import (CHUNK_BYTES, FAILED, AdaptiveChunker, Job, Outcome,
-                               default_chunksize, window_for)
+from achilles.core.job import (CHUNK_BYTES, FAILED, SHORT_CHUNK_S, WINDOW_GROWTH,
+                               AdaptiveChunker, Job, Outcome, default_chunksize, window_for)
 from achilles.protocol.messages import ERROR, OK
 
 
@@ -184,6 +184,20 @@ def test_default_chunksize_edge_cases() -> None:
     """No items or no slots still give a usable chunksize of at least one."""
     assert default_chunksize(0, 4) == 1
     assert default_chunksize(10, 0) == default_chunksize(10, 1) == 3
+
+
+def test_window_widens_while_chunks_are_short() -> None:
+    """Chunks much shorter than SHORT_CHUNK_S widen the window, at most WINDOW_GROWTH
+    times; long chunks bring it back to the base."""
+    job = Job(ordered=True, window=4)
+    job.observe(20e-6)
+    assert job.window == 4 * WINDOW_GROWTH
+    for _ in range(30):
+        job.observe(SHORT_CHUNK_S / 2.5)
+    assert job.window == 4 * 2
+    for _ in range(30):
+        job.observe(1.0)
+    assert job.window == 4 == job.base_window
 
 
 def test_default_chunksize_caps_the_bytes_of_a_chunk() -> None:

@@ -1,7 +1,7 @@
 """The server's scheduler: events in, exact instruction lists out (no I/O, no clock)."""
 from __future__ import annotations
 
-from achilles.core.scheduler import (PREFETCH, CancelOnNode, ChunkAdded, ClusterChanged,
+from achilles.core.scheduler import (MAX_PREFETCH, PREFETCH, QUEUED_WORK, CancelOnNode, ChunkAdded, ClusterChanged,
                                      FailJob, ForwardResult, JobCancelled, JobEnded,
                                      JobSubmitted, NodeDraining, NodeJoined, NodeLost, OwnerLost,
                                      Refuse, ResultReceived, Scheduler, SendFunction, SendTask)
@@ -39,10 +39,11 @@ def add(s: Scheduler, job: str, *seqs: int, owner: int = OWNER) -> list[object]:
 
 
 def report(s: Scheduler, node: int, job: str, seq: int, status: str = OK,
-           payload: bytes | None = None, now: float = 1.0) -> list[object]:
+           payload: bytes | None = None, now: float = 1.0,
+           elapsed: float = 0.25) -> list[object]:
     if payload is None:
         payload = result(job, seq)
-    return s.handle(ResultReceived(node, job, seq, status, payload, 0.25), now)
+    return s.handle(ResultReceived(node, job, seq, status, payload, elapsed), now)
 
 
 def send_fn(node: int, job: str) -> SendFunction:
@@ -90,6 +91,30 @@ def test_capacity_is_slots_times_prefetch() -> None:
     assert len(tasks) == 3 * PREFETCH
     assert [t.seq for t in tasks] == list(range(3 * PREFETCH))
     assert list(s.jobs["j"].queue) == list(range(3 * PREFETCH, 10))
+
+
+def test_short_chunks_deepen_a_nodes_queue_and_long_ones_restore_it() -> None:
+    """A node whose chunks take microseconds is given up to MAX_PREFETCH per slot (each
+    would otherwise wait a round trip); chunks of QUEUED_WORK or more bring it back to
+    PREFETCH. A crash says nothing about duration."""
+    s = Scheduler()
+    join(s, 1, slots=2)
+    submit(s)
+    add(s, "j", *range(200))
+    assert len(s.nodes[1].inflight) == 2 * PREFETCH
+    seq = 0
+    for _ in range(20):  # fast chunks
+        report(s, 1, "j", seq, elapsed=20e-6)
+        seq += 1
+    assert s.nodes[1].depth == MAX_PREFETCH
+    assert len(s.nodes[1].inflight) == 2 * MAX_PREFETCH
+    report(s, 1, "j", seq, status=CRASHED, payload=b"died", elapsed=0.0)  # no duration
+    assert s.nodes[1].depth == MAX_PREFETCH
+    for seq in range(seq + 1, seq + 40):  # long chunks
+        report(s, 1, "j", seq, elapsed=10 * QUEUED_WORK)
+    assert s.nodes[1].depth == PREFETCH
+    # what was sent is not taken back; the excess drains as results come, unrefilled
+    assert len(s.nodes[1].inflight) == 2 * PREFETCH
 
 
 def test_ok_result_is_forwarded_and_next_task_dispatched() -> None:
