@@ -98,10 +98,15 @@ class FramedProtocol(LineReceiver):
                 try:
                     frame = reader.next()
                 except ProtocolError as exc:
-                    return self._protocol_error(exc)
+                    self._protocol_error(exc)
+                    break
                 if frame is None:
-                    return
+                    break
                 self._dispatch(frame)
+            self.read_done()
+
+    def read_done(self) -> None:
+        """Every frame of one read was handled (before the held frames are written)."""
 
     def send(self, msg: Message, payload: bytes = b"") -> None:
         """Send one frame.

@@ -28,9 +28,10 @@ from achilles._shell import (TRANSIENT_REFUSALS, ClientFactory, ClientProtocol,
 from achilles.config import Settings, require_secret
 from achilles.core.job import AdaptiveChunker, Job, Outcome
 from achilles.errors import AuthenticationError, ConnectionLostError
-from achilles.protocol.messages import (Cancel, Chunk, Cluster, End, ErrorFrame, JobFailed,
-                                        Kill, Killed, Message, Result, Status, StatusRequest,
-                                        Submit)
+from achilles.protocol.framing import runs, split
+from achilles.protocol.messages import (Cancel, Chunk, Chunks, Cluster, End, ErrorFrame,
+                                        JobFailed, Kill, Killed, Message, Result, Results,
+                                        Status, StatusRequest, Submit)
 
 log = logging.getLogger("achilles.controller")
 _JITTER = random.Random()  # our own: reconnect jitter must not disturb the global RNG
@@ -119,6 +120,7 @@ class Controller:
         self._replies: dict[type, deque[defer.Deferred[Any]]] = {
             Status: deque(), Killed: deque()}
         self._give_up: Any = None
+        self._chunks_out: list[tuple[JobHandle, int, bytes]] = []
         self.closing = False
         self.users = 0  # pools sharing this connection (see pool._controller)
         endpoint = client_endpoint(reactor, settings)
@@ -152,6 +154,7 @@ class Controller:
 
     def connected(self, proto: ControllerProtocol) -> None:
         self.proto = proto
+        self._chunks_out.clear()  # every unfinished chunk is sent again below
         if self._give_up is not None and self._give_up.active():
             self._give_up.cancel()
         for handle in list(self.jobs.values()):
@@ -210,6 +213,8 @@ class Controller:
 
     # -- jobs -------------------------------------------------------------------------
     def _send(self, msg: Message, payload: bytes = b"") -> None:
+        if self._chunks_out:  # keep the order: a job's chunks before its End or Cancel
+            self._send_chunks()
         if self.proto is not None:
             self.proto.send(msg, payload)
 
@@ -227,11 +232,30 @@ class Controller:
 
     def submit_with_chunk(self, handle: JobHandle, seq: int, payload: bytes) -> None:
         self.submit(handle)
-        self.send_chunk(handle, seq, payload)
+        if handle.id in self.jobs:  # at once: an apply waits for nothing else
+            self._send(Chunk(handle.id, seq), payload)
 
     def send_chunk(self, handle: JobHandle, seq: int, payload: bytes) -> None:
-        if handle.id in self.jobs:
-            self._send(Chunk(handle.id, seq), payload)
+        """Chunks go out at the end of this reactor turn; those of one job that the
+        feeder made meanwhile, in one frame."""
+        if handle.id not in self.jobs or self.proto is None:
+            return  # sent with the job's other unfinished chunks when it reconnects
+        if not self._chunks_out:
+            self.reactor.callLater(0, self._send_chunks)
+        self._chunks_out.append((handle, seq, payload))
+
+    def _send_chunks(self) -> None:
+        held, self._chunks_out = self._chunks_out, []
+        proto = self.proto
+        if proto is None:
+            return
+        held = [h for h in held if h[0].id in self.jobs]
+        for group in runs(held, lambda h: h[0].id):
+            if len(group) == 1:
+                proto.send(Chunk(group[0][0].id, group[0][1]), group[0][2])
+            else:
+                proto.send(Chunks(group[0][0].id, [g[1] for g in group],
+                                  [len(g[2]) for g in group]), b"".join(g[2] for g in group))
 
     def end(self, handle: JobHandle) -> None:
         if self.jobs.pop(handle.id, None) is not None:
@@ -262,6 +286,13 @@ class Controller:
             handle = self.jobs.get(msg.job)
             if handle is not None:
                 handle.deliver(msg.seq, msg.status, payload, msg.elapsed)
+        elif isinstance(msg, Results):
+            handle = self.jobs.get(msg.job)
+            for seq, piece, status, elapsed in zip(msg.seqs, split(payload, msg.sizes),
+                                                   msg.statuses, msg.elapsed):
+                if handle is None or handle.id not in self.jobs:
+                    break  # the job ended (or failed) on an earlier item
+                handle.deliver(seq, status, piece, elapsed)
         elif isinstance(msg, JobFailed):
             handle = self.jobs.get(msg.job)
             if handle is not None:

@@ -35,8 +35,10 @@ from achilles import _worker
 from achilles._shell import (TRANSIENT_REFUSALS, ClientFactory, ClientProtocol,
                              client_endpoint, node_name)
 from achilles.config import Settings, require_secret
-from achilles.protocol.messages import (CRASHED, TIMEOUT, Cancel, Drain, ErrorFrame, Function,
-                                        Kill, Message, Result, Task)
+from achilles.protocol.framing import runs, split
+from achilles.core.scheduler import Pace
+from achilles.protocol.messages import (CRASHED, OK, TIMEOUT, Cancel, Drain, ErrorFrame, Function,
+                                        Kill, Message, Result, Results, Task, Tasks)
 
 log = logging.getLogger("achilles.node")
 
@@ -168,6 +170,8 @@ class Executor:
         self.waiting: deque[Item] = deque()
         self.running: dict[tuple[str, int], Item] = {}
         self.done = 0
+        self.pace = Pace()  # how many chunks per worker to keep in the pool
+        self.depth = self.pace.depth
         self.closed = False
         self.gen = Generation(self.ctx, self.processes, self.name)
         self._watcher = task.LoopingCall(self._watch)
@@ -189,10 +193,12 @@ class Executor:
         self._fill()
 
     def _fill(self) -> None:
-        # Two chunks per worker inside the pool: a worker that finishes picks up the next
-        # at once instead of idling while its result travels through the reactor. A
-        # chunk not yet started is never blamed (its slot is not busy) when a pool dies.
-        while self.waiting and len(self.running) < 2 * self.processes:
+        # Two chunks per worker inside the pool (more while chunks are very short, as
+        # the server does): a worker that finishes picks up the next at once instead of
+        # idling while its result travels through the reactor, and results that finish
+        # together leave together. A chunk not yet started is never blamed (its slot is
+        # not busy) when a pool dies.
+        while self.waiting and len(self.running) < self.depth * self.processes:
             item = self.waiting.popleft()
             bundle = self.bundles.get(item.job)
             if bundle is None:
@@ -215,6 +221,8 @@ class Executor:
         if not item.cancelled:
             status, payload, elapsed = result
             self.done += 1
+            if status == OK:
+                self.depth = self.pace.observe(elapsed)
             self.on_result(item.job, item.seq, status, payload, elapsed)
         self._fill()
 
@@ -317,6 +325,9 @@ class NodeProtocol(ClientProtocol):
         node = self.owner
         if isinstance(msg, Task):
             node.executor.submit(msg.job, msg.seq, payload, msg.timeout)
+        elif isinstance(msg, Tasks):
+            for seq, piece in zip(msg.seqs, split(payload, msg.sizes)):
+                node.executor.submit(msg.job, seq, piece, msg.timeout)
         elif isinstance(msg, Function):
             node.executor.function(msg.job, payload)
         elif isinstance(msg, Cancel):
@@ -341,6 +352,7 @@ class Node:
         self.processes = settings.processes or os.cpu_count() or 1
         self.name = node_name()
         self.proto: NodeProtocol | None = None
+        self._outbox: list[tuple[str, int, str, bytes, float]] = []
         self.exit_code = 0
         self.on_stop = on_stop
         self.executor = Executor(self.processes, self._result, reactor, self.name)
@@ -366,6 +378,7 @@ class Node:
     def disconnected(self, proto: NodeProtocol) -> None:
         if self.proto is proto and not self.executor.closed:
             self.proto = None
+            self._outbox.clear()
             log.warning("lost the server; dropping work in hand and reconnecting")
             self.executor.cancel_all()
 
@@ -378,8 +391,27 @@ class Node:
 
     def _result(self, job: str, seq: int, status: str, payload: bytes,
                 elapsed: float) -> None:
-        if self.proto is not None:
-            self.proto.send(Result(job, seq, status, elapsed), payload)
+        """Results go out at the end of this reactor turn, those that finished together
+        in one frame (the pool's result thread often hands over several at once)."""
+        if self.proto is None:
+            return
+        if not self._outbox:
+            self.reactor.callLater(0, self._send_results)
+        self._outbox.append((job, seq, status, payload, elapsed))
+
+    def _send_results(self) -> None:
+        outbox, self._outbox = self._outbox, []
+        proto = self.proto
+        if proto is None:
+            return  # the server requeues what this connection held
+        for group in runs(outbox, lambda r: r[0]):
+            if len(group) == 1:
+                job, seq, status, payload, elapsed = group[0]
+                proto.send(Result(job, seq, status, elapsed), payload)
+            else:
+                proto.send(Results(group[0][0], [g[1] for g in group],
+                                   [len(g[3]) for g in group], [g[2] for g in group],
+                                   [g[4] for g in group]), b"".join(g[3] for g in group))
 
     def leave(self, deadline: float = 30.0) -> None:
         """Leave gracefully (SIGTERM): take no new work, finish the chunks in hand (for at
@@ -404,6 +436,7 @@ class Node:
     def stop(self, exit_code: int = 0) -> None:
         if self.executor.closed:
             return
+        self._send_results()  # a leaving node's last results must not be lost
         self.exit_code = exit_code
         self.service.stopService()
         self.executor.close()

@@ -19,11 +19,11 @@ from achilles.config import LOOPBACK, Settings, require_secret
 from achilles.core import scheduler as sch
 from achilles.errors import AuthenticationError, ConfigError, ProtocolError
 from achilles.protocol import auth
-from achilles.protocol.framing import Frame
+from achilles.protocol.framing import Frame, runs, split
 from achilles.protocol.messages import (
-    PROTOCOL_VERSION, ROLES, AuthReply, Cancel, Challenge, Chunk, Cluster, Drain, End,
-    ErrorFrame, Function, Heartbeat, JobFailed, Kill, Killed, Message, Result, Status,
-    StatusRequest, Submit, Task, Welcome)
+    PROTOCOL_VERSION, ROLES, AuthReply, Cancel, Challenge, Chunk, Chunks, Cluster, Drain, End,
+    ErrorFrame, Function, Heartbeat, JobFailed, Kill, Killed, Message, Result, Results, Status,
+    StatusRequest, Submit, Task, Tasks, Welcome)
 
 log = logging.getLogger("achilles.server")
 
@@ -31,8 +31,9 @@ TICK = 1.0
 
 # What each role may send once authenticated.
 ALLOWED: dict[str, tuple[type[Message], ...]] = {
-    "node": (Result, Heartbeat, Drain, ErrorFrame),
-    "controller": (Submit, Chunk, Cancel, End, Kill, StatusRequest, Heartbeat, ErrorFrame),
+    "node": (Result, Results, Heartbeat, Drain, ErrorFrame),
+    "controller": (Submit, Chunk, Chunks, Cancel, End, Kill, StatusRequest, Heartbeat,
+                   ErrorFrame),
     "admin": (Kill, StatusRequest, Heartbeat, ErrorFrame),
 }
 
@@ -69,6 +70,16 @@ class ServerProtocol(FramedProtocol):
     def _abort_if_open(self) -> None:
         if self.transport is not None and self.connected:
             self.transport.abortConnection()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.factory.reading += 1
+        try:
+            super().dataReceived(data)
+        finally:
+            self.factory.reading -= 1
+
+    def read_done(self) -> None:
+        self.factory.flush_batches()
 
     def connectionLost(self, reason: Any = None) -> None:
         if self._handshake_timer.active():
@@ -124,9 +135,14 @@ class ServerFactory(protocol.Factory):
         self.cluster = Cluster(0, 0)
         self._ticker = task.LoopingCall(self._tick)
         self._ticker.clock = clock
+        # Tasks for a node and results for a controller made while handling one read are
+        # held here and sent as one batch frame per peer and job (see flush_batches).
+        self.reading = 0
+        self._batches: dict[int, list[Any]] = {}
         self._handlers: dict[type, Callable[[ServerProtocol, Any, bytes], None]] = {
-            Submit: self._on_submit, Chunk: self._on_chunk, Cancel: self._on_cancel,
-            End: self._on_end, Result: self._on_result, Kill: self._on_kill,
+            Submit: self._on_submit, Chunk: self._on_chunk, Chunks: self._on_chunks,
+            Cancel: self._on_cancel, End: self._on_end, Result: self._on_result,
+            Results: self._on_results, Kill: self._on_kill,
             StatusRequest: self._on_status, Drain: self._on_drain,
             Heartbeat: self._on_heartbeat, ErrorFrame: self._on_error,
         }
@@ -143,13 +159,44 @@ class ServerFactory(protocol.Factory):
     def feed(self, event: Any) -> None:
         for ins in self.scheduler.handle(event, self.clock.seconds()):
             self._execute(ins)
+        if not self.reading:  # a timer or a lost connection: nothing else will come
+            self.flush_batches()
+
+    def flush_batches(self) -> None:
+        """Send the held tasks and results: consecutive ones for the same job (and, for
+        tasks, the same timeout) go as one Tasks/Results frame, a lone one as Task or
+        Result. One frame instead of many saves a header and a dispatch per chunk on
+        both sides."""
+        batches, self._batches = self._batches, {}
+        for peer_id, items in batches.items():
+            peer = self.peers.get(peer_id)
+            if peer is None:
+                continue
+            for group in runs(items, lambda i: (i.job, getattr(i, "timeout", None))):
+                first = group[0]
+                if len(group) == 1:
+                    if isinstance(first, sch.SendTask):
+                        peer.send(Task(first.job, first.seq, first.timeout), first.payload)
+                    else:
+                        peer.send(Result(first.job, first.seq, first.status, first.elapsed),
+                                  first.payload)
+                    continue
+                payload = b"".join(i.payload for i in group)
+                seqs, sizes = [i.seq for i in group], [len(i.payload) for i in group]
+                if isinstance(first, sch.SendTask):
+                    peer.send(Tasks(first.job, seqs, sizes, first.timeout), payload)
+                else:
+                    peer.send(Results(first.job, seqs, sizes, [i.status for i in group],
+                                      [i.elapsed for i in group]), payload)
+
+    def _hold(self, peer_id: int, ins: Any) -> None:
+        self._batches.setdefault(peer_id, []).append(ins)
 
     def _execute(self, ins: Any) -> None:
         if isinstance(ins, sch.SendTask):
-            self._send(ins.node, Task(ins.job, ins.seq, ins.timeout), ins.payload)
+            self._hold(ins.node, ins)
         elif isinstance(ins, sch.ForwardResult):
-            self._send(ins.owner, Result(ins.job, ins.seq, ins.status, ins.elapsed),
-                       ins.payload)
+            self._hold(ins.owner, ins)
         elif isinstance(ins, sch.SendFunction):
             self._send(ins.node, Function(ins.job), ins.payload)
         elif isinstance(ins, sch.CancelOnNode):
@@ -160,16 +207,20 @@ class ServerFactory(protocol.Factory):
                        ins.detail.encode("utf-8"))
         elif isinstance(ins, sch.ClusterChanged):
             self.cluster = Cluster(ins.nodes, ins.slots)
-            for peer in self.peers.values():
+            for peer in list(self.peers.values()):
                 if peer.role == "controller":
-                    peer.send(self.cluster)
+                    self._send(peer.peer_id, self.cluster)
         elif isinstance(ins, sch.Refuse):
             peer = self.peers.get(ins.peer)
             log.warning("refused from %s: %s", peer.name if peer else ins.peer, ins.reason)
             if ins.close and peer is not None:
+                self._batches.pop(ins.peer, None)
                 peer.fail("refused", ins.reason)
 
     def _send(self, peer_id: int, msg: Message, payload: bytes = b"") -> None:
+        """Send one frame to a peer, after whatever is held for it (order is kept)."""
+        if peer_id in self._batches:
+            self.flush_batches()
         peer = self.peers.get(peer_id)
         if peer is not None:
             peer.send(msg, payload)
@@ -235,6 +286,10 @@ class ServerFactory(protocol.Factory):
     def _on_chunk(self, peer: ServerProtocol, msg: Chunk, payload: bytes) -> None:
         self.feed(sch.ChunkAdded(msg.job, msg.seq, payload, peer.peer_id))
 
+    def _on_chunks(self, peer: ServerProtocol, msg: Chunks, payload: bytes) -> None:
+        for seq, piece in zip(msg.seqs, split(payload, msg.sizes)):
+            self.feed(sch.ChunkAdded(msg.job, seq, piece, peer.peer_id))
+
     def _on_cancel(self, peer: ServerProtocol, msg: Cancel, payload: bytes) -> None:
         self._log_job_end(msg.job, peer.peer_id, "cancelled")
         self.feed(sch.JobCancelled(msg.job, peer.peer_id))
@@ -246,6 +301,14 @@ class ServerFactory(protocol.Factory):
     def _on_result(self, peer: ServerProtocol, msg: Result, payload: bytes) -> None:
         self.feed(sch.ResultReceived(peer.peer_id, msg.job, msg.seq, msg.status, payload,
                                      msg.elapsed))
+
+    def _on_results(self, peer: ServerProtocol, msg: Results, payload: bytes) -> None:
+        for seq, piece, status, elapsed in zip(msg.seqs, split(payload, msg.sizes),
+                                               msg.statuses, msg.elapsed):
+            if peer.transport.disconnecting:
+                return  # refused (and being dropped) for an earlier item of this batch
+            self.feed(sch.ResultReceived(peer.peer_id, msg.job, seq, status, piece,
+                                         elapsed))
 
     def _on_drain(self, peer: ServerProtocol, msg: Drain, payload: bytes) -> None:
         log.info("node %s is leaving", peer.name)

@@ -166,6 +166,27 @@ Instruction = Union[SendFunction, SendTask, CancelOnNode, ForwardResult, FailJob
                     ClusterChanged, Refuse]
 
 
+class Pace:
+    """How many chunks per worker slot to keep queued, from how long chunks take.
+
+    About QUEUED_WORK of work per slot: long chunks keep PREFETCH per slot (little to
+    wait for at a job's end); chunks of microseconds get up to MAX_PREFETCH, or each
+    would wait for a whole round trip. The server paces each node with it, and a node
+    its own pool.
+    """
+
+    def __init__(self) -> None:
+        self.depth = PREFETCH
+        self.chunk_s = -1.0  # smoothed duration of a chunk, -1 until one is seen
+
+    def observe(self, elapsed: float) -> int:
+        """A chunk took ``elapsed`` s; return the new depth."""
+        self.chunk_s = elapsed if self.chunk_s < 0 else 0.8 * self.chunk_s + 0.2 * elapsed
+        want = int(QUEUED_WORK / max(self.chunk_s, 1e-6)) + 1
+        self.depth = max(PREFETCH, min(MAX_PREFETCH, want))
+        return self.depth
+
+
 @dataclass
 class NodeState:
     id: int
@@ -177,21 +198,11 @@ class NodeState:
     dropped: deque[str] = field(default_factory=lambda: deque(maxlen=64))
     draining: bool = False
     done: int = 0
-    depth: int = PREFETCH  # chunks per slot (see observe)
-    chunk_s: float = -1.0  # smoothed duration of its chunks, -1 until one is seen
+    pace: "Pace" = field(default_factory=lambda: Pace())
 
     @property
     def capacity(self) -> int:
-        return 0 if self.draining else self.slots * self.depth
-
-    def observe(self, elapsed: float) -> None:
-        """A chunk took ``elapsed`` s on this node: hold about QUEUED_WORK of work per
-        slot. Long chunks keep PREFETCH per slot (little to wait for at a job's end);
-        chunks of microseconds get up to MAX_PREFETCH, or each would wait for a whole
-        round trip through the server."""
-        self.chunk_s = elapsed if self.chunk_s < 0 else 0.8 * self.chunk_s + 0.2 * elapsed
-        want = int(QUEUED_WORK / max(self.chunk_s, 1e-6)) + 1
-        self.depth = max(PREFETCH, min(MAX_PREFETCH, want))
+        return 0 if self.draining else self.slots * self.pace.depth
 
     @property
     def free(self) -> int:
@@ -348,7 +359,7 @@ class Scheduler:
         if ev.status in (OK, ERROR):
             node.done += 1
             if ev.status == OK:
-                node.observe(ev.elapsed)
+                node.pace.observe(ev.elapsed)
             job.done += 1
             del job.payloads[ev.seq]
             self._out.append(ForwardResult(job.owner, job.id, ev.seq, ev.status, ev.payload,

@@ -10,10 +10,12 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, Iterator, TypeVar
 
 from achilles.errors import ProtocolError
-from achilles.protocol.messages import FIELD_NAMES, FIELD_SPECS, MESSAGES, Message
+from achilles.protocol.messages import FIELD_NAMES, FIELD_SPECS, MESSAGES, ListOf, Message
+
+T = TypeVar("T")
 
 DELIMITER = b"\n"
 MAX_HEADER_LENGTH = 8 * 1024
@@ -40,7 +42,7 @@ def _json_value(value: Any) -> str:
         return int.__repr__(value)
     if t is float and math.isfinite(value):
         return float.__repr__(value)  # repr of a finite float is valid JSON
-    return json.dumps(value)  # anything else: let json decide (or refuse)
+    return json.dumps(value, separators=(",", ":"))  # lists; or let json decide (or refuse)
 
 
 def encode(msg: Message, payload: bytes = b"") -> list[bytes]:
@@ -58,14 +60,58 @@ def encode(msg: Message, payload: bytes = b"") -> list[bytes]:
     return [line, payload] if payload else [line]
 
 
+def split(payload: bytes, sizes: list[int]) -> list[bytes]:
+    """A batch frame's payload cut back into its items' payloads (``check`` made sure
+    the sizes add up)."""
+    if len(sizes) == 1:
+        return [payload]
+    out, at = [], 0
+    for size in sizes:
+        out.append(payload[at:at + size])
+        at += size
+    return out
+
+
+#: most items a sender puts in one batch frame: the header of a Results frame takes up to
+#: about 80 bytes an item, and must stay under MAX_HEADER_LENGTH
+BATCH_LIMIT = 64
+
+
+def runs(items: list[T], key: Callable[[T], Any],
+         limit: int = BATCH_LIMIT) -> Iterator[list[T]]:
+    """The items in order, cut into runs of consecutive items with the same key, at most
+    ``limit`` long: what one batch frame can carry (a run of one goes as a single
+    frame)."""
+    start = 0
+    while start < len(items):
+        k, end = key(items[start]), start + 1
+        while end < len(items) and end - start < limit and key(items[end]) == k:
+            end += 1
+        yield items[start:end]
+        start = end
+
+
 def encode_bytes(msg: Message, payload: bytes = b"") -> bytes:
     """:func:`encode` joined into one ``bytes``."""
     return b"".join(encode(msg, payload))
 
 
-def _bad_value(t: str, name: str, typ: type, value: Any) -> Any:
-    """The slow path of :func:`_check_fields`: convert an int for a float field, or
-    explain what is wrong with the value."""
+def _plain(value: Any, typ: Any) -> bool:
+    """The common case, in a few type checks: exactly the field's type, and for text
+    ASCII, for a float a finite one."""
+    return type(value) is typ and (typ is not str or value.isascii()) and (
+        typ is not float or math.isfinite(value))
+
+
+def _bad_value(t: str, name: str, typ: Any, value: Any) -> Any:
+    """The slow path of :func:`_check_fields`: check a list field item by item, convert
+    an int for a float field, or explain what is wrong with the value."""
+    if isinstance(typ, ListOf):
+        if type(value) is not list:
+            raise ProtocolError("bad-field", f"{t!r} field {name!r} must be a list, "
+                                             f"not {type(value).__name__}")
+        elem = typ.elem
+        return [v if _plain(v, elem) else _bad_value(t, name, elem, v) for v in value]
     if typ is float and type(value) is int:
         try:
             value = float(value)
@@ -92,9 +138,7 @@ def _check_fields(t: str, header: dict[str, Any]) -> list[Any]:
             value = header[name]
         except KeyError:
             raise ProtocolError("bad-field", f"{t!r} frame lacks field {name!r}") from None
-        # the common case costs two type checks: ints, ASCII text, finite floats
-        if type(value) is not typ or (typ is str and not value.isascii()) or (
-                typ is float and not math.isfinite(value)):
+        if not _plain(value, typ):
             value = _bad_value(t, name, typ, value)
         values.append(value)
     return values
@@ -136,7 +180,9 @@ def parse_header(line: bytes, max_payload: int = MAX_PAYLOAD_LENGTH,
         if n > max_payload:
             raise ProtocolError("payload-too-large",
                                 f"payload of {n} bytes, limit {max_payload}")
-    return cls(*_check_fields(t, header)), n
+    msg = cls(*_check_fields(t, header))
+    msg.check(n)
+    return msg, n
 
 
 _loads = json.JSONDecoder().decode  # json.loads minus its per-call type sniffing

@@ -12,7 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import ClassVar
 
-PROTOCOL_VERSION = 1
+from achilles.errors import ProtocolError
+
+PROTOCOL_VERSION = 2  # 2: batch frames (chunks, tasks, results)
 
 ROLES = ("node", "controller", "admin")
 
@@ -30,6 +32,42 @@ class Message:
     TYPE: ClassVar[str] = ""
     #: whether a payload is allowed
     PAYLOAD: ClassVar[bool] = False
+
+    def check(self, n: int) -> None:
+        """Checks across fields and the payload length ``n`` (fields are typed already).
+
+        Raises:
+            ProtocolError: the frame is inconsistent.
+        """
+
+
+class ListOf:
+    """The JSON type of a field holding an array of ``elem`` values."""
+
+    def __init__(self, elem: type) -> None:
+        self.elem = elem
+        self.__name__ = f"list of {elem.__name__}"
+
+
+#: most items in one batch frame (a header holds at most 8 KiB anyway)
+MAX_BATCH = 1024
+
+
+def _check_batch(msg: "Batch", n: int, lists: tuple[str, ...]) -> None:
+    """A batch frame: parallel lists of one length (1 to MAX_BATCH) whose ``sizes`` add
+    up to the payload, which is the items' payloads back to back."""
+    k = len(msg.seqs)
+    if not 0 < k <= MAX_BATCH:
+        raise ProtocolError("bad-field", f"{msg.TYPE!r} frame with {k} items "
+                                         f"(1 to {MAX_BATCH})")
+    for name in lists:
+        if len(getattr(msg, name)) != k:
+            raise ProtocolError("bad-field", f"{msg.TYPE!r} field {name!r} has "
+                                             f"{len(getattr(msg, name))} items, not {k}")
+    sizes = msg.sizes
+    if min(sizes) < 0 or sum(sizes) != n:
+        raise ProtocolError("bad-field", f"{msg.TYPE!r} sizes do not add up to the "
+                                         f"payload of {n} bytes")
 
 
 # --- handshake ------------------------------------------------------------------------
@@ -100,6 +138,27 @@ class Chunk(Message):
 
 
 @dataclass(frozen=True, slots=True)
+class Batch(Message):
+    """What every batch frame has: items ``seqs`` of one job, whose payloads of
+    ``sizes`` bytes are the frame's payload back to back; LISTS are the fields that hold
+    one value per item."""
+    PAYLOAD = True
+    LISTS: ClassVar[tuple[str, ...]] = ("sizes",)
+    job: str
+    seqs: list[int]
+    sizes: list[int]
+
+    def check(self, n: int) -> None:
+        _check_batch(self, n, self.LISTS)
+
+
+@dataclass(frozen=True, slots=True)
+class Chunks(Batch):
+    """Several chunks of one job (controller -> server)."""
+    TYPE = "chunks"
+
+
+@dataclass(frozen=True, slots=True)
 class Cancel(Message):
     """Stop a job: the controller gave up on it, or (server->node) drop its work."""
     TYPE = "cancel"
@@ -143,6 +202,13 @@ class Task(Message):
     timeout: float
 
 
+@dataclass(frozen=True, slots=True)
+class Tasks(Batch):
+    """Run several chunks of ``job`` (server -> node)."""
+    TYPE = "tasks"
+    timeout: float
+
+
 # --- node -> server -> controller -----------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class Result(Message):
@@ -153,6 +219,16 @@ class Result(Message):
     seq: int
     status: str
     elapsed: float
+
+
+@dataclass(frozen=True, slots=True)
+class Results(Batch):
+    """The outcomes of several chunks of ``job``: what ``Result`` says of one, in
+    parallel lists (node -> server -> controller)."""
+    TYPE = "results"
+    LISTS = ("sizes", "statuses", "elapsed")
+    statuses: list[str]
+    elapsed: list[float]
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,19 +272,22 @@ class Killed(Message):
 
 MESSAGES: dict[str, type[Message]] = {
     cls.TYPE: cls
-    for cls in (Challenge, AuthReply, Welcome, ErrorFrame, Heartbeat, Submit, Chunk, Cancel,
-                End, Kill, StatusRequest, Function, Task, Result, Drain, JobFailed, Cluster,
-                Status, Killed)
+    for cls in (Challenge, AuthReply, Welcome, ErrorFrame, Heartbeat, Submit, Chunk, Chunks,
+                Cancel, End, Kill, StatusRequest, Function, Task, Tasks, Result, Results,
+                Drain, JobFailed, Cluster, Status, Killed)
 }
 
-FIELD_TYPES: dict[str, dict[str, type]] = {
-    t: {f.name: _t for f in fields(cls)
-        for _t in [{"str": str, "int": int, "float": float}[str(f.type)]]}
+_JSON_TYPES: dict[str, type | ListOf] = {
+    "str": str, "int": int, "float": float,
+    "list[int]": ListOf(int), "list[str]": ListOf(str), "list[float]": ListOf(float)}
+
+FIELD_TYPES: dict[str, dict[str, type | ListOf]] = {
+    t: {f.name: _JSON_TYPES[str(f.type)] for f in fields(cls)}
     for t, cls in MESSAGES.items()
 }
 
 #: per type, its fields and their JSON types, in declaration (constructor) order
-FIELD_SPECS: dict[str, tuple[tuple[str, type], ...]] = {
+FIELD_SPECS: dict[str, tuple[tuple[str, type | ListOf], ...]] = {
     t: tuple(spec.items()) for t, spec in FIELD_TYPES.items()}
 FIELD_NAMES: dict[str, tuple[str, ...]] = {
     t: tuple(spec) for t, spec in FIELD_TYPES.items()}

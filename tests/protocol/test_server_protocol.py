@@ -542,6 +542,65 @@ def test_late_result_for_an_ended_job_is_dropped_quietly() -> None:
     assert_still_serving(net)
 
 
+# --- batch frames -----------------------------------------------------------------------------
+def test_chunks_batch_reaches_the_node_as_one_tasks_frame() -> None:
+    """Chunks sent in one Chunks frame are queued one by one and dispatched to the node in
+    one Tasks frame (after the function), each with its own payload."""
+    net = Net()
+    node = net.peer("node", slots=2)  # room for 2 * PREFETCH = 4 chunks
+    ctl = net.peer("controller")
+    ctl.send(submit("j"), b"F")
+    ctl.send(m.Chunks("j", [0, 1, 2], [2, 0, 4]), b"A0A2\nB")
+    frames = node.received()
+    assert [type(f.msg) for f in frames] == [m.Function, m.Tasks]
+    assert frames[1].msg == m.Tasks("j", [0, 1, 2], [2, 0, 4], 0.0)
+    assert frames[1].payload == b"A0A2\nB"
+
+
+def test_results_batch_is_forwarded_as_one_frame_and_frees_its_slots() -> None:
+    """A node's Results frame reaches the owner as one Results frame, and the slots it
+    frees are refilled with the queued chunks in one Tasks frame."""
+    net = Net()
+    node = net.peer("node", slots=1)
+    ctl = net.peer("controller")
+    ctl.send(submit("j"), b"F")
+    ctl.send(m.Chunks("j", list(range(5)), [1] * 5), b"abcde")
+    [fn, tasks] = node.received()
+    assert tasks.msg.seqs == [0, 1]
+    node.send(m.Results("j", [0, 1], [2, 1], [m.OK, m.OK], [0.5, 0.25]), b"RaR")
+    [results] = [f for f in ctl.received() if isinstance(f.msg, m.Results)]
+    assert results.msg == m.Results("j", [0, 1], [2, 1], [m.OK, m.OK], [0.5, 0.25])
+    assert results.payload == b"RaR"
+    [more] = node.received()
+    assert more.msg == m.Tasks("j", [2, 3], [1, 1], 0.0) and more.payload == b"cd"
+
+
+def test_results_batch_with_a_forged_item_is_refused_after_the_good_ones() -> None:
+    """Items before a bad one in a Results frame count; the bad one gets the node refused
+    and closed; the items after it are not forwarded."""
+    net = Net()
+    s = _two_jobs_on_two_nodes(net)
+    s["a"].send(m.Chunk("job-a", 1), b"A1")
+    s["node_a"].received()
+    s["node_a"].send(m.Results("job-a", [0, 5, 1], [1, 1, 1], [m.OK] * 3, [0.0] * 3),
+                     b"xyz")
+    assert s["a"].messages(m.Result) == [m.Result("job-a", 0, m.OK, 0.0)]
+    assert s["node_a"].error().code == "refused" and s["node_a"].closed
+    assert_still_serving(net)
+
+
+def test_held_tasks_go_before_a_later_frame_to_the_same_node() -> None:
+    """Chunks and a Cancel handled in one read reach the node in that order: held tasks
+    are written before any other frame to the same peer."""
+    net = Net()
+    node = net.peer("node", slots=1)
+    ctl = net.peer("controller")
+    ctl.send(submit("j"), b"F")
+    node.received()
+    ctl.feed(encode_bytes(m.Chunk("j", 0), b"a") + encode_bytes(m.Cancel("j")))
+    assert [type(f.msg) for f in node.received()] == [m.Function, m.Task, m.Cancel]
+
+
 # --- the hostile-input matrix -----------------------------------------------------------------
 def _auth_line(peer: Peer, **changes: Any) -> bytes:
     header = json.loads(encode_bytes(peer.auth_reply("node")))

@@ -9,8 +9,9 @@ from hypothesis import strategies as st
 
 from achilles.errors import ProtocolError
 from achilles.protocol import messages as m
-from achilles.protocol.framing import (MAX_HEADER_LENGTH, Decoder, Frame, FrameReader,
-                                       encode, encode_bytes, parse_header)
+from achilles.protocol.framing import (BATCH_LIMIT, MAX_HEADER_LENGTH, Decoder, Frame,
+                                       FrameReader, encode, encode_bytes, parse_header, runs,
+                                       split)
 
 # One sample of every frame type; payloads contain newlines so that a decoder which
 # looked for delimiters inside a payload would break.
@@ -24,13 +25,17 @@ SAMPLES: list[tuple[m.Message, bytes]] = [
     (m.Submit(job="j1", max_attempts=3, timeout=2.5, limit=0, total=-1), b"FUNC\nBUNDLE"),
     (m.Chunk(job="j1", seq=0), b"\n"),
     (m.Chunk(job="j1", seq=1), b"a\nb\r\n" * 5),
+    (m.Chunks(job="j1", seqs=[2, 3, 4], sizes=[2, 0, 3]), b"a\nb\nc"),
     (m.Cancel(job="j1"), b""),
     (m.End(job="j1"), b""),
     (m.Kill(), b""),
     (m.StatusRequest(), b""),
     (m.Function(job="j1"), b"\x00\xff\n{\"t\":\"hb\"}\n"),
     (m.Task(job="j1", seq=1, timeout=0.0), b"payload"),
+    (m.Tasks(job="j1", seqs=[5, 6], sizes=[1, 1], timeout=1.5), b"\n\n"),
     (m.Result(job="j1", seq=1, status=m.OK, elapsed=0.125), b"R" * 40),
+    (m.Results(job="j1", seqs=[1, 2], sizes=[3, 1], statuses=[m.OK, m.ERROR],
+               elapsed=[0.5, 1e-06]), b"R\nRE"),
     (m.Drain(), b""),
     (m.JobFailed(job="j1", seq=3, reason="crashed"), "worker died \u2620".encode()),
     (m.Cluster(nodes=2, slots=8), b""),
@@ -365,6 +370,48 @@ def test_arbitrary_headers_yield_typed_frames_or_protocol_error(
         assert exc.code
     else:
         assert not frames or type(frames[0].msg) is m.MESSAGES[t]
+
+
+@pytest.mark.parametrize("header,payload,why", [
+    ({"seqs": [1, 2], "sizes": [1, 1]}, b"abc", "sizes do not add up"),
+    ({"seqs": [1], "sizes": [1, 1]}, b"ab", "has 2 items, not 1"),
+    ({"seqs": [], "sizes": []}, b"", "with 0 items"),
+    ({"seqs": [1, "2"], "sizes": [1, 1]}, b"ab", "must be int"),
+    ({"seqs": 1, "sizes": [1]}, b"a", "must be a list"),
+    ({"seqs": [1, 2], "sizes": [3, -1]}, b"ab", "do not add up"),
+    ({"seqs": list(range(1025)), "sizes": [0] * 1025}, b"", "1 to 1024"),
+])
+def test_malformed_batch_frames_are_bad_fields(header: dict[str, object], payload: bytes,
+                                               why: str) -> None:
+    """A batch whose lists disagree in length, hold the wrong types, or whose sizes do not
+    cut its payload exactly is a bad-field error naming the problem."""
+    line = json.dumps({"t": "chunks", "len": len(payload), "job": "j", **header}).encode()
+    with pytest.raises(ProtocolError) as info:
+        decode_all(line + b"\n" + payload)
+    assert info.value.code == "bad-field" and why in info.value.detail
+
+
+def test_batch_float_list_accepts_ints_and_refuses_non_finite() -> None:
+    """elapsed lists take ints as floats, like float fields; NaN is refused."""
+    base = '{"t":"results","len":2,"job":"j","seqs":[1,2],"sizes":[1,1],' \
+           '"statuses":["ok","ok"],"elapsed":[%s]}\nab'
+    [frame] = decode_all((base % "1, 0.5").encode())
+    assert frame.msg.elapsed == [1.0, 0.5] and type(frame.msg.elapsed[0]) is float
+    with pytest.raises(ProtocolError):
+        decode_all((base % "1, NaN").encode())
+
+
+def test_split_and_runs_cut_batches() -> None:
+    """split cuts a batch payload by its sizes; runs groups consecutive items with one key
+    and never more than the limit, and the largest batch header fits the limit."""
+    assert split(b"abcdef", [1, 0, 5]) == [b"a", b"", b"bcdef"]
+    assert split(b"abc", [3]) == [b"abc"]
+    assert [len(r) for r in runs(list(range(10)) + [20] * 3 + [1], lambda x: x >= 10,
+                                 limit=4)] == [4, 4, 2, 3, 1]
+    assert list(runs([], lambda x: x)) == []
+    widest = m.Results("f" * 32, [2**63] * BATCH_LIMIT, [2**40] * BATCH_LIMIT,
+                       [m.CANCELLED] * BATCH_LIMIT, [1.2345678901234567e-05] * BATCH_LIMIT)
+    assert len(encode(widest, b"x")[0]) < MAX_HEADER_LENGTH
 
 
 @pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])

@@ -106,13 +106,13 @@ def test_short_chunks_deepen_a_nodes_queue_and_long_ones_restore_it() -> None:
     for _ in range(20):  # fast chunks
         report(s, 1, "j", seq, elapsed=20e-6)
         seq += 1
-    assert s.nodes[1].depth == MAX_PREFETCH
+    assert s.nodes[1].pace.depth == MAX_PREFETCH
     assert len(s.nodes[1].inflight) == 2 * MAX_PREFETCH
     report(s, 1, "j", seq, status=CRASHED, payload=b"died", elapsed=0.0)  # no duration
-    assert s.nodes[1].depth == MAX_PREFETCH
+    assert s.nodes[1].pace.depth == MAX_PREFETCH
     for seq in range(seq + 1, seq + 40):  # long chunks
         report(s, 1, "j", seq, elapsed=10 * QUEUED_WORK)
-    assert s.nodes[1].depth == PREFETCH
+    assert s.nodes[1].pace.depth == PREFETCH
     # what was sent is not taken back; the excess drains as results come, unrefilled
     assert len(s.nodes[1].inflight) == 2 * PREFETCH
 
