@@ -287,8 +287,7 @@ class ServerFactory(protocol.Factory):
         self.feed(sch.ChunkAdded(msg.job, msg.seq, payload, peer.peer_id))
 
     def _on_chunks(self, peer: ServerProtocol, msg: Chunks, payload: bytes) -> None:
-        for seq, piece in zip(msg.seqs, split(payload, msg.sizes)):
-            self.feed(sch.ChunkAdded(msg.job, seq, piece, peer.peer_id))
+        self.feed(sch.ChunksAdded(msg.job, msg.seqs, split(payload, msg.sizes), peer.peer_id))
 
     def _on_cancel(self, peer: ServerProtocol, msg: Cancel, payload: bytes) -> None:
         self._log_job_end(msg.job, peer.peer_id, "cancelled")
@@ -303,12 +302,8 @@ class ServerFactory(protocol.Factory):
                                      msg.elapsed))
 
     def _on_results(self, peer: ServerProtocol, msg: Results, payload: bytes) -> None:
-        for seq, piece, status, elapsed in zip(msg.seqs, split(payload, msg.sizes),
-                                               msg.statuses, msg.elapsed):
-            if peer.transport.disconnecting:
-                return  # refused (and being dropped) for an earlier item of this batch
-            self.feed(sch.ResultReceived(peer.peer_id, msg.job, seq, status, piece,
-                                         elapsed))
+        self.feed(sch.ResultsReceived(peer.peer_id, msg.job, msg.seqs, msg.statuses,
+                                      split(payload, msg.sizes), msg.elapsed))
 
     def _on_drain(self, peer: ServerProtocol, msg: Drain, payload: bytes) -> None:
         log.info("node %s is leaving", peer.name)

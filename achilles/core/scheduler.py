@@ -74,6 +74,15 @@ class ChunkAdded:
 
 
 @dataclass(frozen=True)
+class ChunksAdded:
+    """Several chunks of one job at once (a batch frame): queued, then dispatched."""
+    job: str
+    seqs: list[int]
+    payloads: list[bytes]
+    owner: int = -1
+
+
+@dataclass(frozen=True)
 class ResultReceived:
     node: int
     job: str
@@ -81,6 +90,17 @@ class ResultReceived:
     status: str
     payload: bytes
     elapsed: float = 0.0
+
+
+@dataclass(frozen=True)
+class ResultsReceived:
+    """Several results of one job from one node (a batch frame)."""
+    node: int
+    job: str
+    seqs: list[int]
+    statuses: list[str]
+    payloads: list[bytes]
+    elapsed: list[float]
 
 
 @dataclass(frozen=True)
@@ -100,8 +120,8 @@ class OwnerLost:
     owner: int
 
 
-Event = Union[NodeJoined, NodeLost, NodeDraining, JobSubmitted, ChunkAdded,
-              ResultReceived, JobCancelled, JobEnded, OwnerLost]
+Event = Union[NodeJoined, NodeLost, NodeDraining, JobSubmitted, ChunkAdded, ChunksAdded,
+              ResultReceived, ResultsReceived, JobCancelled, JobEnded, OwnerLost]
 
 
 # --- instructions --------------------------------------------------------------------
@@ -295,18 +315,29 @@ class Scheduler:
         return job
 
     def _on_ChunkAdded(self, ev: ChunkAdded) -> None:
-        job = self._owned_job(ev.job, ev.owner)
-        if job is None:
-            self._out.append(Refuse(ev.owner, f"chunk for unknown job {ev.job}"))
-            return
-        if job.cutoff is not None and ev.seq > job.cutoff:
-            return
-        if ev.seq in job.payloads:
-            return  # re-sent after a reconnect, still pending here
-        job.payloads[ev.seq] = ev.payload
-        job.queue.append(ev.seq)
-        job.added = max(job.added, ev.seq + 1)
+        self._add_chunk(ev.job, ev.seq, ev.payload, ev.owner)
         self._dispatch()
+
+    def _on_ChunksAdded(self, ev: ChunksAdded) -> None:
+        for seq, payload in zip(ev.seqs, ev.payloads):
+            if not self._add_chunk(ev.job, seq, payload, ev.owner):
+                break
+        self._dispatch()
+
+    def _add_chunk(self, job_id: str, seq: int, payload: bytes, owner: int) -> bool:
+        """Queue a chunk; False if its job is unknown (refused)."""
+        job = self._owned_job(job_id, owner)
+        if job is None:
+            self._out.append(Refuse(owner, f"chunk for unknown job {job_id}"))
+            return False
+        if job.cutoff is not None and seq > job.cutoff:
+            return True
+        if seq in job.payloads:
+            return True  # re-sent after a reconnect, still pending here
+        job.payloads[seq] = payload
+        job.queue.append(seq)
+        job.added = max(job.added, seq + 1)
+        return True
 
     def _on_JobCancelled(self, ev: JobCancelled) -> None:
         job = self._owned_job(ev.job, ev.owner)
@@ -337,40 +368,52 @@ class Scheduler:
 
     # -- results ---------------------------------------------------------------------
     def _on_ResultReceived(self, ev: ResultReceived) -> None:
-        node = self.nodes.get(ev.node)
-        job = self.jobs.get(ev.job)
+        self._take_result(ev.node, ev.job, ev.seq, ev.status, ev.payload, ev.elapsed)
+        self._dispatch()
+
+    def _on_ResultsReceived(self, ev: ResultsReceived) -> None:
+        for seq, status, payload, elapsed in zip(ev.seqs, ev.statuses, ev.payloads,
+                                                 ev.elapsed):
+            if not self._take_result(ev.node, ev.job, seq, status, payload, elapsed):
+                break
+        self._dispatch()
+
+    def _take_result(self, node_id: int, job_id: str, seq: int, status: str,
+                     payload: bytes, elapsed: float) -> bool:
+        """One chunk's outcome; False if the node was refused (read no more from it)."""
+        node = self.nodes.get(node_id)
+        job = self.jobs.get(job_id)
         if node is None or job is None:
-            return  # the job was cancelled or ended meanwhile: a harmless race
-        if (ev.job, ev.seq) not in node.inflight or job.inflight.get(ev.seq) != ev.node:
-            if ev.job in node.dropped:
-                return  # from before the job was dropped here (and submitted again)
+            return True  # the job was cancelled or ended meanwhile: a harmless race
+        if (job_id, seq) not in node.inflight or job.inflight.get(seq) != node_id:
+            if job_id in node.dropped:
+                return True  # from before the job was dropped here (and submitted again)
             # Only a misbehaving node reports a chunk it does not hold: a node that lost
             # a chunk to a requeue was disconnected first.
-            self._out.append(Refuse(ev.node, f"result for chunk {ev.seq} of job "
-                                             f"{ev.job}, which it was not given",
+            self._out.append(Refuse(node_id, f"result for chunk {seq} of job "
+                                             f"{job_id}, which it was not given",
                                     close=True))
-            return
-        if ev.status not in STATUSES:  # leave the chunk in flight: it is not lost
-            self._out.append(Refuse(ev.node, f"unknown result status {ev.status[:32]!r}",
+            return False
+        if status not in STATUSES:  # leave the chunk in flight: it is not lost
+            self._out.append(Refuse(node_id, f"unknown result status {status[:32]!r}",
                                     close=True))
-            return
-        del job.inflight[ev.seq]
-        node.inflight.discard((ev.job, ev.seq))
-        if ev.status in (OK, ERROR):
+            return False
+        del job.inflight[seq]
+        node.inflight.discard((job_id, seq))
+        if status in (OK, ERROR):
             node.done += 1
-            if ev.status == OK:
-                node.pace.observe(ev.elapsed)
+            if status == OK:
+                node.pace.observe(elapsed)
             job.done += 1
-            del job.payloads[ev.seq]
-            self._out.append(ForwardResult(job.owner, job.id, ev.seq, ev.status, ev.payload,
-                                           ev.elapsed))
-            if ev.status == ERROR:
-                self._cut(job, ev.seq)
-        elif ev.status in (CRASHED, TIMEOUT):
-            self._retry(job, ev.seq, ev.status, ev.payload.decode("utf-8", "replace"))
+            del job.payloads[seq]
+            self._out.append(ForwardResult(job.owner, job.id, seq, status, payload, elapsed))
+            if status == ERROR:
+                self._cut(job, seq)
+        elif status in (CRASHED, TIMEOUT):
+            self._retry(job, seq, status, payload.decode("utf-8", "replace"))
         else:  # CANCELLED: the node dropped it without running it
-            job.queue.appendleft(ev.seq)
-        self._dispatch()
+            job.queue.appendleft(seq)
+        return True
 
     def _retry(self, job: JobState, seq: int, status: str, detail: str) -> None:
         attempts = job.attempts.get(seq, 0) + 1
@@ -403,11 +446,15 @@ class Scheduler:
 
     def _dispatch(self) -> None:
         while True:
-            node = max(self.nodes.values(), key=lambda n: n.free / n.slots, default=None)
-            if node is None or node.free <= 0:
-                return
             job = self._pick_job()
             if job is None:
+                return
+            node, most = None, 0.0  # the node with the largest free share of its capacity
+            for n in self.nodes.values():
+                free = n.capacity - len(n.inflight)
+                if free > 0 and free / n.slots > most:
+                    node, most = n, free / n.slots
+            if node is None:
                 return
             seq = job.queue.popleft()
             self._picks += 1

@@ -1,10 +1,12 @@
 """The server's scheduler: events in, exact instruction lists out (no I/O, no clock)."""
 from __future__ import annotations
 
-from achilles.core.scheduler import (MAX_PREFETCH, PREFETCH, QUEUED_WORK, CancelOnNode, ChunkAdded, ClusterChanged,
-                                     FailJob, ForwardResult, JobCancelled, JobEnded,
-                                     JobSubmitted, NodeDraining, NodeJoined, NodeLost, OwnerLost,
-                                     Refuse, ResultReceived, Scheduler, SendFunction, SendTask)
+from achilles.core.scheduler import (MAX_PREFETCH, PREFETCH, QUEUED_WORK, CancelOnNode,
+                                     ChunkAdded, ChunksAdded, ClusterChanged, FailJob,
+                                     ForwardResult, JobCancelled, JobEnded, JobSubmitted,
+                                     NodeDraining, NodeJoined, NodeLost, OwnerLost, Refuse,
+                                     ResultReceived, ResultsReceived, Scheduler, SendFunction,
+                                     SendTask)
 from achilles.protocol.messages import CANCELLED, CRASHED, ERROR, OK, TIMEOUT
 
 OWNER = 100
@@ -115,6 +117,29 @@ def test_short_chunks_deepen_a_nodes_queue_and_long_ones_restore_it() -> None:
     assert s.nodes[1].pace.depth == PREFETCH
     # what was sent is not taken back; the excess drains as results come, unrefilled
     assert len(s.nodes[1].inflight) == 2 * PREFETCH
+
+
+def test_batch_events_equal_their_items_one_by_one() -> None:
+    """ChunksAdded and ResultsReceived give the same instructions as the single events
+    in order, dispatching once at the end; a refused item stops the rest."""
+    one, many = Scheduler(), Scheduler()
+    for s in (one, many):
+        join(s, 1, slots=2)
+        submit(s)
+    singles = [i for seq in range(6) for i in add(one, "j", seq)]
+    batch = many.handle(ChunksAdded("j", list(range(6)), [chunk("j", q) for q in range(6)],
+                                    OWNER), 0.0)
+    assert [i for i in singles if not isinstance(i, ClusterChanged)] == batch
+    singles = [i for seq in (0, 1) for i in report(one, 1, "j", seq)]
+    batch = many.handle(ResultsReceived(1, "j", [0, 1], [OK, OK],
+                                        [result("j", 0), result("j", 1)], [0.25, 0.25]), 1.0)
+    assert sorted(map(repr, singles)) == sorted(map(repr, batch))
+    out = many.handle(ResultsReceived(1, "j", [2, 99, 3], [OK, OK, OK],
+                                      [b"a", b"b", b"c"], [0.25] * 3), 1.0)
+    assert [type(i).__name__ for i in out] == ["ForwardResult", "Refuse"]
+    assert 3 in many.jobs["j"].inflight  # the item after the refused one was not taken
+    assert many.handle(ChunksAdded("nope", [0, 1], [b"x", b"y"], OWNER), 1.0) == [
+        Refuse(OWNER, "chunk for unknown job nope")]
 
 
 def test_ok_result_is_forwarded_and_next_task_dispatched() -> None:
