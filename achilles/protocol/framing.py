@@ -31,6 +31,7 @@ class Frame:
 
 _PREFIX = {t: '{"t":%s,"len":' % json.dumps(t) for t in MESSAGES}
 _quote = json.encoder.encode_basestring_ascii  # type: ignore[attr-defined]
+_compact = json.JSONEncoder(separators=(",", ":")).encode  # one encoder, not one per call
 
 
 def _json_value(value: Any) -> str:
@@ -42,7 +43,7 @@ def _json_value(value: Any) -> str:
         return int.__repr__(value)
     if t is float and math.isfinite(value):
         return float.__repr__(value)  # repr of a finite float is valid JSON
-    return json.dumps(value, separators=(",", ":"))  # lists; or let json decide (or refuse)
+    return _compact(value)  # lists; or let json decide (or refuse)
 
 
 def encode(msg: Message, payload: bytes = b"") -> list[bytes]:
