@@ -7,12 +7,11 @@ from a peer becomes an error frame and a close, never an exception in the reacto
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import platform
 import socket
-from typing import Any, Iterator
+from typing import Any
 
 from twisted.internet import protocol, task, tcp
 from twisted.protocols.basic import LineReceiver
@@ -35,26 +34,8 @@ PYTHON = "%s.%s" % platform.python_version_tuple()[:2]
 DIRECT_SEND_MAX = 64 * 1024
 
 
-#: while a read is being handled, the protocols holding frames to send (see corked)
+#: while a read is being handled, the protocols holding frames to send (see dataReceived)
 _corked: list["FramedProtocol"] | None = None
-
-
-@contextlib.contextmanager
-def corked() -> Iterator[None]:
-    """Hold every frame sent while the block runs, then write each connection's frames
-    together: one handler's read often sends several (a node's results become results
-    for controllers and tasks for nodes), and one write is cheaper than several."""
-    global _corked
-    if _corked is not None:  # nested: the outer block writes
-        yield
-        return
-    _corked = []
-    try:
-        yield
-    finally:
-        held, _corked = _corked, None
-        for proto in held:
-            proto._flush()
 
 
 class FramedProtocol(LineReceiver):
@@ -93,7 +74,14 @@ class FramedProtocol(LineReceiver):
         reader = self.reader
         reader.feed(data)
         transport = self.transport
-        with corked():
+        # Every frame sent while this read is handled is held, then each connection's
+        # frames are written together: one read often sends several (a node's results
+        # become results for controllers and tasks for nodes), and one write is cheaper.
+        global _corked
+        outer = _corked is None
+        if outer:
+            _corked = []
+        try:
             while not transport.disconnecting:
                 try:
                     frame = reader.next()
@@ -104,6 +92,11 @@ class FramedProtocol(LineReceiver):
                     break
                 self._dispatch(frame)
             self.read_done()
+        finally:
+            if outer:
+                held, _corked = _corked, None
+                for proto in held:
+                    proto._flush()
 
     def read_done(self) -> None:
         """Every frame of one read was handled (before the held frames are written)."""
