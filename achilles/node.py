@@ -35,10 +35,10 @@ from achilles import _worker
 from achilles._shell import (TRANSIENT_REFUSALS, ClientFactory, ClientProtocol,
                              client_endpoint, node_name)
 from achilles.config import Settings, require_secret
+from achilles.core.pace import Pace
 from achilles.protocol.framing import runs, split
-from achilles.core.scheduler import Pace
-from achilles.protocol.messages import (CRASHED, OK, TIMEOUT, Cancel, Drain, ErrorFrame, Function,
-                                        Kill, Message, Result, Results, Task, Tasks)
+from achilles.protocol.messages import (CRASHED, OK, TIMEOUT, Cancel, Drain, ErrorFrame,
+                                        Function, Kill, Message, Result, Results, Task, Tasks)
 
 log = logging.getLogger("achilles.node")
 
@@ -171,7 +171,6 @@ class Executor:
         self.running: dict[tuple[str, int], Item] = {}
         self.done = 0
         self.pace = Pace()  # how many chunks per worker to keep in the pool
-        self.depth = self.pace.depth
         self.closed = False
         self.gen = Generation(self.ctx, self.processes, self.name)
         self._watcher = task.LoopingCall(self._watch)
@@ -198,7 +197,7 @@ class Executor:
         # idling while its result travels through the reactor, and results that finish
         # together leave together. A chunk not yet started is never blamed (its slot is
         # not busy) when a pool dies.
-        while self.waiting and len(self.running) < self.depth * self.processes:
+        while self.waiting and len(self.running) < self.pace.depth * self.processes:
             item = self.waiting.popleft()
             bundle = self.bundles.get(item.job)
             if bundle is None:
@@ -222,7 +221,7 @@ class Executor:
             status, payload, elapsed = result
             self.done += 1
             if status == OK:
-                self.depth = self.pace.observe(elapsed)
+                self.pace.observe(elapsed)
             self.on_result(item.job, item.seq, status, payload, elapsed)
         self._fill()
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from achilles.core.pace import PREFETCH, Pace
+
 FAILED = "failed"  # a chunk the server gave up on (attempts exhausted)
 
 
@@ -77,19 +79,13 @@ class AdaptiveChunker:
         self.size = max(1, min(self.maximum, want, self.size * 2))
 
 
-#: chunks shorter than this (compute seconds) widen a job's window ...
-SHORT_CHUNK_S = 0.002
-#: ... up to this many times its base
-WINDOW_GROWTH = 8
-
-
 class Job:
     """State of one job on the controller side. Not thread-safe: callers hold a lock."""
 
     def __init__(self, ordered: bool, window: int) -> None:
         self.ordered = ordered
         self.window = self.base_window = max(1, window)
-        self.chunk_s = -1.0  # smoothed compute time of a chunk, -1 until one is seen
+        self.pace = Pace()
         self.pending: dict[int, ChunkInfo] = {}
         self._ready: dict[int, Outcome] = {}
         self._next = 0  # next sequence number to hand out (ordered)
@@ -116,11 +112,10 @@ class Job:
 
     def observe(self, elapsed: float) -> None:
         """A chunk took ``elapsed`` s to compute. While chunks are much shorter than a
-        round trip, keep more of them outstanding (up to WINDOW_GROWTH times the base
-        window), or the cluster idles between them; longer chunks keep the base."""
-        self.chunk_s = elapsed if self.chunk_s < 0 else 0.8 * self.chunk_s + 0.2 * elapsed
-        factor = min(WINDOW_GROWTH, max(1, int(SHORT_CHUNK_S / max(self.chunk_s, 1e-6))))
-        self.window = self.base_window * factor
+        round trip, keep more of them outstanding (the servers and nodes queue deeper
+        too, see Pace), up to MAX_PREFETCH / PREFETCH times the base window; longer
+        chunks keep the base."""
+        self.window = self.base_window * (self.pace.observe(elapsed) // PREFETCH)
 
     def close_input(self) -> None:
         self.input_done = True

@@ -6,7 +6,7 @@
         +------ForwardResult----------+-------------- ResultReceived <---------+
 
 A node announces ``slots`` worker processes; it is given up to ``slots * PREFETCH``
-chunks so that the next chunk is already there when a worker frees up (round trips
+(see ``core.pace``) chunks so that the next chunk is already there when a worker frees up (round trips
 hide behind work), and more (up to MAX_PREFETCH per slot) while its chunks take less
 than a round trip. Whenever a slot frees, the job with the fewest chunks in flight
 gets it, so concurrent jobs share the cluster fairly. Payloads are opaque ``bytes``:
@@ -25,14 +25,9 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Union
 
+from achilles.core.pace import Pace
 from achilles.protocol.messages import CANCELLED, CRASHED, ERROR, OK, STATUSES, TIMEOUT
 
-PREFETCH = 2
-#: most chunks per slot a node may hold, when its chunks are very short
-MAX_PREFETCH = 16
-#: how much work (seconds) a node should hold per slot beyond the running chunk, so
-#: that the round trip of the next chunk hides behind work
-QUEUED_WORK = 0.002
 
 
 # --- events --------------------------------------------------------------------------
@@ -186,27 +181,6 @@ Instruction = Union[SendFunction, SendTask, CancelOnNode, ForwardResult, FailJob
                     ClusterChanged, Refuse]
 
 
-class Pace:
-    """How many chunks per worker slot to keep queued, from how long chunks take.
-
-    About QUEUED_WORK of work per slot: long chunks keep PREFETCH per slot (little to
-    wait for at a job's end); chunks of microseconds get up to MAX_PREFETCH, or each
-    would wait for a whole round trip. The server paces each node with it, and a node
-    its own pool.
-    """
-
-    def __init__(self) -> None:
-        self.depth = PREFETCH
-        self.chunk_s = -1.0  # smoothed duration of a chunk, -1 until one is seen
-
-    def observe(self, elapsed: float) -> int:
-        """A chunk took ``elapsed`` s; return the new depth."""
-        self.chunk_s = elapsed if self.chunk_s < 0 else 0.8 * self.chunk_s + 0.2 * elapsed
-        want = int(QUEUED_WORK / max(self.chunk_s, 1e-6)) + 1
-        self.depth = max(PREFETCH, min(MAX_PREFETCH, want))
-        return self.depth
-
-
 @dataclass
 class NodeState:
     id: int
@@ -218,7 +192,7 @@ class NodeState:
     dropped: deque[str] = field(default_factory=lambda: deque(maxlen=64))
     draining: bool = False
     done: int = 0
-    pace: "Pace" = field(default_factory=lambda: Pace())
+    pace: Pace = field(default_factory=Pace)  # chunks per slot it is given
 
     @property
     def capacity(self) -> int:

@@ -6,8 +6,9 @@ import types
 
 import pytest
 
-from achilles.core.job import (CHUNK_BYTES, FAILED, SHORT_CHUNK_S, WINDOW_GROWTH,
-                               AdaptiveChunker, Job, Outcome, default_chunksize, window_for)
+from achilles.core.job import (CHUNK_BYTES, FAILED, AdaptiveChunker, Job, Outcome,
+                               default_chunksize, window_for)
+from achilles.core.pace import MAX_PREFETCH, PREFETCH, QUEUED_WORK
 from achilles.protocol.messages import ERROR, OK
 
 
@@ -187,13 +188,13 @@ def test_default_chunksize_edge_cases() -> None:
 
 
 def test_window_widens_while_chunks_are_short() -> None:
-    """Chunks much shorter than SHORT_CHUNK_S widen the window, at most WINDOW_GROWTH
-    times; long chunks bring it back to the base."""
+    """Chunks much shorter than QUEUED_WORK widen the window (by the Pace's depth over
+    PREFETCH, at most MAX_PREFETCH / PREFETCH times); long chunks bring it back."""
     job = Job(ordered=True, window=4)
     job.observe(20e-6)
-    assert job.window == 4 * WINDOW_GROWTH
+    assert job.window == 4 * MAX_PREFETCH // PREFETCH
     for _ in range(30):
-        job.observe(SHORT_CHUNK_S / 2.5)
+        job.observe(QUEUED_WORK / 3.5)  # depth 4: twice the base
     assert job.window == 4 * 2
     for _ in range(30):
         job.observe(1.0)

@@ -16,8 +16,9 @@ import pytest
 
 import achilles
 
-CORE_MODULES = ["achilles.core.scheduler", "achilles.core.job", "achilles.protocol.framing",
-                "achilles.protocol.auth", "achilles.protocol.messages"]
+CORE_MODULES = ["achilles.core.scheduler", "achilles.core.job", "achilles.core.pace",
+                "achilles.protocol.framing", "achilles.protocol.auth",
+                "achilles.protocol.messages"]
 #: never acceptable in the core's import graph
 IO_LIBRARIES = ["twisted", "dill", "multiprocess"]
 #: forbidden too, unless a bare interpreter already has them at start-up

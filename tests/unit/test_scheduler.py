@@ -1,12 +1,12 @@
 """The server's scheduler: events in, exact instruction lists out (no I/O, no clock)."""
 from __future__ import annotations
 
-from achilles.core.scheduler import (MAX_PREFETCH, PREFETCH, QUEUED_WORK, CancelOnNode,
-                                     ChunkAdded, ChunksAdded, ClusterChanged, FailJob,
-                                     ForwardResult, JobCancelled, JobEnded, JobSubmitted,
-                                     NodeDraining, NodeJoined, NodeLost, OwnerLost, Refuse,
-                                     ResultReceived, ResultsReceived, Scheduler, SendFunction,
-                                     SendTask)
+from achilles.core.pace import MAX_PREFETCH, PREFETCH, QUEUED_WORK
+from achilles.core.scheduler import (CancelOnNode, ChunkAdded, ChunksAdded, ClusterChanged,
+                                     FailJob, ForwardResult, JobCancelled, JobEnded,
+                                     JobSubmitted, NodeDraining, NodeJoined, NodeLost,
+                                     OwnerLost, Refuse, ResultReceived, ResultsReceived,
+                                     Scheduler, SendFunction, SendTask)
 from achilles.protocol.messages import CANCELLED, CRASHED, ERROR, OK, TIMEOUT
 
 OWNER = 100
