@@ -30,12 +30,14 @@ class Frame:
 
 
 _PREFIX = {t: '{"t":%s,"len":' % json.dumps(t) for t in MESSAGES}
+#: per type, each field's name and its key text in a header
+_KEYS = {t: tuple((name, ',"%s":' % name) for name in FIELD_NAMES[t]) for t in MESSAGES}
 _quote = json.encoder.encode_basestring_ascii  # type: ignore[attr-defined]
 _compact = json.JSONEncoder(separators=(",", ":")).encode  # one encoder, not one per call
 
 
 def _json_value(value: Any) -> str:
-    """One field value as JSON text (fields are str, int or finite float)."""
+    """One field value as JSON text (fields are str, int, finite float, or lists)."""
     t = type(value)
     if t is str:
         return _quote(value)  # type: ignore[no-any-return]
@@ -53,8 +55,8 @@ def encode(msg: Message, payload: bytes = b"") -> list[bytes]:
     for every frame); its text is exactly what ``json.dumps`` with compact separators
     would give for the same fields."""
     parts = [_PREFIX[msg.TYPE], str(len(payload))]
-    for name in FIELD_NAMES[msg.TYPE]:
-        parts.append(',"%s":' % name)
+    for name, key in _KEYS[msg.TYPE]:
+        parts.append(key)
         parts.append(_json_value(getattr(msg, name)))
     parts.append("}\n")
     line = "".join(parts).encode("ascii")
