@@ -75,6 +75,10 @@ class PickleQueue:
     fallback, and ``pickle.loads`` reads what either wrote.
     """
 
+    #: set on the node's own copy: the node reads this queue in its reactor, and the
+    #: pool's teardown must not write into it (a full pipe would hang the teardown)
+    parent_side = False
+
     def __init__(self, ctx: Any) -> None:
         from multiprocess import connection
         self._reader, self._writer = connection.Pipe(duplex=False)
@@ -102,6 +106,8 @@ class PickleQueue:
         return pickle.loads(data)
 
     def put(self, obj: Any) -> None:
+        if self.parent_side:
+            return
         data = dumps_message(obj)
         with self._wlock:
             self._writer.send_bytes(data)

@@ -15,9 +15,10 @@ the other running chunks are resubmitted locally.
 """
 from __future__ import annotations
 
+import itertools
 import logging
-import random
 import os
+import random
 import pickle
 import signal
 import threading
@@ -32,6 +33,7 @@ from twisted.application.internet import ClientService, backoffPolicy
 from twisted.internet import task
 
 from achilles import _worker
+from achilles._pipe import PipeReader, PipeWriter
 from achilles._shell import (TRANSIENT_REFUSALS, ClientFactory, ClientProtocol,
                              client_endpoint, node_name)
 from achilles.config import Settings, require_secret
@@ -78,37 +80,43 @@ class _NoNotifier:
 
 
 class _Pool(mp_pool.Pool):
-    """``multiprocess.Pool`` without its worker handler's busy loop, and with C-pickled
-    pipes.
+    """``multiprocess.Pool`` for its workers and their upkeep, with its pipes driven
+    by the node's reactor (see :mod:`achilles._pipe`) instead of its helper threads.
 
-    The stock pool's worker-handler thread also waits on the result pipe, so while a
-    result sits there unread it wakes, finds nothing to do, and waits again, holding
-    the GIL against the result-handler thread that would drain the pipe. Measured on a
-    node running one-item chunks: 9-15 ms of CPU per chunk, most of it this loop.
-    Worker exits still wake it (their sentinels); results are the result handler's job.
+    * The pipes pickle with the C pickler (see :class:`_worker.PickleQueue`).
+    * The result-handler thread exits at once (its ``get`` returns the sentinel): the
+      reactor reads the result pipe. The task handler is never given a task: the
+      reactor writes the task pipe. Neither writes to a pipe on teardown (``put`` is a
+      no-op on this side), so a full pipe cannot hang a teardown.
+    * The worker handler waits on worker exits and its change notifier only: the
+      stock one also woke (and spun, holding the GIL) while a result sat in the pipe,
+      9-15 ms of CPU per one-item chunk when it was measured.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        # The task cache wakes the worker handler each time it empties (after every
-        # chunk of a node that is not kept busy): that lets a *closing* pool's handler
-        # exit; ours are only ever terminated, which wakes the handler by itself.
+        # The task cache wakes the worker handler each time it empties; ours is unused.
         self._cache.notifier = _NoNotifier()
 
     def _get_sentinels(self) -> list[Any]:
         return [self._change_notifier._reader]
 
     def _setup_queues(self) -> None:
-        """Task and result pipes that pickle with the C pickler (see PickleQueue)."""
         self._inqueue = _worker.PickleQueue(self._ctx)
         self._outqueue = _worker.PickleQueue(self._ctx)
-        send, recv = self._inqueue._writer.send_bytes, self._outqueue._reader.recv_bytes
-        self._quick_put = lambda obj: send(_worker.dumps_message(obj))
-        self._quick_get = lambda: pickle.loads(recv())
+        self._outqueue.parent_side = True  # not pickled: the workers' copies still put
+        self._quick_put = lambda obj: None
+        self._quick_get = lambda: None
+
+    @staticmethod
+    def _help_stuff_finish(inqueue: Any, task_handler: Any, size: int) -> None:
+        """The stock one reads leftover tasks from the task pipe, which here may end in
+        half a message (and block it forever); the workers are killed anyway."""
 
 
 class Generation:
-    """One incarnation of the pool, with the slot table its workers write to.
+    """One incarnation of the pool: its workers, the slot table they write to, and
+    the reactor's ends of its task and result pipes.
 
     Slot ``i`` belongs to the ``i``-th worker of this generation: its pid, and while it
     runs a chunk, the chunk's job number, sequence number and start time (a monotonic
@@ -116,12 +124,25 @@ class Generation:
     pipe or reactor wake-up per chunk, and it is still readable after the worker died.
     """
 
-    def __init__(self, ctx: Any, processes: int, name: str) -> None:
+    def __init__(self, ctx: Any, processes: int, name: str, reactor: Any,
+                 on_results: Callable[["Generation", list[bytes]], None]) -> None:
         self.ctx = ctx
         self.slots = _worker.SlotTable.create(ctx, processes)
         self.pool = _Pool(processes, initializer=_worker.init, initargs=(self.slots, name),
                           context=ctx)
         self.procs = list(self.pool._pool)  # the workers this generation started with
+        self.tasks = PipeWriter(reactor, self.pool._inqueue._writer.fileno())
+        self.results = PipeReader(reactor, self.pool._outqueue._reader.fileno(),
+                                  partial(on_results, self))
+        self.keys: dict[int, tuple[str, int]] = {}  # task number -> (job, seq)
+        self._numbers = itertools.count(1)
+
+    def send(self, key: tuple[str, int], args: tuple[Any, ...]) -> None:
+        """Give the workers one chunk, as the task that multiprocess's worker loop reads:
+        (job, index, function, args, kwargs), with our task number as its job."""
+        number = next(self._numbers)
+        self.keys[number] = key
+        self.tasks.send(_worker.dumps_message((number, 0, _worker.run_chunk, args, {})))
 
     def dead(self) -> list[Any]:
         # returncode is set by the pool's own handler thread when it reaps a worker;
@@ -134,7 +155,10 @@ class Generation:
         return self.slots.busy()
 
     def kill(self) -> None:
-        """SIGKILL every worker, free the locks a dead worker may hold, tear down."""
+        """SIGKILL every worker, stop using its pipes, free the locks a dead worker may
+        hold, tear down."""
+        self.tasks.stop()
+        self.results.stop()
         self.pool._worker_handler._state = mp_pool.TERMINATE  # no replacement workers
         for p in set(self.procs) | set(self.pool._pool):
             try:
@@ -159,9 +183,10 @@ class Executor:
     """Runs chunks on the pool; calls ``on_result(job, seq, status, payload, elapsed)``."""
 
     def __init__(self, processes: int, on_result: Callable[..., None], reactor: Any,
-                 name: str) -> None:
+                 name: str, on_flush: Callable[[], None] = lambda: None) -> None:
         self.processes = processes
         self.on_result = on_result
+        self.on_flush = on_flush  # after a burst of on_result calls: send them on
         self.reactor = reactor
         self.name = name
         self.ctx = _worker.context()
@@ -172,15 +197,14 @@ class Executor:
         self.done = 0
         self.pace = Pace()  # how many chunks per worker to keep in the pool
         self.closed = False
-        self.gen = Generation(self.ctx, self.processes, self.name)
+        self.gen = self._generation()
         self._watcher = task.LoopingCall(self._watch)
         self._watcher.clock = reactor
         self._watcher.start(WATCH_INTERVAL, now=False)
 
-    def _post_outcome(self, method: str, gen: Generation, key: tuple[str, int],
-                      value: Any) -> None:
-        """Pool callbacks (its result thread): hop to the reactor thread."""
-        self.reactor.callFromThread(getattr(self, method), gen, key, value)
+    def _generation(self) -> Generation:
+        return Generation(self.ctx, self.processes, self.name, self.reactor,
+                          self._results)
 
     # -- work in -----------------------------------------------------------------------
     def function(self, job: str, bundle: bytes) -> None:
@@ -205,13 +229,28 @@ class Executor:
             item.gen = self.gen
             key = (item.job, item.seq)
             self.running[key] = item
-            self.gen.pool.apply_async(
-                _worker.run_chunk,
-                (self.job_numbers[item.job], item.job, item.seq, bundle, item.payload),
-                callback=partial(self._post_outcome, "_done", self.gen, key),
-                error_callback=partial(self._post_outcome, "_failed", self.gen, key))
+            self.gen.send(key, (self.job_numbers[item.job], item.job, item.seq, bundle,
+                                item.payload))
 
-    # -- events from threads, on the reactor thread ------------------------------------
+    # -- results, read from the pool's result pipe by the reactor ----------------------
+    def _results(self, gen: Generation, messages: list[bytes]) -> None:
+        """Everything one read of the result pipe brought: (task number, index,
+        (ok, value)) per chunk, as multiprocess's worker loop writes it."""
+        for data in messages:
+            message = pickle.loads(data)
+            if message is None:  # a sentinel of the pool's own teardown
+                continue
+            number, _, (ok, value) = message
+            key = gen.keys.pop(number, None)
+            if key is None:
+                continue
+            if not ok:  # the pool machinery failed, not the task (run_chunk never raises)
+                value = (CRASHED, f"pool error on node {self.name}: {value!r}".encode(),
+                         0.0)
+            self._done(gen, key, value)
+        self._fill()
+        self.on_flush()
+
     def _done(self, gen: Generation, key: tuple[str, int], result: Any) -> None:
         item = self.running.get(key)
         if item is None or item.gen is not gen:
@@ -223,11 +262,6 @@ class Executor:
             if status == OK:
                 self.pace.observe(elapsed)
             self.on_result(item.job, item.seq, status, payload, elapsed)
-        self._fill()
-
-    def _failed(self, gen: Generation, key: tuple[str, int], exc: BaseException) -> None:
-        self._done(gen, key, (CRASHED, f"pool error on node {self.name}: {exc!r}".encode(),
-                              0.0))
 
     # -- watching ----------------------------------------------------------------------
     def _watch(self) -> None:
@@ -264,8 +298,9 @@ class Executor:
         if self.closed:
             return
         old = self.gen
+        old.results.doRead()  # results its workers wrote before it went: not lost
         old.kill()
-        self.gen = Generation(self.ctx, self.processes, self.name)
+        self.gen = self._generation()
         blamed, status = blamed or {}, status or {}
         for key, item in list(self.running.items()):
             if item.gen is not old:
@@ -284,6 +319,7 @@ class Executor:
                 item.reruns += 1
                 self.waiting.appendleft(item)
         self._fill()
+        self.on_flush()
 
     def cancel(self, job: str) -> None:
         """Drop a job: its waiting chunks, its running ones (their workers are killed)."""
@@ -354,7 +390,8 @@ class Node:
         self._outbox: list[tuple[str, int, str, bytes, float]] = []
         self.exit_code = 0
         self.on_stop = on_stop
-        self.executor = Executor(self.processes, self._result, reactor, self.name)
+        self.executor = Executor(self.processes, self._result, reactor, self.name,
+                                 on_flush=self._send_results)
         endpoint = client_endpoint(reactor, settings)
         factory = ClientFactory(NodeProtocol, self, secret=self.secret, clock=reactor,
                                 username=settings.username, slots=self.processes,
@@ -390,15 +427,14 @@ class Node:
 
     def _result(self, job: str, seq: int, status: str, payload: bytes,
                 elapsed: float) -> None:
-        """Results go out at the end of this reactor turn, those that finished together
-        in one frame (the pool's result thread often hands over several at once)."""
-        if self.proto is None:
-            return
-        if not self._outbox:
-            self.reactor.callLater(0, self._send_results)
-        self._outbox.append((job, seq, status, payload, elapsed))
+        """Held until the executor's burst is over (``_send_results``): results read
+        from the pool together leave together, in one frame per job."""
+        if self.proto is not None:
+            self._outbox.append((job, seq, status, payload, elapsed))
 
     def _send_results(self) -> None:
+        if not self._outbox:
+            return
         outbox, self._outbox = self._outbox, []
         proto = self.proto
         if proto is None:

@@ -1,0 +1,200 @@
+"""The node's reactor talks to its pool workers over the pool's own pipes, directly.
+
+``multiprocess.Pool`` moves tasks and results through two helper threads (a task
+handler that writes the task pipe, a result handler that reads the result pipe and
+runs callbacks, which must then hop back to the reactor with ``callFromThread``). On
+these machines every such hand-over is a wake-up of an idle thread, about 50-80 us
+each, and a one-item chunk made four of them on the node alone. Here the reactor
+writes the pool's task pipe itself (non-blocking: a full pipe never stalls the
+reactor; what does not fit waits for the pipe to drain) and reads the result pipe
+as one more file descriptor, so a result is in the reactor the moment the worker
+writes it, and results that a worker finishes meanwhile are read in one go.
+
+The byte format is the one ``multiprocess.connection.Connection.send_bytes`` writes
+and ``recv_bytes`` reads (a signed 32-bit big-endian length, or -1 and a 64-bit
+length for messages over 2 GiB), so the workers' side is multiprocess's own.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import struct
+from collections import deque
+from typing import Any, Callable
+
+_LEN = struct.Struct("!i")
+_LONG = struct.Struct("!Q")
+#: small messages are joined with their header into one write
+_JOIN_BELOW = 64 * 1024
+#: most bytes taken from the result pipe in one reactor turn (then others get a turn)
+READ_BUDGET = 8 * 1024 * 1024
+
+
+def header(n: int) -> bytes:
+    """The length prefix ``Connection.send_bytes`` puts before ``n`` bytes."""
+    if n > 0x7FFFFFFF:
+        return _LEN.pack(-1) + _LONG.pack(n)
+    return _LEN.pack(n)
+
+
+class MessageSplitter:
+    """Sans-IO: bytes in, complete messages out (linear in the bytes, however split)."""
+
+    def __init__(self) -> None:
+        self._buf = b""
+        self._parts: list[bytes] = []  # pieces of a large message still arriving
+        self._need = 0  # bytes still owed to that message
+
+    def feed(self, data: bytes) -> list[bytes]:
+        out: list[bytes] = []
+        if self._need:
+            take = min(self._need, len(data))
+            self._parts.append(data[:take])
+            self._need -= take
+            data = data[take:]
+            if self._need:
+                return out
+            out.append(b"".join(self._parts))
+            self._parts = []
+        buf = self._buf + data if self._buf else data
+        pos, end = 0, len(buf)
+        while end - pos >= 4:
+            n, = _LEN.unpack_from(buf, pos)
+            start = pos + 4
+            if n == -1:
+                if end - pos < 12:
+                    break
+                n, = _LONG.unpack_from(buf, start)
+                start += 8
+            if end - start >= n:
+                out.append(buf[start:start + n])
+                pos = start + n
+                continue
+            # a message larger than what is here: keep its pieces, join them once
+            self._parts = [buf[start:]]
+            self._need = n - (end - start)
+            self._buf = b""
+            return out
+        self._buf = buf[pos:]
+        return out
+
+
+class PipeReader:
+    """Reads a pipe in the reactor and hands complete messages to ``on_messages``."""
+
+    def __init__(self, reactor: Any, fd: int, on_messages: Callable[[list[bytes]], None],
+                 on_closed: Callable[[], None] | None = None) -> None:
+        self.reactor = reactor
+        self.fd = fd
+        self.on_messages = on_messages
+        self.on_closed = on_closed
+        self.splitter = MessageSplitter()
+        self.active = True
+        os.set_blocking(fd, False)
+        reactor.addReader(self)
+
+    def fileno(self) -> int:
+        return self.fd if self.active else -1
+
+    def logPrefix(self) -> str:  # noqa: N802 (Twisted's name)
+        return "achilles-pool-results"
+
+    def doRead(self) -> None:  # noqa: N802
+        messages: list[bytes] = []
+        budget = READ_BUDGET
+        while budget > 0 and self.active:
+            try:
+                data = os.read(self.fd, min(budget, 1024 * 1024))
+            except BlockingIOError:
+                break
+            except OSError:
+                data = b""
+            if not data:  # every writer is gone: the pool is being torn down
+                self.stop()
+                if self.on_closed is not None:
+                    self.on_closed()
+                break
+            budget -= len(data)
+            messages.extend(self.splitter.feed(data))
+            if len(data) < 65536:  # the pipe is (very likely) empty now
+                break
+        if messages:
+            self.on_messages(messages)
+
+    def stop(self) -> None:
+        """Stop reading (the descriptor itself belongs to the pool and is not closed)."""
+        if self.active:
+            self.reactor.removeReader(self)
+            self.active = False
+
+    def connectionLost(self, reason: Any) -> None:  # noqa: N802
+        self.active = False
+
+
+class PipeWriter:
+    """Writes messages to a pipe from the reactor without ever blocking it.
+
+    A message is written at once if nothing is queued ahead of it; what the pipe does
+    not take waits (as memoryviews, no copies) until the reactor says it is writable.
+    """
+
+    def __init__(self, reactor: Any, fd: int) -> None:
+        self.reactor = reactor
+        self.fd = fd
+        self.queue: deque[memoryview] = deque()
+        self.active = True
+        self.writing = False
+        os.set_blocking(fd, False)
+
+    def fileno(self) -> int:
+        return self.fd if self.active else -1
+
+    def logPrefix(self) -> str:  # noqa: N802
+        return "achilles-pool-tasks"
+
+    def send(self, data: bytes) -> None:
+        """Queue one message (framed here) and write what the pipe takes now."""
+        if not self.active:
+            return
+        prefix = header(len(data))
+        if len(data) < _JOIN_BELOW:
+            self.queue.append(memoryview(prefix + data))
+        else:
+            self.queue.append(memoryview(prefix))
+            self.queue.append(memoryview(data))
+        if not self.writing:
+            self.doWrite()
+
+    def doWrite(self) -> None:  # noqa: N802
+        queue = self.queue
+        while queue and self.active:
+            piece = queue[0]
+            try:
+                sent = os.write(self.fd, piece)
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:  # the workers are gone (EPIPE): drop what is queued
+                if exc.errno not in (errno.EPIPE, errno.EBADF):
+                    raise
+                queue.clear()
+                break
+            if sent < len(piece):
+                queue[0] = piece[sent:]
+                if not self.writing:
+                    self.writing = True
+                    self.reactor.addWriter(self)
+                return
+            queue.popleft()
+        if self.writing:
+            self.writing = False
+            self.reactor.removeWriter(self)
+
+    def stop(self) -> None:
+        if self.writing:
+            self.reactor.removeWriter(self)
+            self.writing = False
+        self.active = False
+        self.queue.clear()
+
+    def connectionLost(self, reason: Any) -> None:  # noqa: N802
+        self.active = False
