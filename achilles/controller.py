@@ -12,6 +12,7 @@ number, so output stays exactly once.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import random
@@ -26,7 +27,7 @@ from twisted.internet import defer
 from achilles._shell import (TRANSIENT_REFUSALS, ClientFactory, ClientProtocol,
                              client_endpoint)
 from achilles.config import Settings, require_secret
-from achilles.core.job import AdaptiveChunker, Job, Outcome
+from achilles.core.job import FAILED, AdaptiveChunker, Job, Outcome
 from achilles.errors import AuthenticationError, ConnectionLostError
 from achilles.protocol.framing import runs, split
 from achilles.protocol.messages import (Cancel, Chunk, Chunks, Cluster, End, ErrorFrame,
@@ -39,6 +40,8 @@ _JITTER = random.Random()  # our own: reconnect jitter must not disturb the glob
 
 class JobHandle:
     """One job, shared by the reactor thread and the pool's threads (under ``cond``)."""
+
+    isolated = False  # a failed chunk ends the job
 
     def __init__(self, function: bytes, ordered: bool, window: int, max_attempts: int = 3,
                  timeout: float = 0.0, limit: int = 0,
@@ -96,6 +99,84 @@ class JobHandle:
         if outs:
             self.cond.notify_all()  # room in the window for the feeder
         return outs
+
+
+class ApplyHandle:
+    """A long-lived job for a pool's ``apply``/``apply_async`` calls of one function.
+
+    Each call is one chunk of it, and each chunk stands alone (``isolated``): a call
+    that raises, or whose worker keeps dying, fails that call only. Sharing the job
+    saves each call a Submit, the function's trip to a node, an End and a Cancel:
+    four of the eight frames an apply took, and the reactor turns they cost.
+
+    A call is held (``calls``) until its outcome arrives, so that it is sent again
+    after a reconnect; an outcome settles its call once (a duplicate finds none).
+    """
+
+    isolated = True
+    total = -1
+
+    def __init__(self, function: bytes, max_attempts: int = 3, timeout: float = 0.0,
+                 limit: int = 0) -> None:
+        self.id = uuid.uuid4().hex
+        self.function = function
+        self.max_attempts = max_attempts
+        self.timeout = timeout
+        self.limit = limit
+        self.cond = threading.Condition()
+        self.calls: dict[int, tuple[bytes, Callable[[str, Any], None]]] = {}
+        self._seqs = itertools.count()
+        self.error: BaseException | None = None
+        self.cancelled = False
+        self.retiring = False  # evicted from its pool's cache: ends when idle
+        self.on_idle: Callable[["ApplyHandle"], None] | None = None
+
+    def add(self, payload: bytes, settle: Callable[[str, Any], None]) -> int:
+        """A new call; ``settle(status, value)`` runs (in the reactor thread) when its
+        outcome arrives: ``ok``/``error`` with the result chunk; FAILED with the
+        server's text (bytes), or with the exception that failed the connection."""
+        with self.cond:
+            seq = next(self._seqs)
+            self.calls[seq] = (payload, settle)
+            return seq
+
+    def abandon(self, seq: int) -> bool:
+        """Stop waiting for a call (Ctrl-C); True if no other call is pending."""
+        with self.cond:
+            self.calls.pop(seq, None)
+            self.cond.notify_all()
+            return not self.calls
+
+    def _settle(self, seq: int, status: str, payload: bytes) -> None:
+        with self.cond:
+            call = self.calls.pop(seq, None)
+            idle = not self.calls
+            if idle:
+                self.cond.notify_all()
+        if call is not None:
+            call[1](status, payload)
+            if idle and self.retiring and self.on_idle is not None:
+                self.on_idle(self)
+
+    # the JobHandle interface the Controller uses ------------------------------------
+    def deliver(self, seq: int, status: str, payload: bytes, elapsed: float) -> None:
+        self._settle(seq, status, payload)
+
+    def deliver_failure(self, seq: int, detail: str) -> None:
+        self._settle(seq, FAILED, detail.encode("utf-8"))
+
+    def fail(self, exc: BaseException) -> None:
+        with self.cond:
+            if self.error is None:
+                self.error = exc
+            calls, self.calls = self.calls, {}
+            self.cond.notify_all()
+        for _, settle in calls.values():
+            settle(FAILED, exc)
+
+    def unfinished(self) -> list[tuple[int, bytes]]:
+        with self.cond:
+            return [(seq, call[0]) for seq, call in self.calls.items()]
 
 
 class ControllerProtocol(ClientProtocol):
@@ -220,7 +301,7 @@ class Controller:
 
     def _send_submit(self, handle: JobHandle) -> None:
         self._send(Submit(handle.id, handle.max_attempts, handle.timeout, handle.limit,
-                          handle.total), handle.function)
+                          handle.total, int(handle.isolated)), handle.function)
 
     def submit(self, handle: JobHandle) -> None:
         if self.fatal is not None:
@@ -234,6 +315,17 @@ class Controller:
         self.submit(handle)
         if handle.id in self.jobs:  # at once: an apply waits for nothing else
             self._send(Chunk(handle.id, seq), payload)
+
+    def send_call(self, handle: ApplyHandle, seq: int, payload: bytes) -> None:
+        """One apply call: its job is submitted first if this connection does not have
+        it (the first call, or after a failure), and the chunk leaves at once."""
+        if handle.error is not None:  # failed meanwhile: settle this call too
+            return handle.fail(handle.error)
+        if handle.id not in self.jobs:
+            self.submit(handle)  # type: ignore[arg-type]
+            if handle.id not in self.jobs:
+                return
+        self._send(Chunk(handle.id, seq), payload)
 
     def send_chunk(self, handle: JobHandle, seq: int, payload: bytes) -> None:
         """Chunks go out at the end of this reactor turn; those of one job that the

@@ -14,11 +14,12 @@ import os
 import sys
 import threading
 import weakref
+from collections import OrderedDict
 from typing import Any, Callable, Iterable, Iterator
 
 from achilles import _reactor
 from achilles.config import cluster_configured, require_secret, resolve
-from achilles.controller import Controller, JobHandle
+from achilles.controller import ApplyHandle, Controller, JobHandle
 from achilles.core.job import FAILED, Outcome, default_chunksize, window_for
 from achilles.errors import (ChunkFailedError, ConnectionLostError, SerializationError,
                              TimeoutError, rebuild_exc)
@@ -27,6 +28,8 @@ from achilles.protocol.messages import ERROR, OK
 from achilles.serialization import dumps_chunk, dumps_function, loads_chunk, loads_exception
 
 RUN, CLOSE, TERMINATE = "RUN", "CLOSE", "TERMINATE"
+#: functions whose apply jobs a pool keeps open (the least recently used ends)
+MAX_APPLY_JOBS = 8
 _END = object()
 
 _controllers: dict[tuple[Any, ...], Controller] = {}
@@ -128,6 +131,7 @@ class ApplyResult:
         self._success = False
         self._value: Any = None
         self._handle: Any = None
+        self._seq = -1  # an apply call's sequence number in its job
 
     def ready(self) -> bool:
         return self._event.is_set()
@@ -322,6 +326,7 @@ class Pool:
         self._max_attempts = settings.max_attempts
         self._timeout = float(task_timeout or 0.0)
         self._jobs: set[JobHandle] = set()
+        self._apply_jobs: OrderedDict[bytes, ApplyHandle] = OrderedDict()
         self._jobs_lock = threading.Lock()
         self._ctl_held: Controller | None = None
         try:
@@ -363,6 +368,8 @@ class Pool:
             if handle not in self._jobs:
                 return
             self._jobs.discard(handle)
+            if self._apply_jobs.get(handle.function) is handle:
+                del self._apply_jobs[handle.function]
         with handle.cond:
             handle.cancelled = cancel or handle.cancelled
             handle.cond.notify_all()
@@ -469,7 +476,12 @@ class Pool:
             return result.get()
         except KeyboardInterrupt:
             handle = getattr(result, "_handle", None)
-            if handle is not None:
+            if isinstance(handle, ApplyHandle):
+                # stop waiting for this call; cancel it on the cluster (its worker is
+                # killed) only if no other call shares its job
+                if handle.abandon(result._seq):
+                    self._job_done(handle, cancel=True)  # type: ignore[arg-type]
+            elif handle is not None:
                 handle.fail(KeyboardInterrupt())
                 self._job_done(handle, cancel=True)
             raise
@@ -534,33 +546,55 @@ class Pool:
     def apply_async(self, func: Callable[..., Any], args: Iterable[Any] = (),
                     kwds: dict[str, Any] | None = None, callback: Any = None,
                     error_callback: Any = None) -> ApplyResult:
+        self._check_running()
         result = ApplyResult(callback, error_callback)
         payload = dumps_chunk([(tuple(args), dict(kwds or {}))])
+        function = dumps_function(func, "apply", self._initializer, self._initargs, self._id)
 
-        def on_outcome(handle: JobHandle) -> None:  # reactor thread: one chunk, no feeder
-            with handle.cond:
-                outs = handle.take()
-                error = handle.error
-            if outs:
-                try:  # the caller first; the bookkeeping frame to the server after
-                    result._set(True, _values(outs[0])[0])
-                except BaseException as exc:
-                    result._set(False, exc)
-                self._job_done(handle, cancel=outs[0].status != OK)
-            elif error is not None:
-                self._job_done(handle, cancel=True)
-                result._set(False, error)
+        def settle(status: str, value: Any) -> None:  # in the reactor thread
+            try:
+                if isinstance(value, BaseException):  # the connection failed
+                    raise value
+                outcome = Outcome(seq, status, value, 0, 1)
+                result._set(True, _values(outcome)[0])
+            except BaseException as exc:
+                result._set(False, exc)
 
-        handle = self._new_job(func, "apply", True, on_outcome, window=1, total=1,
-                               submit=False)
-        result._handle = handle
-        with handle.cond:
-            seq = handle.core.add(payload, 1)
-            handle.core.close_input()
-        # one hop to the reactor thread for the job and its only chunk: each hop costs a
-        # wake-up and a GIL hand-over, which is most of an apply's latency
-        _reactor.call_soon(self._ctl.submit_with_chunk, handle, seq, payload)
+        handle, seq = self._apply_call(function, payload, settle)
+        result._handle, result._seq = handle, seq
+        # one hop to the reactor thread, and one frame: each hop costs a wake-up and a
+        # GIL hand-over, which is most of an apply's latency
+        _reactor.call_soon(self._ctl.send_call, handle, seq, payload)
         return result
+
+    def _apply_call(self, function: bytes, payload: bytes,
+                    settle: Callable[[str, Any], None]) -> tuple[ApplyHandle, int]:
+        """Add a call to the apply job of this function (made on first use; the least
+        recently used beyond MAX_APPLY_JOBS ends once its calls are done)."""
+        idle: list[ApplyHandle] = []
+        with self._jobs_lock:
+            handle = self._apply_jobs.get(function)
+            if handle is None or handle.error is not None or handle.cancelled:
+                handle = ApplyHandle(function, self._max_attempts, self._timeout,
+                                     self._limit)
+                handle.on_idle = self._retire
+                self._apply_jobs[function] = handle
+                self._jobs.add(handle)  # type: ignore[arg-type]
+                while len(self._apply_jobs) > MAX_APPLY_JOBS:
+                    old = self._apply_jobs.popitem(last=False)[1]
+                    old.retiring = True
+                    with old.cond:
+                        if not old.calls:
+                            idle.append(old)
+            else:
+                self._apply_jobs.move_to_end(function)
+            seq = handle.add(payload, settle)
+        for old in idle:
+            self._retire(old)
+        return handle, seq
+
+    def _retire(self, handle: ApplyHandle) -> None:
+        self._job_done(handle, cancel=False)  # type: ignore[arg-type]
 
     def apply(self, func: Callable[..., Any], args: Iterable[Any] = (),
               kwds: dict[str, Any] | None = None) -> Any:
@@ -593,7 +627,12 @@ class Pool:
             jobs = list(self._jobs)
         for handle in jobs:
             with handle.cond:
-                handle.cond.wait_for(lambda: handle not in self._jobs, timeout)
+                if isinstance(handle, ApplyHandle):  # lives on: wait for its calls
+                    handle.cond.wait_for(lambda: not handle.calls, timeout)
+                else:
+                    handle.cond.wait_for(lambda: handle not in self._jobs, timeout)
+            if isinstance(handle, ApplyHandle):
+                self._job_done(handle, cancel=False)  # type: ignore[arg-type]
         self._shutdown()
 
     def _shutdown(self) -> None:

@@ -275,7 +275,7 @@ class ServerFactory(protocol.Factory):
         log.info("job %s submitted by %s (%s chunks)", msg.job[:8], peer.name,
                  msg.total if msg.total >= 0 else "?")
         self.feed(sch.JobSubmitted(msg.job, peer.peer_id, payload, msg.max_attempts,
-                                   msg.timeout, msg.limit, msg.total))
+                                   msg.timeout, msg.limit, msg.total, bool(msg.isolated)))
 
     def _log_job_end(self, job_id: str, owner: int, how: str) -> None:
         job = self.scheduler.jobs.get(job_id)

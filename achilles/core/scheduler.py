@@ -58,6 +58,7 @@ class JobSubmitted:
     timeout: float = 0.0
     limit: int = 0
     total: int = -1
+    isolated: bool = False  # a failed chunk fails only itself (apply calls)
 
 
 @dataclass(frozen=True)
@@ -222,6 +223,7 @@ class JobState:
     done: int = 0
     retries: int = 0
     last_pick: int = 0
+    isolated: bool = False
 
     def eligible(self) -> bool:
         return bool(self.queue) and (self.limit <= 0 or len(self.inflight) < self.limit)
@@ -280,7 +282,8 @@ class Scheduler:
             self._out.append(Refuse(ev.owner, f"job {ev.job} exists already"))
             return
         self.jobs[ev.job] = JobState(ev.job, ev.owner, ev.function, max(1, ev.max_attempts),
-                                     ev.timeout, ev.limit, self._now, total=ev.total)
+                                     ev.timeout, ev.limit, self._now, total=ev.total,
+                                     isolated=ev.isolated)
 
     def _owned_job(self, job_id: str, owner: int) -> JobState | None:
         job = self.jobs.get(job_id)
@@ -380,8 +383,10 @@ class Scheduler:
                 node.pace.observe(elapsed)
             job.done += 1
             del job.payloads[seq]
+            if job.isolated:  # a long-lived job: keep no history of its chunks
+                job.attempts.pop(seq, None)
             self._out.append(ForwardResult(job.owner, job.id, seq, status, payload, elapsed))
-            if status == ERROR:
+            if status == ERROR and not job.isolated:
                 self._cut(job, seq)
         elif status in (CRASHED, TIMEOUT):
             self._retry(job, seq, status, payload.decode("utf-8", "replace"))
@@ -394,9 +399,12 @@ class Scheduler:
         job.attempts[seq] = attempts
         if attempts >= job.max_attempts:
             job.payloads.pop(seq, None)
+            if job.isolated:
+                del job.attempts[seq]
             self._out.append(FailJob(job.owner, job.id, seq, status,
                                      f"{detail} (attempt {attempts} of {job.max_attempts})"))
-            self._cut(job, seq)
+            if not job.isolated:
+                self._cut(job, seq)
             return
         job.retries += 1
         job.queue.appendleft(seq)

@@ -14,7 +14,7 @@ from typing import ClassVar
 
 from achilles.errors import ProtocolError
 
-PROTOCOL_VERSION = 2  # 2: batch frames (chunks, tasks, results)
+PROTOCOL_VERSION = 3  # 2: batch frames (chunks, tasks, results); 3: isolated jobs
 
 ROLES = ("node", "controller", "admin")
 
@@ -126,6 +126,9 @@ class Submit(Message):
     timeout: float  # per task, seconds; 0 means none
     limit: int  # most chunks in flight at once; 0 means no limit
     total: int  # chunks the job will have; -1 while unknown (a generator)
+    #: 1: every chunk stands alone (a pool's apply calls of one function share a job):
+    #: a chunk that raises or fails for good fails only itself, not the job
+    isolated: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -298,6 +298,35 @@ def test_error_keeps_earlier_queued_chunks() -> None:
     assert s.jobs["j"].inflight == {0: 2}
 
 
+def test_isolated_job_error_fails_only_its_chunk() -> None:
+    """In an isolated job (apply calls), an ERROR result cuts nothing: later chunks run."""
+    s = Scheduler()
+    join(s, 1)
+    submit(s, isolated=True)
+    add(s, "j", 0, 1, 2, 3)
+    assert report(s, 1, "j", 0, ERROR, b"exc") == [forward("j", 0, ERROR, payload=b"exc"),
+                                                    task(1, "j", 2)]
+    assert list(s.jobs["j"].queue) == [3]
+    assert add(s, "j", 4) == []  # queued behind 3, not dropped
+    assert list(s.jobs["j"].queue) == [3, 4]
+    assert s.snapshot()["jobs"][0]["failed"] is False  # type: ignore[index]
+
+
+def test_isolated_job_outlives_a_chunk_that_fails_for_good() -> None:
+    """A chunk of an isolated job out of attempts fails alone; the job keeps serving and
+    keeps no per-chunk history."""
+    s = Scheduler()
+    join(s, 1)
+    submit(s, max_attempts=1, isolated=True)
+    add(s, "j", 0, 1, 2)
+    assert report(s, 1, "j", 0, CRASHED, b"worker died") == [
+        FailJob(OWNER, "j", 0, CRASHED, "worker died (attempt 1 of 1)"), task(1, "j", 2)]
+    assert report(s, 1, "j", 1) == [forward("j", 1)]
+    assert add(s, "j", 3) == [task(1, "j", 3)]
+    assert s.jobs["j"].attempts == {}
+    assert sorted(s.jobs["j"].payloads) == [2, 3]
+
+
 def test_cancelled_result_requeues_chunk() -> None:
     """A CANCELLED result of a live job puts the chunk back at the front of the queue."""
     s = Scheduler()
