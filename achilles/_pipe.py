@@ -66,6 +66,8 @@ class MessageSplitter:
                     break
                 n, = _LONG.unpack_from(buf, start)
                 start += 8
+            elif n < 0:  # multiprocess never writes one: the pipe is corrupt
+                raise ValueError(f"corrupt pool pipe: message length {n}")
             if end - start >= n:
                 out.append(buf[start:start + n])
                 pos = start + n
@@ -110,6 +112,9 @@ class PipeReader:
             except OSError:
                 data = b""
             if not data:  # every writer is gone: the pool is being torn down
+                if messages:
+                    self.on_messages(messages)
+                    messages = []
                 self.stop()
                 if self.on_closed is not None:
                     self.on_closed()

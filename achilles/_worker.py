@@ -9,9 +9,12 @@ or which worker to kill on a timeout.
 """
 from __future__ import annotations
 
+import io
 import os
 import pickle
+import select
 import signal
+import threading
 import time
 import traceback
 from collections import OrderedDict
@@ -122,27 +125,98 @@ def dumps_message(obj: Any) -> bytes:
         return bytes(ForkingPickler.dumps(obj))
 
 
+_context: Any = None
+
+#: what a new process is told about the parent's ``__main__`` (it would run it again)
+_MAIN_KEYS = ("init_main_from_name", "init_main_from_path")
+
+
 def context() -> Any:
     """The forkserver context a node's pools come from. Call it early: starting the fork
     server (a fresh interpreter that preloads this module) then overlaps with the rest
-    of the node's start-up. Its workers never inherit the node's signal handlers."""
-    import multiprocess
+    of the node's start-up. Its workers never inherit the node's signal handlers.
+
+    Unlike the stock forkserver context, its workers do not re-run the parent's
+    ``__main__`` (as ``__mp_main__``): the node may live in the user's own process (the
+    embedded cluster), whose script need not have an ``if __name__ == "__main__"``
+    guard, and workers get ``__main__`` code shipped with each job anyway."""
+    global _context
     from multiprocess import forkserver
-    ctx = multiprocess.get_context("forkserver")
-    ctx.set_forkserver_preload(["achilles._worker"])
+    if _context is None:
+        _context = _make_context()
+    _context.set_forkserver_preload(["achilles._worker"])
     forkserver.ensure_running()
+    return _context
+
+
+def _make_context() -> Any:
+    from multiprocess import context as mp_context
+    from multiprocess import forkserver, popen_forkserver, spawn, util
+    from multiprocess.context import reduction, set_spawning_popen
+
+    class Popen(popen_forkserver.Popen):
+        def _launch(self, process_obj: Any) -> None:
+            # popen_forkserver.Popen._launch, without the __main__ keys
+            prep_data = spawn.get_preparation_data(process_obj._name)
+            for key in _MAIN_KEYS:
+                prep_data.pop(key, None)
+            buf = io.BytesIO()
+            set_spawning_popen(self)
+            try:
+                reduction.dump(prep_data, buf)
+                reduction.dump(process_obj, buf)
+            finally:
+                set_spawning_popen(None)
+            self.sentinel, w = forkserver.connect_to_new_process(self._fds)
+            parent_w = os.dup(w)  # the child's sentinel of this parent
+            self.finalizer = util.Finalize(self, util.close_fds, (parent_w, self.sentinel))
+            with open(w, "wb", closefd=True) as f:
+                f.write(buf.getbuffer())
+            self.pid = forkserver.read_signed(self.sentinel)
+
+    class Process(mp_context.ForkServerProcess):
+        @staticmethod
+        def _Popen(process_obj: Any) -> Any:  # noqa: N802 (multiprocess's name)
+            return Popen(process_obj)
+
+    class Context(mp_context.ForkServerContext):
+        pass
+
+    ctx = Context()
+    ctx.Process = Process
     return ctx
 
 
-def init(slots: SlotTable, node_name: str) -> None:
+def init(slots: SlotTable, node_name: str, node_pid: int = 0) -> None:
     """Pool initializer: default signal dispositions, and this worker's slot."""
     global _slots, _slot, _node_name
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the node decides; Ctrl-C hits the group
+    if node_pid:
+        _die_with_node(node_pid)
     _slots = slots
     _slot = slots.claim()
     _node_name = node_name
+
+
+def _die_with_node(node_pid: int) -> None:
+    """Exit as soon as the node's process is gone, even in the middle of a task.
+
+    A worker's parent is the fork server, which outlives the node as long as any of its
+    children do (they hold its "alive" pipe), and a worker only sees its task pipe close
+    when it asks for its next task, however long the current one runs. So one thread
+    waits on a pidfd of the node (Linux >= 5.3; elsewhere the task pipe still closes)."""
+    try:
+        fd = os.pidfd_open(node_pid)
+    except (AttributeError, OSError):
+        return
+
+    def watch() -> None:
+        select.select([fd], [], [])
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="achilles-node-watch").start()
 
 
 def _runtime(job: str, bundle: bytes) -> dict[str, Any]:

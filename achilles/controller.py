@@ -327,6 +327,16 @@ class Controller:
                 return
         self._send(Chunk(handle.id, seq), payload)
 
+    def send_call_now(self, handle: ApplyHandle, seq: int, payload: bytes) -> bool:
+        """``send_call`` from the caller's thread, straight to the socket, when this
+        connection already has the job and nothing is queued to be written; False if it
+        must go through the reactor. (A call sent on a connection that then drops is
+        sent again on the next, as every unfinished call is.)"""
+        proto = self.proto
+        if proto is None or handle.error is not None or handle.id not in self.jobs:
+            return False
+        return proto.send_now(Chunk(handle.id, seq), payload)
+
     def send_chunk(self, handle: JobHandle, seq: int, payload: bytes) -> None:
         """Chunks go out at the end of this reactor turn; those of one job that the
         feeder made meanwhile, in one frame."""

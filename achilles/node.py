@@ -128,8 +128,8 @@ class Generation:
                  on_results: Callable[["Generation", list[bytes]], None]) -> None:
         self.ctx = ctx
         self.slots = _worker.SlotTable.create(ctx, processes)
-        self.pool = _Pool(processes, initializer=_worker.init, initargs=(self.slots, name),
-                          context=ctx)
+        self.pool = _Pool(processes, initializer=_worker.init,
+                          initargs=(self.slots, name, os.getpid()), context=ctx)
         self.procs = list(self.pool._pool)  # the workers this generation started with
         self.tasks = PipeWriter(reactor, self.pool._inqueue._writer.fileno())
         self.results = PipeReader(reactor, self.pool._outqueue._reader.fileno(),

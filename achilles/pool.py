@@ -562,9 +562,10 @@ class Pool:
 
         handle, seq = self._apply_call(function, payload, settle)
         result._handle, result._seq = handle, seq
-        # one hop to the reactor thread, and one frame: each hop costs a wake-up and a
-        # GIL hand-over, which is most of an apply's latency
-        _reactor.call_soon(self._ctl.send_call, handle, seq, payload)
+        # one frame, written from this thread when it can be, else one hop to the reactor
+        # thread: each hop costs a wake-up and a GIL hand-over
+        if not self._ctl.send_call_now(handle, seq, payload):
+            _reactor.call_soon(self._ctl.send_call, handle, seq, payload)
         return result
 
     def _apply_call(self, function: bytes, payload: bytes,

@@ -448,17 +448,19 @@ class AchillesLocalSystem(System):
 
     def new_pool(self) -> PoolAdapter:
         import achilles
+        # The embedded server and node run in this process (its reactor thread); the
+        # fork server and workers are in this child's process group, which the runner
+        # stops.
         pool = achilles.Pool(PROCESSES)
-        if pool._local is not None:
-            register_session(pool._local.pid)
         return PoolAdapter(pool, pool.terminate)
 
     def memory(self, pool: PoolAdapter | None) -> dict[str, Any]:
         local = getattr(pool.pool, "_local", None) if pool is not None else None
         if local is None:
             return {}
-        # One process runs the server and the node; its forkserver and workers under it.
-        return {"cluster (server+node)": tree_memory([local.pid])}
+        # The server and the node are in the caller (its RSS); the fork server and the
+        # workers are separate processes.
+        return {"workers (fork server + workers)": tree_memory(local.pids())}
 
 
 class AchillesCliSystem(System):

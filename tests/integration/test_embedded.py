@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 from conftest import ROOT, run_python, wait_until
@@ -14,29 +16,40 @@ def _gone(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return True
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:  # reaped between the two looks
+        return True
+
+
+def _workers(pool) -> list[int]:
+    """The embedded node's worker processes (the fork server outlives a pool, as
+    multiprocessing's does, and serves the next one)."""
+    return pool._local.pids()[1:]
 
 
 def test_embedded_cluster_runs_and_stops(no_cluster_config):
-    """Pool(2) starts a local server+node, maps correctly, and stops it on terminate."""
+    """Pool(2) starts a local server+node with two workers, maps correctly, and stops
+    them on terminate."""
     with Pool(2) as pool:
-        pid = pool._local.pid
+        workers = _workers(pool)
+        assert len(workers) == 2 and os.getpid() not in workers
         assert pool._processes == 2
         assert pool.map(abs, range(-5, 5)) == [abs(x) for x in range(-5, 5)]
         assert list(pool.imap(str, range(3))) == ["0", "1", "2"]
-    wait_until(lambda: _gone(pid), 10, what="the local cluster to exit")
+    wait_until(lambda: all(_gone(p) for p in workers), 10, what="the workers to exit")
 
 
 def test_close_join_stops_embedded_cluster(no_cluster_config):
     """close() then join() waits for the work, then stops the local cluster."""
     pool = Pool(1)
-    pid = pool._local.pid
+    workers = _workers(pool)
     r = pool.map_async(abs, [-1, -2])
     pool.close()
     pool.join()
     assert r.get(1) == [1, 2]
-    wait_until(lambda: _gone(pid), 10, what="the local cluster to exit")
+    wait_until(lambda: all(_gone(p) for p in workers), 10, what="the workers to exit")
 
 
 SCRIPT = '''
@@ -65,16 +78,50 @@ def test_unchanged_script_runs(tmp_path):
 
 def test_exit_while_map_pending_does_not_hang(tmp_path):
     """A process that exits while a map_async is still running exits promptly, and its
-    embedded cluster goes with it."""
+    embedded cluster's processes (fork server and workers) go with it."""
     code = ("import achilles, time\n"
             "p = achilles.Pool(1)\n"
-            "print(p._local.pid, flush=True)\n"
+            "print(*p._local.pids(), flush=True)\n"
             "r = p.map_async(time.sleep, [30])\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith("ACHILLES_")}
     out = run_python(code, cwd=tmp_path, env=env, timeout=30)
     assert out.returncode == 0, out.stderr
-    pid = int(out.stdout.split()[0])
-    wait_until(lambda: _gone(pid), 10, what="the local cluster to exit")
+    pids = [int(p) for p in out.stdout.split()]
+    assert len(pids) == 2
+    wait_until(lambda: all(_gone(p) for p in pids), 10, what="the cluster's processes")
+
+
+def test_killed_caller_leaves_nothing_behind(tmp_path):
+    """SIGKILL of a process whose embedded cluster is running a task leaves no process
+    of that cluster behind."""
+    code = ("import achilles, os, signal, time\n"
+            "p = achilles.Pool(1)\n"
+            "print(*p._local.pids(), flush=True)\n"
+            "r = p.map_async(time.sleep, [30])\n"
+            "time.sleep(0.5)\n"  # sync-ok: lets the task start; any moment would do
+            "os.kill(os.getpid(), signal.SIGKILL)\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ACHILLES_")}
+    out = run_python(code, cwd=tmp_path, env=env, timeout=30)
+    assert out.returncode == -9, out.stderr
+    pids = [int(p) for p in out.stdout.split()]
+    wait_until(lambda: all(_gone(p) for p in pids), 10, what="the cluster's processes")
+
+
+def test_script_without_main_guard(tmp_path):
+    """A script with no ``if __name__ == "__main__"`` guard works: the workers do not run
+    the caller's script again."""
+    script = tmp_path / "noguard.py"
+    script.write_text("from achilles import Pool\n"
+                      "def f(x):\n"
+                      "    return x + 1\n"
+                      "with Pool(1) as p:\n"
+                      "    print(p.map(f, range(5)))\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ACHILLES_")}
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         timeout=60, cwd=tmp_path, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[1, 2, 3, 4, 5]"
+    assert "bootstrapping" not in out.stderr
 
 
 def test_repeated_use_in_one_process(tmp_path):

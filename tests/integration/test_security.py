@@ -303,7 +303,8 @@ def reply(**changes: Any) -> Callable[[Raw, str], bytes]:
     return make
 
 
-SUBMIT = {"t": "submit", "job": "j", "max_attempts": 3, "timeout": 0, "limit": 0, "total": 1}
+SUBMIT = {"t": "submit", "job": "j", "max_attempts": 3, "timeout": 0, "limit": 0, "total": 1,
+          "isolated": 0}
 ROWS: list[Row] = [
     Row("garbage-bytes", None, raw(b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\xff\xfe\n"),
         ("bad-json",)),
