@@ -220,6 +220,11 @@ class FrameReader:
         self.max_header = MAX_HEADER_LENGTH
 
     @property
+    def owed(self) -> int:
+        """Payload bytes of the current frame still to come (0 between frames)."""
+        return self._need
+
+    @property
     def held(self) -> int:
         """Bytes kept between feeds (a partial header and a partial payload)."""
         return len(self._buf) - self._pos + sum(len(p) for p in self._parts)

@@ -17,6 +17,8 @@ from achilles._pipe import MessageSplitter, PipeReader, PipeWriter, header
 
 KIB = 1024
 MIB = 1024 * 1024
+#: more than a widened pipe holds (PipeWriter asks for PIPE_SIZE of buffer)
+OVER = _pipe.PIPE_SIZE + 200 * KIB
 #: bound on every drain loop, so a broken writer/reader fails instead of hanging
 MAX_TURNS = 20_000
 
@@ -395,7 +397,7 @@ def test_writer_queues_behind_pending_bytes(pipe: Pipe, reactor: FakeReactor) ->
     """While earlier bytes wait, a small message is queued behind them, not written ahead
     of them, and the reactor is not asked twice."""
     writer = PipeWriter(reactor, pipe.w)
-    writer.send(b"A" * (200 * KIB))
+    writer.send(b"A" * (OVER))
     writer.send(b"small")
     assert reactor.calls == [("addWriter", writer)]
     os.set_blocking(pipe.r, False)
@@ -407,7 +409,7 @@ def test_writer_queues_behind_pending_bytes(pipe: Pipe, reactor: FakeReactor) ->
             if not writer.writing:
                 break
             writer.doWrite()
-    assert MessageSplitter().feed(bytes(got)) == [b"A" * (200 * KIB), b"small"]
+    assert MessageSplitter().feed(bytes(got)) == [b"A" * (OVER), b"small"]
     assert reactor.calls == [("addWriter", writer), ("removeWriter", writer)]
 
 
@@ -415,15 +417,15 @@ def test_writer_stop_drops_queue_and_further_sends(pipe: Pipe, reactor: FakeReac
     """stop() unregisters a waiting writer, drops what is queued, and later sends write
     nothing."""
     writer = PipeWriter(reactor, pipe.w)
-    writer.send(b"B" * (200 * KIB))
+    writer.send(b"B" * (OVER))
     assert writer.writing
     writer.stop()
     assert reactor.calls == [("addWriter", writer), ("removeWriter", writer)]
     assert not writer.writing and not writer.queue and writer.fileno() == -1
     written = pipe.drain_nonblocking()  # what went out before stop: a prefix, no more
-    assert written == frame(b"B" * (200 * KIB))[:len(written)]
+    assert written == frame(b"B" * (OVER))[:len(written)]
     writer.send(b"dropped")
-    writer.send(b"C" * (200 * KIB))
+    writer.send(b"C" * (OVER))
     writer.doWrite()
     assert not writer.queue
     assert pipe.drain_nonblocking() == b""
@@ -446,7 +448,7 @@ def test_writer_drops_queue_when_reader_is_gone(pipe: Pipe, reactor: FakeReactor
     """When the read end is closed (EPIPE), send raises nothing, the queue is dropped and
     a waiting writer unregisters itself."""
     writer = PipeWriter(reactor, pipe.w)
-    writer.send(b"D" * (200 * KIB))
+    writer.send(b"D" * (OVER))
     assert writer.writing
     pipe.close_read()
     writer.doWrite()
@@ -604,3 +606,17 @@ def test_writer_to_reader_through_a_pipe(pipe: Pipe, reactor: FakeReactor, sink:
     got = [msg for event in sink.events for msg in event]
     assert got == messages
     assert [name for name, _ in reactor.calls] == ["addReader", "addWriter", "removeWriter"]
+
+
+def test_both_ends_widen_the_pipe(pipe: Pipe, reactor: FakeReactor) -> None:
+    """A PipeWriter and a PipeReader ask for PIPE_SIZE of pipe buffer (Linux), so a large
+    chunk crosses in a few reactor turns."""
+    import fcntl
+    PipeWriter(reactor, pipe.w)
+    assert fcntl.fcntl(pipe.w, 1032) >= _pipe.PIPE_SIZE  # F_GETPIPE_SZ
+    other = Pipe()
+    try:
+        PipeReader(reactor, other.r, lambda m: None)
+        assert fcntl.fcntl(other.r, 1032) >= _pipe.PIPE_SIZE
+    finally:
+        other.close()
