@@ -17,6 +17,7 @@ from typing import Any
 from twisted.internet import protocol, task, tcp
 from twisted.protocols.basic import LineReceiver
 
+from achilles import _memlink
 from achilles.errors import AuthenticationError, ProtocolError
 from achilles.protocol import auth
 from achilles.protocol.framing import (MAX_HEADER_LENGTH, PREAUTH_MAX_HEADER_LENGTH, Frame,
@@ -329,8 +330,12 @@ class ClientFactory(protocol.Factory):
 
 
 def client_endpoint(reactor: Any, settings: Any) -> Any:
-    """TCP to the server, wrapped in TLS (verifying it against ``tls_ca``) if configured."""
+    """TCP to the server, wrapped in TLS (verifying it against ``tls_ca``) if configured;
+    in memory if the server is this process's own embedded one (see ``_memlink``)."""
     from twisted.internet import endpoints
+    memory = _memlink.endpoint_for(reactor, settings.host, settings.port)
+    if memory is not None and not settings.tls_ca:
+        return memory
     tcp = endpoints.TCP4ClientEndpoint(reactor, settings.host, settings.port, timeout=10)
     if not settings.tls_ca:
         return tcp

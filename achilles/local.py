@@ -55,12 +55,13 @@ class LocalCluster:
 
     def _start(self, reactor: Any) -> int:
         """In the reactor thread: listen, then start the node, which connects to it."""
-        from achilles import node, server
+        from achilles import _memlink, node, server
         settings = Settings(host="127.0.0.1", port=0, secret_key=self.secret,
                             processes=self.processes)
         self._listener = server.listen(settings, reactor)
         self._factory = self._listener.factory
         port: int = self._listener.getHost().port
+        _memlink.register("127.0.0.1", port, self._factory)  # our node and controllers
         self._node = node.Node(Settings(host="127.0.0.1", port=port, secret_key=self.secret,
                                         processes=self.processes), reactor)
         self._node.start()
@@ -77,9 +78,11 @@ class LocalCluster:
 
     def _stop(self) -> None:
         """In the reactor thread: kill the workers, stop listening, drop the peers."""
+        from achilles import _memlink
         if self._node is not None:
             self._node.stop()
         if self._listener is not None:
+            _memlink.unregister("127.0.0.1", self._listener.getHost().port)
             self._listener.stopListening()
         if self._factory is not None:
             for peer in list(self._factory.peers.values()):

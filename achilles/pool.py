@@ -120,12 +120,43 @@ def _progress_bar(progress: Any, total: int | None) -> Any:
     return tqdm(**options)
 
 
+class _Flag:
+    """A one-shot ``threading.Event``: one lock, held until set. (An Event is a Condition
+    and two locks, and its construction raises and catches three AttributeErrors: a
+    measurable part of an ``apply``, which makes one per call.)"""
+
+    __slots__ = ("_lock", "_set")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._lock.acquire()
+        self._set = False
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def set(self) -> None:
+        if not self._set:
+            self._set = True
+            try:
+                self._lock.release()
+            except RuntimeError:  # set twice at once: released already
+                pass
+
+    def wait(self, timeout: float | None = None) -> bool:
+        if self._set:
+            return True
+        if self._lock.acquire(True, -1 if timeout is None else max(0.0, timeout)):
+            self._lock.release()  # let the next waiter through
+        return self._set
+
+
 class ApplyResult:
     """What ``*_async`` returns: ``get``, ``wait``, ``ready``, ``successful``."""
 
     def __init__(self, callback: Callable[[Any], Any] | None = None,
                  error_callback: Callable[[BaseException], Any] | None = None) -> None:
-        self._event = threading.Event()
+        self._event = _Flag()
         self._callback = callback
         self._error_callback = error_callback
         self._success = False

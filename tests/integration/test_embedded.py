@@ -134,3 +134,17 @@ def test_repeated_use_in_one_process(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("ACHILLES_")}
     out = run_python(code, cwd=tmp_path, env=env, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_embedded_cluster_links_in_memory(no_cluster_config):
+    """The pool's controller reaches its embedded server in memory (no socket); an admin
+    call from the same process does too, and sees the node and the pool's apply job."""
+    from achilles import getClusterStatus
+    from achilles._memlink import MemoryTransport
+    with Pool(1) as pool:
+        assert pool.apply(abs, (-3,)) == 3
+        assert isinstance(pool._ctl.proto.transport, MemoryTransport)
+        status = getClusterStatus(host="127.0.0.1", port=pool._local.port,
+                                  secret_key=pool._local.secret)
+        assert [n["slots"] for n in status["nodes"]] == [1]
+        assert len(status["jobs"]) == 1

@@ -192,3 +192,48 @@ def test_local_module_is_shipped_by_source(tmp_path: Path,
                           capture_output=True, cwd=elsewhere, env=env, timeout=60)
     assert proc.returncode == 0, proc.stderr.decode(errors="replace")
     assert proc.stdout.decode().strip() == "22"
+
+
+def test_bundle_reused_until_its_source_file_changes(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same function gives the very same bundle on the next call; an edit of its
+    module's file (seen by mtime and size) gives a new one carrying the new source."""
+    name = "achilles_test_cached_mod"
+    path = tmp_path / f"{name}.py"
+    path.write_text(MODULE_SOURCE, encoding="utf-8")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.invalidate_caches()
+    try:
+        module = importlib.import_module(name)
+        first = dumps_function(module.work, "apply")
+        assert dumps_function(module.work, "apply") is first
+        assert dumps_function(module.work, "map") is not first  # another mode: its own
+        path.write_text(MODULE_SOURCE + "\nEXTRA = 1\n", encoding="utf-8")
+        second = dumps_function(module.work, "apply")
+    finally:
+        sys.modules.pop(name, None)
+    assert second != first
+    assert "EXTRA = 1" in loads_function_sources(second)[name]
+
+
+def test_bundle_follows_a_changed_main_namespace(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Defining a new function in ``__main__`` (as a notebook cell does) makes the next
+    bundle ship it: a cached bundle is only reused while ``__main__`` holds the same
+    objects."""
+    main = sys.modules["__main__"]
+    before = dumps_function(abs, "apply")
+    assert dumps_function(abs, "apply") is before
+
+    def cell_function(x: int) -> int:
+        return x
+
+    cell_function.__module__ = "__main__"
+    monkeypatch.setattr(main, "achilles_cell_function", cell_function, raising=False)
+    after = dumps_function(abs, "apply")
+    assert after is not before
+
+
+def loads_function_sources(data: bytes) -> dict[str, str]:
+    """The shipped module sources of a bundle (its first part)."""
+    import pickle
+    return pickle.loads(data)[0]  # type: ignore[no-any-return]
