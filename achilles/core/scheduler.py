@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Union
+from typing import Any, Callable, Union
 
 from achilles.core.pace import Pace
 from achilles.protocol.messages import CANCELLED, CRASHED, ERROR, OK, STATUSES, TIMEOUT
@@ -31,6 +31,10 @@ from achilles.protocol.messages import CANCELLED, CRASHED, ERROR, OK, STATUSES, 
 
 
 # --- events --------------------------------------------------------------------------
+# HOT: the events and instructions made for every chunk are plain slotted dataclasses,
+# not frozen ones: a frozen dataclass's __init__ sets each field through
+# object.__setattr__ (1.6 us for SendTask, against 0.4 us), and the server makes two per
+# chunk. Nothing mutates them once made.
 @dataclass(frozen=True)
 class NodeJoined:
     node: int
@@ -61,7 +65,7 @@ class JobSubmitted:
     isolated: bool = False  # a failed chunk fails only itself (apply calls)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: one per chunk (see HOT)
 class ChunkAdded:
     job: str
     seq: int
@@ -69,7 +73,7 @@ class ChunkAdded:
     owner: int = -1
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: one per chunk (see HOT)
 class ChunksAdded:
     """Several chunks of one job at once (a batch frame): queued, then dispatched."""
     job: str
@@ -78,7 +82,7 @@ class ChunksAdded:
     owner: int = -1
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: one per chunk (see HOT)
 class ResultReceived:
     node: int
     job: str
@@ -88,7 +92,7 @@ class ResultReceived:
     elapsed: float = 0.0
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: one per chunk (see HOT)
 class ResultsReceived:
     """Several results of one job from one node (a batch frame)."""
     node: int
@@ -128,7 +132,7 @@ class SendFunction:
     payload: bytes
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: one per chunk (see HOT)
 class SendTask:
     node: int
     job: str
@@ -144,7 +148,7 @@ class CancelOnNode:
     job: str
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: one per chunk (see HOT)
 class ForwardResult:
     owner: int
     job: str
@@ -229,6 +233,9 @@ class JobState:
         return bool(self.queue) and (self.limit <= 0 or len(self.inflight) < self.limit)
 
 
+_HANDLERS: dict[type, Callable[["Scheduler", Any], None]] = {}  # event type -> method
+
+
 class Scheduler:
     """Feed events with :meth:`handle`; carry out the instructions it returns, in order."""
 
@@ -243,8 +250,10 @@ class Scheduler:
     def handle(self, event: Event, now: float) -> list[Instruction]:
         self._now = now
         self._out = []
-        handler = getattr(self, "_on_" + type(event).__name__)
-        handler(event)
+        handler = _HANDLERS.get(type(event))
+        if handler is None:
+            handler = _HANDLERS[type(event)] = getattr(Scheduler, "_on_" + type(event).__name__)
+        handler(self, event)
         return self._out
 
     # -- nodes -----------------------------------------------------------------------

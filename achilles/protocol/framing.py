@@ -45,7 +45,24 @@ def _json_value(value: Any) -> str:
         return int.__repr__(value)
     if t is float and math.isfinite(value):
         return float.__repr__(value)  # repr of a finite float is valid JSON
-    return _compact(value)  # lists; or let json decide (or refuse)
+    if t is list and value:
+        text = _json_list(value)
+        if text is not None:
+            return text
+    return _compact(value)  # or let json decide (or refuse)
+
+
+def _json_list(value: list[Any]) -> str | None:
+    """A list of ints, finite floats or strs as JSON text, about twice as fast as the
+    encoder (a batch frame's header has four such lists); None for anything else."""
+    types = set(map(type, value))
+    if types == {int}:
+        return "[" + ",".join(map(int.__repr__, value)) + "]"
+    if types == {str}:
+        return "[" + ",".join(map(_quote, value)) + "]"
+    if types == {float} and all(map(math.isfinite, value)):
+        return "[" + ",".join(map(float.__repr__, value)) + "]"
+    return None
 
 
 def encode(msg: Message, payload: bytes = b"") -> list[bytes]:
@@ -106,6 +123,22 @@ def _plain(value: Any, typ: Any) -> bool:
         typ is not float or math.isfinite(value))
 
 
+def _plain_list(value: Any, elem: type) -> bool:
+    """The common case of a list field, checked in C loops: a list of exactly ``elem``
+    (ASCII text for str, finite for float)."""
+    if type(value) is not list:
+        return False
+    if not value:
+        return True
+    if set(map(type, value)) != {elem}:
+        return False
+    if elem is str:
+        return "".join(value).isascii()
+    if elem is float:
+        return all(map(math.isfinite, value))
+    return True
+
+
 def _bad_value(t: str, name: str, typ: Any, value: Any) -> Any:
     """The slow path of :func:`_check_fields`: check a list field item by item, convert
     an int for a float field, or explain what is wrong with the value."""
@@ -141,7 +174,8 @@ def _check_fields(t: str, header: dict[str, Any]) -> list[Any]:
             value = header[name]
         except KeyError:
             raise ProtocolError("bad-field", f"{t!r} frame lacks field {name!r}") from None
-        if not _plain(value, typ):
+        if not _plain(value, typ) and not (type(typ) is ListOf
+                                           and _plain_list(value, typ.elem)):
             value = _bad_value(t, name, typ, value)
         values.append(value)
     return values

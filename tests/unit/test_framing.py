@@ -422,3 +422,29 @@ def test_non_finite_float_field_is_protocol_error(literal: str) -> None:
     with pytest.raises(ProtocolError) as info:
         parse_header(line)
     assert info.value.code == "bad-field"
+
+
+@given(st.one_of(st.lists(st.integers()), st.lists(st.text()),
+                 st.lists(st.floats(allow_nan=False, allow_infinity=False)),
+                 st.lists(st.one_of(st.integers(), st.booleans(), st.floats()))))
+def test_list_field_text_is_json_dumps(value: list) -> None:
+    """A list field's header text is exactly what json.dumps gives, whatever it holds
+    (the fast path for lists of one plain type, the encoder for anything else)."""
+    from achilles.protocol.framing import _json_value
+    try:
+        expected = json.dumps(value, separators=(",", ":"))
+    except ValueError:
+        return
+    assert _json_value(value) == expected
+
+
+@pytest.mark.parametrize("elem, value, plain", [
+    (int, [1, 2, 3], True), (int, [1, True], False), (int, [1, 2.0], False),
+    (str, ["ok", "error"], True), (str, ["ok", "é"], False), (str, ["ok", 1], False),
+    (float, [0.5, 1.0], True), (float, [0.5, float("nan")], False), (float, [1], False),
+    (int, [], True), (int, (1, 2), False)])
+def test_plain_list_fast_path(elem: type, value: object, plain: bool) -> None:
+    """The fast check of a list field takes only a list of exactly its element type (ASCII
+    text, finite floats); anything else goes to the item-by-item path."""
+    from achilles.protocol.framing import _plain_list
+    assert _plain_list(value, elem) is plain
