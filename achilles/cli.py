@@ -1,4 +1,4 @@
-"""Command line: ``achilles server|node|local|kill|status`` (and the
+"""Command line: ``achilles server|node|kill|status`` (and the
 ``achilles-server`` / ``achilles-node`` scripts). Errors go to stderr with a non-zero
 exit code."""
 from __future__ import annotations
@@ -6,9 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
-import threading
 from typing import Any, Sequence
 
 from achilles.config import Settings, resolve
@@ -43,11 +41,6 @@ def _parser() -> argparse.ArgumentParser:
                                     "cluster")
     _common(p)
     p.add_argument("--processes", type=int, help="worker processes (default: all cores)")
-    p = sub.add_parser("local", help="server and node in one process on 127.0.0.1 "
-                                     "(what Pool() starts when no cluster is configured)")
-    p.add_argument("--processes", type=int)
-    p.add_argument("--port", type=int, default=0)
-    p.add_argument("--log-level", dest="log_level")
     p = sub.add_parser("kill", help="stop every node of the cluster")
     _common(p)
     p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
@@ -109,37 +102,6 @@ def cmd_node(args: argparse.Namespace) -> int:
     return node.run_node(settings)
 
 
-def cmd_local(args: argparse.Namespace) -> int:
-    _early_worker_start()
-    from twisted.internet import reactor
-    from achilles import node, server
-    settings = resolve(host="127.0.0.1", port=args.port, processes=args.processes,
-                       log_level=args.log_level or "WARNING")
-    if not settings.secret_key:
-        raise AchillesError("achilles local needs ACHILLES_SECRET_KEY in its environment")
-    _logging(settings.log_level)
-    port = server.listen(settings, reactor)
-    bound = port.getHost().port
-    nd = node.Node(Settings(host="127.0.0.1", port=bound, secret_key=settings.secret_key,
-                            processes=settings.processes), reactor,
-                   on_stop=lambda code: reactor.callLater(0, reactor.stop))
-    reactor.callWhenRunning(nd.start)
-    reactor.addSystemEventTrigger("before", "shutdown", nd.executor.close)
-    _listening(port)
-
-    def watch_parent() -> None:  # our stdin closes when the process that started us dies
-        try:
-            while os.read(0, 1024):
-                pass
-        except OSError:
-            pass
-        reactor.callFromThread(reactor.stop)
-
-    threading.Thread(target=watch_parent, daemon=True).start()
-    reactor.run()
-    return 0
-
-
 def _admin_args(args: argparse.Namespace) -> dict[str, Any]:
     s = _settings(args)
     return dict(host=s.host, port=s.port, username=s.username, secret_key=s.secret_key,
@@ -179,7 +141,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"server": cmd_server, "node": cmd_node, "local": cmd_local, "kill": cmd_kill,
+COMMANDS = {"server": cmd_server, "node": cmd_node, "kill": cmd_kill,
             "status": cmd_status}
 
 

@@ -13,14 +13,13 @@ import itertools
 import os
 import sys
 import threading
-import weakref
 from collections import OrderedDict
 from typing import Any, Callable, Iterable, Iterator
 
 from achilles import _reactor
 from achilles.config import cluster_configured, require_secret, resolve
 from achilles.controller import ApplyHandle, Controller, JobHandle
-from achilles.core.job import FAILED, Outcome, default_chunksize, window_for
+from achilles.core.job import Outcome, default_chunksize, window_for
 from achilles.errors import (ChunkFailedError, ConnectionLostError, SerializationError,
                              TimeoutError, rebuild_exc)
 from achilles.local import LocalCluster
