@@ -1,6 +1,7 @@
 """Stress: many rounds of random faults under several concurrent jobs. On demand only:
 
-    ACHILLES_STRESS_ROUNDS=30 python -m pytest -m stress -s tests/chaos/test_stress.py
+    ACHILLES_STRESS_ROUNDS=30 python -m pytest -o faulthandler_timeout=0 -m stress -s \
+        tests/chaos/test_stress.py
 
 Each round runs three jobs at once (map, imap, imap_unordered) on a server and three
 nodes, and injects one fault at a random moment: a node SIGKILLed (a fresh node joins
