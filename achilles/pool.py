@@ -217,13 +217,41 @@ class IMapIterator:
         self._raise: BaseException | None = None
         self._done = False
 
-    def __iter__(self) -> "IMapIterator":
-        return self
+    def __iter__(self) -> Iterator[Any]:
+        """A generator over the results: a ``for`` loop then pays a generator resumption
+        per item rather than a method call. For a fast function the caller's own loop is
+        what limits an imap (W5: two million items), and this halves our share of it."""
+        return self._results()
 
-    def __next__(self) -> Any:
-        return self.next()
+    def _results(self) -> Iterator[Any]:
+        counting = not isinstance(self._bar, _NoBar)
+        while True:
+            items, bar = self._items, self._bar
+            pos = self._pos
+            while pos < len(items):
+                item = items[pos]
+                pos += 1
+                self._pos = pos  # right at every yield: the loop may stop anywhere
+                if counting:
+                    bar.update(1)
+                yield item
+            try:
+                self._wait_items(None)
+            except StopIteration:
+                return
 
     def next(self, timeout: float | None = None) -> Any:
+        if self._pos >= len(self._items):
+            self._wait_items(timeout)
+        item = self._items[self._pos]
+        self._pos += 1
+        self._bar.update(1)
+        return item
+
+    __next__ = next
+
+    def _wait_items(self, timeout: float | None) -> None:
+        """Until there are items to take; StopIteration at the end, or the job's error."""
         while self._pos >= len(self._items):
             if self._raise is not None:
                 exc, self._raise = self._raise, None
@@ -237,12 +265,6 @@ class IMapIterator:
             except KeyboardInterrupt:  # Ctrl-C: stop the job on the cluster too
                 self._finish(cancel=True)
                 raise
-        item = self._items[self._pos]
-        self._pos += 1
-        self._bar.update(1)
-        return item
-
-    __next__ = next  # type: ignore[assignment]
 
     def _refill(self, timeout: float | None) -> None:
         handle = self._handle

@@ -209,3 +209,18 @@ def test_processes_caps_concurrency(cluster):
     with Pool(1, **cluster.kwargs()) as p:
         pids = p.map(tasks.pid, range(6), chunksize=1)
     assert len(pids) == 6
+
+
+def test_imap_iteration_mixes_next_and_for(pool):
+    """next(), a for loop that breaks, and another for loop over one imap share one
+    position: every result comes once, in order."""
+    it = pool.imap(tasks.square, range(30), 4)
+    got = [next(it), it.next(timeout=30)]
+    for x in it:
+        got.append(x)
+        if len(got) == 10:
+            break
+    got.extend(it)
+    assert got == [x * x for x in range(30)]
+    with pytest.raises(StopIteration):
+        next(it)
