@@ -219,11 +219,16 @@ def _die_with_node(node_pid: int) -> None:
     threading.Thread(target=watch, daemon=True, name="achilles-node-watch").start()
 
 
-def _runtime(job: str, bundle: bytes) -> dict[str, Any]:
+def _runtime(job: str, bundle: bytes | str) -> dict[str, Any]:
+    """The job's loaded code (once per job per worker); ``bundle`` is its bytes, or the
+    path of the file the node spooled a large one to."""
     rt = _jobs.get(job)
     if rt is not None:
         _jobs.move_to_end(job)
         return rt
+    if isinstance(bundle, str):
+        with open(bundle, "rb") as f:
+            bundle = f.read()
     rt = loads_function(bundle)
     if rt["initializer"] is not None and rt["pool"] not in _initialized:
         rt["initializer"](*rt["initargs"])
@@ -242,7 +247,7 @@ def _error(exc: BaseException, tb: str | None = None) -> tuple[str, bytes, float
     return ERROR, dumps_exception(exc, tb or traceback.format_exc()), 0.0
 
 
-def run_chunk(number: int, job: str, seq: int, bundle: bytes,
+def run_chunk(number: int, job: str, seq: int, bundle: bytes | str,
               payload: bytes) -> tuple[str, bytes, float]:
     """Run one chunk; return ``(status, payload, seconds)``; never raises an Exception.
 
@@ -261,7 +266,8 @@ def run_chunk(number: int, job: str, seq: int, bundle: bytes,
     return result
 
 
-def _run(job: str, seq: int, bundle: bytes, payload: bytes) -> tuple[str, bytes, float]:
+def _run(job: str, seq: int, bundle: bytes | str,
+         payload: bytes) -> tuple[str, bytes, float]:
     start = time.perf_counter()
     try:
         rt = _runtime(job, bundle)

@@ -67,14 +67,18 @@ class LocalCluster:
         self._node.start()
         return port
 
+    def worker_pids(self) -> list[int]:
+        """The node's worker processes (of its current pool)."""
+        node = self._node
+        if node is None or node.executor.closed:
+            return []
+        return [p.pid for p in node.executor.gen.procs if p.pid]
+
     def pids(self) -> list[int]:
         """The processes doing the work: the fork server and the node's workers."""
         from multiprocess import forkserver
-        pids = [forkserver._forkserver._forkserver_pid]
-        node = self._node
-        if node is not None and not node.executor.closed:
-            pids += [p.pid for p in node.executor.gen.procs]
-        return [p for p in pids if p]
+        server = forkserver._forkserver._forkserver_pid
+        return ([server] if server else []) + self.worker_pids()
 
     def _stop(self) -> None:
         """In the reactor thread: kill the workers, stop listening, drop the peers."""

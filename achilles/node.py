@@ -18,9 +18,11 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-import random
 import pickle
+import random
+import shutil
 import signal
+import tempfile
 import threading
 import time
 from collections import deque
@@ -45,6 +47,8 @@ from achilles.protocol.messages import (CRASHED, OK, TIMEOUT, Cancel, Drain, Err
 log = logging.getLogger("achilles.node")
 
 WATCH_INTERVAL = 0.1
+#: job code bundles larger than this reach the workers through a file (see function)
+SPOOL_ABOVE = 256 * 1024
 
 
 def _signal_name(code: int | None) -> str:
@@ -190,8 +194,11 @@ class Executor:
         self.reactor = reactor
         self.name = name
         self.ctx = _worker.context()
-        self.bundles: dict[str, bytes] = {}
+        # a job's code: bytes, or for a large bundle the path of its spooled copy
+        self.bundles: dict[str, bytes | str] = {}
+        self._spool = ""  # a private directory, made when first needed
         self.job_numbers: dict[str, int] = {}  # the slot table holds numbers, not ids
+        self._next_number = itertools.count(1)
         self.waiting: deque[Item] = deque()
         self.running: dict[tuple[str, int], Item] = {}
         self.done = 0
@@ -208,8 +215,33 @@ class Executor:
 
     # -- work in -----------------------------------------------------------------------
     def function(self, job: str, bundle: bytes) -> None:
-        self.bundles[job] = bundle
-        self.job_numbers.setdefault(job, len(self.job_numbers) + 1)
+        """A job's code. Every task carries it to the workers (any worker may take any
+        task; each loads it once): a large one, such as a ``__main__`` whose functions
+        refer to big globals, goes in a file the workers read instead, or a 10 MB bundle
+        would be copied through the pipe with every chunk."""
+        if job not in self.job_numbers:
+            self.job_numbers[job] = next(self._next_number)
+        self._unspool(job)
+        self.bundles[job] = self._spooled(job, bundle) if len(bundle) > SPOOL_ABOVE \
+            else bundle
+
+    def _spooled(self, job: str, bundle: bytes) -> str:
+        if not self._spool:
+            shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
+            self._spool = tempfile.mkdtemp(prefix="achilles-node-", dir=shm)
+        path = os.path.join(self._spool, f"job-{self.job_numbers[job]}")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(bundle)
+        return path
+
+    def _unspool(self, job: str) -> None:
+        path = self.bundles.pop(job, None)
+        if isinstance(path, str):
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
 
     def submit(self, job: str, seq: int, payload: bytes, timeout: float) -> None:
         self.waiting.append(Item(job, seq, payload, timeout))
@@ -323,7 +355,7 @@ class Executor:
 
     def cancel(self, job: str) -> None:
         """Drop a job: its waiting chunks, its running ones (their workers are killed)."""
-        self.bundles.pop(job, None)
+        self._unspool(job)
         self.job_numbers.pop(job, None)
         self.waiting = deque(i for i in self.waiting if i.job != job)
         hit = False
@@ -334,7 +366,8 @@ class Executor:
             self._rebuild()
 
     def cancel_all(self) -> None:
-        self.bundles.clear()
+        for job in list(self.bundles):
+            self._unspool(job)
         self.job_numbers.clear()
         self.waiting.clear()
         if self.running:
@@ -350,6 +383,8 @@ class Executor:
         if self._watcher.running:
             self._watcher.stop()
         self.gen.kill()
+        if self._spool:
+            shutil.rmtree(self._spool, ignore_errors=True)
 
 
 class NodeProtocol(ClientProtocol):

@@ -26,7 +26,7 @@ def _gone(pid: int) -> bool:
 def _workers(pool) -> list[int]:
     """The embedded node's worker processes (the fork server outlives a pool, as
     multiprocessing's does, and serves the next one)."""
-    return pool._local.pids()[1:]
+    return pool._local.worker_pids()
 
 
 def test_embedded_cluster_runs_and_stops(no_cluster_config):
@@ -148,3 +148,38 @@ def test_embedded_cluster_links_in_memory(no_cluster_config):
                                   secret_key=pool._local.secret)
         assert [n["slots"] for n in status["nodes"]] == [1]
         assert len(status["jobs"]) == 1
+
+
+BIG_MAIN = '''
+import os, time
+from achilles import Pool
+BIG = list(range(300_000))          # a __main__ function below refers to it: a big bundle
+
+def f(x):
+    return x + len(BIG)
+
+if __name__ == "__main__":
+    with Pool(1) as p:
+        executor = p._local._node.executor
+        print(p.map(f, range(40), chunksize=1) == [x + 300_000 for x in range(40)])
+        spool = executor._spool
+        print(bool(spool) and os.path.isdir(spool))
+        deadline = time.monotonic() + 10
+        while os.listdir(spool) and time.monotonic() < deadline:
+            time.sleep(0.02)  # sync-ok: a bounded wait for the job's end to reach the node
+        print(os.listdir(spool))
+    print(os.path.exists(spool))
+'''
+
+
+def test_large_code_bundle_is_spooled_once(tmp_path):
+    """A job whose code is large (a __main__ function referring to a big global) runs
+    correctly with one chunk per item; its code reaches the workers through a spooled
+    file, removed when the job ends, and the spool directory goes with the node."""
+    script = tmp_path / "bigmain.py"
+    script.write_text(BIG_MAIN)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ACHILLES_")}
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         timeout=120, cwd=tmp_path, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[:4] == ["True", "True", "[]", "False"]
