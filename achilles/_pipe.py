@@ -31,6 +31,9 @@ _JOIN_BELOW = 64 * 1024
 READ_BUDGET = 8 * 1024 * 1024
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 PIPE_SIZE = 1024 * 1024
+#: the first read of a burst: os.read allocates the whole size it is asked for (a 1 MiB
+#: buffer is an mmap and munmap per read), and most bursts are a result or two
+FIRST_READ = 64 * 1024
 
 
 def widen(fd: int) -> None:
@@ -117,9 +120,10 @@ class PipeReader:
     def doRead(self) -> None:  # noqa: N802
         messages: list[bytes] = []
         budget = READ_BUDGET
+        size = FIRST_READ  # grows while reads come back full
         while budget > 0 and self.active:
             try:
-                data = os.read(self.fd, min(budget, 1024 * 1024))
+                data = os.read(self.fd, min(budget, size))
             except BlockingIOError:
                 break
             except OSError:
@@ -134,8 +138,9 @@ class PipeReader:
                 break
             budget -= len(data)
             messages.extend(self.splitter.feed(data))
-            if len(data) < 65536:  # the pipe is (very likely) empty now
+            if len(data) < size:  # the pipe is (very likely) empty now
                 break
+            size = min(size * 4, PIPE_SIZE)
         if messages:
             self.on_messages(messages)
 

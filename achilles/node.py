@@ -48,7 +48,7 @@ log = logging.getLogger("achilles.node")
 
 WATCH_INTERVAL = 0.1
 #: job code bundles larger than this reach the workers through a file (see function)
-SPOOL_ABOVE = 256 * 1024
+SPOOL_ABOVE = 4 * 1024
 
 
 def _signal_name(code: int | None) -> str:
@@ -216,9 +216,10 @@ class Executor:
     # -- work in -----------------------------------------------------------------------
     def function(self, job: str, bundle: bytes) -> None:
         """A job's code. Every task carries it to the workers (any worker may take any
-        task; each loads it once): a large one, such as a ``__main__`` whose functions
-        refer to big globals, goes in a file the workers read instead, or a 10 MB bundle
-        would be copied through the pipe with every chunk."""
+        task; each loads it once), so all but a small one go in a file the workers read
+        instead: a ``__main__`` whose functions refer to big globals made a 10 MB bundle
+        that was copied through the pipe with every chunk, and even a few kilobytes
+        (shipped module sources) cost a pickling and a copy per chunk."""
         if job not in self.job_numbers:
             self.job_numbers[job] = next(self._next_number)
         self._unspool(job)
