@@ -239,10 +239,6 @@ def _runtime(job: str, bundle: bytes | str) -> dict[str, Any]:
     return rt
 
 
-def forget(job: str) -> None:
-    _jobs.pop(job, None)
-
-
 def _error(exc: BaseException, tb: str | None = None) -> tuple[str, bytes, float]:
     return ERROR, dumps_exception(exc, tb or traceback.format_exc()), 0.0
 

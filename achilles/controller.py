@@ -44,9 +44,7 @@ class JobHandle:
     isolated = False  # a failed chunk ends the job
 
     def __init__(self, function: bytes, ordered: bool, window: int, max_attempts: int = 3,
-                 timeout: float = 0.0, limit: int = 0,
-                 on_outcome: Callable[["JobHandle"], None] | None = None,
-                 total: int = -1) -> None:
+                 timeout: float = 0.0, limit: int = 0, total: int = -1) -> None:
         self.id = uuid.uuid4().hex
         self.function = function
         self.max_attempts = max_attempts
@@ -58,7 +56,6 @@ class JobHandle:
         self.cond = threading.Condition()
         self.error: BaseException | None = None  # the connection failed for good
         self.cancelled = False
-        self.on_outcome = on_outcome  # called in the reactor thread after each result
 
     # reactor thread ----------------------------------------------------------------
     def deliver(self, seq: int, status: str, payload: bytes, elapsed: float) -> None:
@@ -70,24 +67,18 @@ class JobHandle:
                 self.chunker.observe(pos[1] - pos[0], elapsed)
                 self.core.observe(elapsed)
             self.cond.notify_all()
-        if self.on_outcome is not None:
-            self.on_outcome(self)
 
     def deliver_failure(self, seq: int, detail: str) -> None:
         with self.cond:
             if not self.core.on_failed(seq, detail):
                 return
             self.cond.notify_all()
-        if self.on_outcome is not None:
-            self.on_outcome(self)
 
     def fail(self, exc: BaseException) -> None:
         with self.cond:
             if self.error is None:
                 self.error = exc
             self.cond.notify_all()
-        if self.on_outcome is not None:
-            self.on_outcome(self)
 
     def unfinished(self) -> list[tuple[int, bytes]]:
         with self.cond:
@@ -310,11 +301,6 @@ class Controller:
         if self.proto is None:
             self._arm_give_up()  # a job waits for the server at most reconnect_timeout
         self._send_submit(handle)
-
-    def submit_with_chunk(self, handle: JobHandle, seq: int, payload: bytes) -> None:
-        self.submit(handle)
-        if handle.id in self.jobs:  # at once: an apply waits for nothing else
-            self._send(Chunk(handle.id, seq), payload)
 
     def send_call(self, handle: ApplyHandle, seq: int, payload: bytes) -> None:
         """One apply call: its job is submitted first if this connection does not have

@@ -402,17 +402,14 @@ class Pool:
             raise ValueError("Pool not running")
 
     def _new_job(self, func: Callable[..., Any], mode: str, ordered: bool,
-                 on_outcome: Callable[[JobHandle], None] | None = None,
-                 window: int | None = None, total: int = -1,
-                 submit: bool = True) -> JobHandle:
+                 total: int = -1) -> JobHandle:
         self._check_running()
         function = dumps_function(func, mode, self._initializer, self._initargs, self._id)
-        handle = JobHandle(function, ordered, window or window_for(self._processes),
-                           self._max_attempts, self._timeout, self._limit, on_outcome, total)
+        handle = JobHandle(function, ordered, window_for(self._processes),
+                           self._max_attempts, self._timeout, self._limit, total)
         with self._jobs_lock:
             self._jobs.add(handle)
-        if submit:
-            _reactor.call_soon(self._ctl.submit, handle)
+        _reactor.call_soon(self._ctl.submit, handle)
         return handle
 
     def _job_done(self, handle: JobHandle, cancel: bool) -> None:
