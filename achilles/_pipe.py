@@ -118,6 +118,17 @@ class PipeReader:
         return "achilles-pool-results"
 
     def doRead(self) -> None:  # noqa: N802
+        messages, closed = self.read_available()
+        if messages:
+            self.on_messages(messages)
+        if closed:
+            self.stop()
+            if self.on_closed is not None:
+                self.on_closed()
+
+    def read_available(self) -> tuple[list[bytes], bool]:
+        """The complete messages in the pipe now (up to READ_BUDGET bytes), and whether
+        every writer is gone (the pool is being torn down)."""
         messages: list[bytes] = []
         budget = READ_BUDGET
         size = FIRST_READ  # grows while reads come back full
@@ -128,21 +139,14 @@ class PipeReader:
                 break
             except OSError:
                 data = b""
-            if not data:  # every writer is gone: the pool is being torn down
-                if messages:
-                    self.on_messages(messages)
-                    messages = []
-                self.stop()
-                if self.on_closed is not None:
-                    self.on_closed()
-                break
+            if not data:
+                return messages, True
             budget -= len(data)
             messages.extend(self.splitter.feed(data))
             if len(data) < size:  # the pipe is (very likely) empty now
                 break
             size = min(size * 4, PIPE_SIZE)
-        if messages:
-            self.on_messages(messages)
+        return messages, False
 
     def stop(self) -> None:
         """Stop reading (the descriptor itself belongs to the pool and is not closed)."""

@@ -267,8 +267,15 @@ class Executor:
 
     # -- results, read from the pool's result pipe by the reactor ----------------------
     def _results(self, gen: Generation, messages: list[bytes]) -> None:
-        """Everything one read of the result pipe brought: (task number, index,
-        (ok, value)) per chunk, as multiprocess's worker loop writes it."""
+        """Everything one read of the result pipe brought; then the freed room is
+        filled and the results are sent on."""
+        self._take(gen, messages)
+        self._fill()
+        self.on_flush()
+
+    def _take(self, gen: Generation, messages: list[bytes]) -> None:
+        """(task number, index, (ok, value)) per chunk, as multiprocess's worker loop
+        writes it."""
         for data in messages:
             message = pickle.loads(data)
             if message is None:  # a sentinel of the pool's own teardown
@@ -281,8 +288,6 @@ class Executor:
                 value = (CRASHED, f"pool error on node {self.name}: {value!r}".encode(),
                          0.0)
             self._done(gen, key, value)
-        self._fill()
-        self.on_flush()
 
     def _done(self, gen: Generation, key: tuple[str, int], result: Any) -> None:
         item = self.running.get(key)
@@ -331,7 +336,9 @@ class Executor:
         if self.closed:
             return
         old = self.gen
-        old.results.doRead()  # results its workers wrote before it went: not lost
+        # results its workers wrote before it went are not lost (and no new chunk is
+        # given to a pool about to be killed)
+        self._take(old, old.results.read_available()[0])
         old.kill()
         self.gen = self._generation()
         blamed, status = blamed or {}, status or {}
