@@ -17,7 +17,8 @@ from twisted.internet import protocol, task
 from achilles._shell import PYTHON, FramedProtocol
 from achilles.config import LOOPBACK, Settings, require_secret
 from achilles.core import scheduler as sch
-from achilles.errors import AuthenticationError, ConfigError, ProtocolError
+from achilles.errors import (AuthenticationError, ConfigError, ProtocolError,
+                             VersionMismatchError)
 from achilles.protocol import auth
 from achilles.protocol.framing import Frame, runs, split
 from achilles.protocol.messages import (
@@ -28,6 +29,17 @@ from achilles.protocol.messages import (
 log = logging.getLogger("achilles.server")
 
 TICK = 1.0
+
+#: most characters of a peer's own text (its Python version, name) put in a log line
+SHOWN_MAX = 64
+
+
+def shown(text: str, limit: int = SHOWN_MAX) -> str:
+    """Peer-supplied text for a log line: quoted, control characters escaped (``repr``),
+    cut to ``limit`` characters."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} chars)"
 
 # What each role may send once authenticated.
 ALLOWED: dict[str, tuple[type[Message], ...]] = {
@@ -107,16 +119,26 @@ class ServerProtocol(FramedProtocol):
                                 f"{msg.role} {self.peer_desc}")
             expected = auth.peer_digest(secret, self._nonce, msg.nonce, msg.role, msg.username)
             auth.verify(expected, msg.digest, f"{msg.role} at {self.peer_desc}")
+        except ProtocolError as exc:
+            return self._refuse(msg, exc.code, exc.detail)
         except AuthenticationError as exc:
-            log.warning("refused %s: %s", self.peer_desc, exc)
-            code = "version-mismatch" if "mismatch" in str(exc) else "auth-failed"
-            return self.fail(code, str(exc))
+            code = "version-mismatch" if isinstance(exc, VersionMismatchError) else "auth-failed"
+            return self._refuse(msg, code, str(exc))
         self._handshake_timer.cancel()
         self.authenticated_ok()
         self.role = msg.role
         self.name = msg.name[:200] or self.peer_desc
         self.send(Welcome(auth.server_digest(secret, self._nonce, msg.nonce), self.peer_id))
         self.factory.peer_joined(self, msg)
+
+    def _refuse(self, msg: AuthReply, code: str, detail: str) -> None:
+        """Refuse a handshake: one log line with the peer's address and both sides'
+        versions (the peer's own text bounded and escaped), then the error frame."""
+        log.warning("refused %s from %s (%s): peer achilles protocol %d, Python %s, name %s; "
+                    "server achilles protocol %d, Python %s", shown(msg.role), self.peer_desc,
+                    code, msg.version, shown(msg.python), shown(msg.name), PROTOCOL_VERSION,
+                    PYTHON)
+        self.fail(code, detail)
 
 
 class ServerFactory(protocol.Factory):

@@ -233,8 +233,9 @@ def test_non_json_header(line: bytes) -> None:
 
 
 def test_deeply_nested_json_header() -> None:
-    """A header nested deeper than the parser's recursion limit is a ProtocolError."""
-    assert error_code(b"[" * 4000 + b"]" * 4000) == "bad-json"
+    """A deeply nested header is a ProtocolError, never a RecursionError (3.11 and 3.12
+    hit the parser's recursion limit: bad-json; 3.13 parses it: not-object)."""
+    assert error_code(b"[" * 4000 + b"]" * 4000) in ("bad-json", "not-object")
 
 
 @pytest.mark.parametrize("line", [b"[1, 2]", b'"hb"', b"3", b"null", b"true"])
