@@ -135,9 +135,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         for j in status["jobs"]:
             total = j["total"] if j["total"] is not None else f"{j['added']}+"
             progress = f"{j['done']}/{total}"
+            failed = f"  {j['failed']} failed" if j["failed"] else ""
             print(f"{j['id'][:8]:<10} {j['owner'][:24]:<24} {progress:>14} "
-                  f"{j['chunks_per_s']:>9.1f} {j['inflight']:>6} {j['retries']:>7}"
-                  f"{'  FAILED' if j['failed'] else ''}")
+                  f"{j['chunks_per_s']:>9.1f} {j['inflight']:>6} {j['retries']:>7}{failed}")
     return 0
 
 

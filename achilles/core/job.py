@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from achilles.core.pace import PREFETCH, Pace
 
 FAILED = "failed"  # a chunk the server gave up on (attempts exhausted)
+#: a chunk that never left the caller: reading or pickling its input raised
+RAISED = "raised"
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,10 +29,11 @@ class ChunkInfo:
 @dataclass(frozen=True, slots=True)
 class Outcome:
     seq: int
-    status: str  # messages.OK / messages.ERROR / FAILED
+    status: str  # messages.OK / messages.ERROR / FAILED / RAISED
     payload: bytes
     start: int
     count: int
+    exc: BaseException | None = None  # RAISED: what the input raised
 
 
 #: an automatic chunk size keeps a chunk's pickled arguments under about this many bytes
@@ -93,14 +96,13 @@ class Job:
         self.items = 0  # arguments read from the input
         self.consumed = 0  # chunks handed to the caller
         self.input_done = False
-        self.failed = False  # an error or a failed chunk was seen: add no more
 
     @property
     def outstanding(self) -> int:
         return self.added - self.consumed
 
     def can_add(self) -> bool:
-        return not self.failed and self.outstanding < self.window
+        return self.outstanding < self.window
 
     def add(self, payload: bytes, count: int) -> int:
         """Record a new chunk of ``count`` arguments; return its sequence number."""
@@ -110,12 +112,27 @@ class Job:
         self.items += count
         return seq
 
+    def add_raised(self, exc: BaseException, count: int = 0) -> int:
+        """A chunk that failed before it could be sent (its input raised while being
+        read, or would not pickle): its outcome is ready at once, in its place. As in
+        multiprocessing, the job's other chunks are not affected."""
+        seq = self.add(b"", count)
+        info = self.pending.pop(seq)
+        self._ready[seq] = Outcome(seq, RAISED, b"", info.start, count, exc)
+        return seq
+
     def observe(self, elapsed: float) -> None:
         """A chunk took ``elapsed`` s to compute. While chunks are much shorter than a
         round trip, keep more of them outstanding (the servers and nodes queue deeper
         too, see Pace), up to MAX_PREFETCH / PREFETCH times the base window; longer
         chunks keep the base."""
         self.window = self.base_window * (self.pace.observe(elapsed) // PREFETCH)
+
+    def lift_window(self) -> None:
+        """No limit on outstanding chunks any more: the caller waits for every task to
+        run before it consumes (``join()`` before reading an ``imap``), as
+        multiprocessing allows; the results then wait in memory."""
+        self.window = self.base_window = 1 << 62
 
     def close_input(self) -> None:
         self.input_done = True
@@ -126,8 +143,6 @@ class Job:
         if info is None:
             return False
         self._ready[seq] = Outcome(seq, status, payload, info.start, info.count)
-        if status != "ok":
-            self.failed = True
         return True
 
     def on_failed(self, seq: int, detail: str) -> bool:
@@ -151,6 +166,10 @@ class Job:
     def finished(self) -> bool:
         """Every chunk of a closed input has been handed to the caller."""
         return self.input_done and self.consumed == self.added
+
+    def complete(self) -> bool:
+        """Every chunk of a closed input has its outcome (taken or not)."""
+        return self.input_done and not self.pending
 
     def unfinished(self) -> list[tuple[int, bytes]]:
         """Chunks still waiting for a result, to send again after a reconnect."""

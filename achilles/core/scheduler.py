@@ -221,7 +221,7 @@ class JobState:
     payloads: dict[int, bytes] = field(default_factory=dict)
     inflight: dict[int, int] = field(default_factory=dict)  # seq -> node
     attempts: dict[int, int] = field(default_factory=dict)
-    cutoff: int | None = None  # after a failure: chunks above it are dropped
+    failures: int = 0  # chunks that raised or were given up on (the job goes on)
     total: int = -1  # chunks expected, -1 if unknown
     added: int = 0
     done: int = 0
@@ -316,8 +316,6 @@ class Scheduler:
         if job is None:
             self._out.append(Refuse(owner, f"chunk for unknown job {job_id}"))
             return False
-        if job.cutoff is not None and seq > job.cutoff:
-            return True
         if seq in job.payloads:
             return True  # re-sent after a reconnect, still pending here
         job.payloads[seq] = payload
@@ -394,9 +392,9 @@ class Scheduler:
             del job.payloads[seq]
             if job.isolated:  # a long-lived job: keep no history of its chunks
                 job.attempts.pop(seq, None)
+            if status == ERROR:
+                job.failures += 1
             self._out.append(ForwardResult(job.owner, job.id, seq, status, payload, elapsed))
-            if status == ERROR and not job.isolated:
-                self._cut(job, seq)
         elif status in (CRASHED, TIMEOUT):
             self._retry(job, seq, status, payload.decode("utf-8", "replace"))
         else:  # CANCELLED: the node dropped it without running it
@@ -410,21 +408,12 @@ class Scheduler:
             job.payloads.pop(seq, None)
             if job.isolated:
                 del job.attempts[seq]
+            job.failures += 1
             self._out.append(FailJob(job.owner, job.id, seq, status,
                                      f"{detail} (attempt {attempts} of {job.max_attempts})"))
-            if not job.isolated:
-                self._cut(job, seq)
             return
         job.retries += 1
         job.queue.appendleft(seq)
-
-    def _cut(self, job: JobState, seq: int) -> None:
-        """After chunk ``seq`` failed, drop every chunk after it (the job will raise)."""
-        job.cutoff = seq if job.cutoff is None else min(job.cutoff, seq)
-        cutoff = job.cutoff
-        job.queue = deque(s for s in job.queue if s <= cutoff)
-        for s in [s for s in job.payloads if s > cutoff and s not in job.inflight]:
-            del job.payloads[s]
 
     # -- dispatch --------------------------------------------------------------------
     def _pick_job(self) -> JobState | None:
@@ -469,5 +458,5 @@ class Scheduler:
                       "queued": len(j.queue), "inflight": len(j.inflight),
                       "retries": j.retries, "age": round(self._now - j.submitted, 3),
                       "chunks_per_s": round(j.done / max(self._now - j.submitted, 1e-9), 2),
-                      "failed": j.cutoff is not None} for j in self.jobs.values()],
+                      "failed": j.failures} for j in self.jobs.values()],
         }

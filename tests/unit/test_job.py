@@ -6,7 +6,7 @@ import types
 
 import pytest
 
-from achilles.core.job import (CHUNK_BYTES, FAILED, AdaptiveChunker, Job, Outcome,
+from achilles.core.job import (CHUNK_BYTES, FAILED, RAISED, AdaptiveChunker, Job, Outcome,
                                default_chunksize, window_for)
 from achilles.core.pace import MAX_PREFETCH, PREFETCH, QUEUED_WORK
 from achilles.protocol.messages import ERROR, OK
@@ -47,11 +47,38 @@ def test_window_is_at_least_one() -> None:
     assert not job.can_add()
 
 
-def test_failure_stops_adding() -> None:
-    """Once a chunk failed, no more chunks are added even below the window."""
+def test_failure_does_not_stop_adding() -> None:
+    """A failed chunk does not stop the job: chunks are still added below the window
+    (multiprocessing runs a job's other tasks after one raised)."""
     job = filled(window=100, chunks=2)
     job.on_result(1, ERROR, b"exc")
-    assert job.failed and not job.can_add()
+    assert job.can_add()
+
+
+def test_raised_input_takes_its_place_in_order() -> None:
+    """A chunk whose input raised before it was sent is ready at once, in its position,
+    after the results of the chunks before it, and the job can go on."""
+    job = filled(ordered=True, chunks=2, per_chunk=3)
+    boom = ValueError("input")
+    seq = job.add_raised(boom)
+    assert seq == 2 and job.items == 6
+    assert job.take() == []  # chunks 0 and 1 first
+    job.on_result(0, OK, res(0))
+    job.on_result(1, OK, res(1))
+    assert job.take() == [Outcome(0, OK, res(0), 0, 3), Outcome(1, OK, res(1), 3, 3),
+                          Outcome(2, RAISED, b"", 6, 0, boom)]
+    job.close_input()
+    assert job.complete() and job.finished()
+
+
+def test_complete_before_the_results_are_taken() -> None:
+    """complete() is true once every outcome is in, whether or not the caller took it."""
+    job = filled(chunks=2)
+    job.close_input()
+    job.on_result(0, OK, res(0))
+    assert not job.complete()
+    job.on_result(1, OK, res(1))
+    assert job.complete() and not job.finished()
 
 
 # --- results ------------------------------------------------------------------------------
@@ -99,7 +126,7 @@ def test_unordered_take_gives_all_arrived() -> None:
 
 @pytest.mark.parametrize("fail", ["error", "on_failed"])
 def test_failure_at_k_is_delivered_in_position(fail: str) -> None:
-    """A failed chunk k sets `failed` and is delivered after chunks 0..k-1, in order."""
+    """A failed chunk k is delivered after chunks 0..k-1, in order."""
     job = filled(ordered=True, chunks=4, per_chunk=2)
     if fail == "error":
         assert job.on_result(2, ERROR, b"exc")
@@ -107,7 +134,6 @@ def test_failure_at_k_is_delivered_in_position(fail: str) -> None:
     else:
         assert job.on_failed(2, "worker died")
         expected = Outcome(2, FAILED, b"worker died", 4, 2)
-    assert job.failed
     assert job.take() == []
     job.on_result(1, OK, res(1))
     job.on_result(0, OK, res(0))

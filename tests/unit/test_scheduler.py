@@ -234,8 +234,9 @@ def test_all_nodes_draining_leaves_work_queued() -> None:
 
 
 # --- failures -----------------------------------------------------------------------------
-def test_crashed_chunk_retried_until_max_attempts_then_job_fails() -> None:
-    """A crashing chunk is retried first in line, then fails the job naming the chunk."""
+def test_crashed_chunk_retried_until_max_attempts_then_fails_alone() -> None:
+    """A crashing chunk is retried first in line, then reported failed, naming the chunk;
+    the job's other chunks go on."""
     s = Scheduler()
     join(s, 1)
     submit(s, max_attempts=2)
@@ -243,11 +244,13 @@ def test_crashed_chunk_retried_until_max_attempts_then_job_fails() -> None:
     assert report(s, 1, "j", 0, CRASHED, b"worker died (signal 11)") == [task(1, "j", 0)]
     assert list(s.jobs["j"].queue) == [2]
     assert report(s, 1, "j", 0, CRASHED, b"worker died (signal 11)") == [
-        FailJob(OWNER, "j", 0, CRASHED, "worker died (signal 11) (attempt 2 of 2)")]
-    assert list(s.jobs["j"].queue) == []  # chunk 2, after the failed one, is dropped
-    assert add(s, "j", 3) == []  # and later ones are not queued
-    assert report(s, 1, "j", 1) == [forward("j", 1)]  # in flight already: still forwarded
-    assert s.snapshot()["jobs"][0]["failed"] is True  # type: ignore[index]
+        FailJob(OWNER, "j", 0, CRASHED, "worker died (signal 11) (attempt 2 of 2)"),
+        task(1, "j", 2)]
+    assert list(s.jobs["j"].queue) == []  # the job goes on, as multiprocessing's does
+    assert add(s, "j", 3) == []  # later chunks are still queued
+    assert list(s.jobs["j"].queue) == [3]
+    assert report(s, 1, "j", 1) == [forward("j", 1), task(1, "j", 3)]
+    assert s.snapshot()["jobs"][0]["failed"] == 1  # type: ignore[index]
 
 
 def test_timeout_result_is_retried_like_a_crash() -> None:
@@ -273,29 +276,19 @@ def test_node_loss_counts_towards_max_attempts() -> None:
         ClusterChanged(1, 1)]
 
 
-def test_error_result_forwarded_and_later_chunks_cut() -> None:
-    """A task's ERROR result is forwarded and no chunk after it is dispatched."""
+def test_error_result_forwarded_and_the_job_goes_on() -> None:
+    """A task's ERROR result is forwarded and the job's other chunks still run (as in
+    multiprocessing, a raising task does not stop the others)."""
     s = Scheduler()
     join(s, 1)
     submit(s)
     add(s, "j", 0, 1, 2, 3)
-    assert report(s, 1, "j", 0, ERROR, b"exc") == [forward("j", 0, ERROR, payload=b"exc")]
-    assert list(s.jobs["j"].queue) == []
-    assert sorted(s.jobs["j"].payloads) == [1]  # only the one still in flight
+    assert report(s, 1, "j", 0, ERROR, b"exc") == [forward("j", 0, ERROR, payload=b"exc"),
+                                                    task(1, "j", 2)]
+    assert list(s.jobs["j"].queue) == [3]
     assert add(s, "j", 4) == []
-
-
-def test_error_keeps_earlier_queued_chunks() -> None:
-    """Chunks before the failed one stay queued: ordered output needs them."""
-    s = Scheduler()
-    join(s, 1)
-    submit(s)
-    add(s, "j", 0, 1, 2, 3)
-    s.handle(NodeLost(1, "gone"), 1.0)  # 0 and 1 go back to the queue: [0, 1, 2, 3]
-    join(s, 2)  # takes 0 and 1
-    assert report(s, 2, "j", 1, ERROR, b"exc") == [forward("j", 1, ERROR, payload=b"exc")]
-    assert list(s.jobs["j"].queue) == []
-    assert s.jobs["j"].inflight == {0: 2}
+    assert list(s.jobs["j"].queue) == [3, 4]
+    assert s.snapshot()["jobs"][0]["failed"] == 1  # type: ignore[index]
 
 
 def test_isolated_job_error_fails_only_its_chunk() -> None:
@@ -309,7 +302,7 @@ def test_isolated_job_error_fails_only_its_chunk() -> None:
     assert list(s.jobs["j"].queue) == [3]
     assert add(s, "j", 4) == []  # queued behind 3, not dropped
     assert list(s.jobs["j"].queue) == [3, 4]
-    assert s.snapshot()["jobs"][0]["failed"] is False  # type: ignore[index]
+    assert s.snapshot()["jobs"][0]["failed"] == 1  # type: ignore[index]
 
 
 def test_isolated_job_outlives_a_chunk_that_fails_for_good() -> None:
@@ -514,7 +507,7 @@ def test_snapshot_shape() -> None:
                    "draining": False}],
         "jobs": [{"id": "j", "owner": OWNER, "done": 1, "total": None, "added": 2,
                   "queued": 0, "inflight": 1, "retries": 0, "age": 2.0,
-                  "chunks_per_s": 0.5, "failed": False}],
+                  "chunks_per_s": 0.5, "failed": 0}],
     }
 
 
