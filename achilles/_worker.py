@@ -6,6 +6,13 @@ pure-Python one, so we keep it away from user data); the worker loads the job's 
 that go back to the server unopened. While it runs a chunk, its slot in a shared
 :class:`SlotTable` names the chunk, so the node knows which chunk died with a worker,
 or which worker to kill on a timeout.
+
+A pool's ``maxtasksperchild`` (its bundle's ``maxtasks``) is honoured here: a worker
+counts the chunks (tasks) it ran per pool, and once one pool's count reaches that
+pool's limit, the worker retires after that chunk's result is sent. It reads no further
+task (its next ``get`` returns the worker loop's sentinel, so no task is lost), frees its
+slot and exits with code 0; the pool's worker handler starts a fresh worker, which
+claims the freed slot, and the node tells this retirement from a crash by the freed slot.
 """
 from __future__ import annotations
 
@@ -30,14 +37,18 @@ _node_name = "?"
 _jobs: OrderedDict[str, dict[str, Any]] = OrderedDict()
 _MAX_JOBS = 16
 _initialized: set[str] = set()  # pools whose initializer ran in this worker
+_tasks: dict[str, int] = {}  # chunks run here, per pool that has a maxtasksperchild
+_retiring = False  # a pool's maxtasksperchild was reached: take no further task
 
 
 class SlotTable:
     """Shared memory a node and its pool workers use to say who runs what.
 
-    Worker ``i`` of a pool generation owns slot ``i``: its pid, and while it runs a
+    Each live worker of a pool generation owns one slot: its pid, and while it runs a
     chunk, the job's number (0: idle), the sequence number and the start time
-    (``time.monotonic``, the same clock in every process of the machine).
+    (``time.monotonic``, the same clock in every process of the machine). A worker that
+    retires (``maxtasksperchild``) frees its slot (pid 0) for its replacement; a worker
+    that dies any other way keeps it, so its pid still names what it was running.
     """
 
     def __init__(self, index: Any, pids: Any, jobs: Any, seqs: Any, starts: Any) -> None:
@@ -46,19 +57,27 @@ class SlotTable:
 
     @classmethod
     def create(cls, ctx: Any, n: int) -> "SlotTable":
+        # of ``index`` only the lock is used now (it guards claims and releases)
         return cls(ctx.Value("i", 0), ctx.Array("q", n, lock=False),
                    ctx.Array("q", n, lock=False), ctx.Array("q", n, lock=False),
                    ctx.Array("d", n, lock=False))
 
     def claim(self) -> int:
-        """A new worker takes the next slot (-1 for a replacement beyond the table)."""
+        """A new worker takes a free slot (-1 if none is: a replacement for a worker that
+        died without freeing its own, in a generation the node is about to replace)."""
+        pid = os.getpid()
         with self.index.get_lock():
-            i = self.index.value
-            self.index.value += 1
-        if i >= len(self.pids):
-            return -1
-        self.pids[i] = os.getpid()
-        return i
+            for i in range(len(self.pids)):
+                if not self.pids[i]:
+                    self.pids[i] = pid
+                    return i
+        return -1
+
+    def release(self, i: int) -> None:
+        """A retiring worker frees its slot ``i`` (it is not running a chunk)."""
+        with self.index.get_lock():
+            self.jobs[i] = 0
+            self.pids[i] = 0
 
     def busy(self) -> list[tuple[int, int, int, float]]:
         return [(self.pids[i], self.jobs[i], self.seqs[i], self.starts[i])
@@ -104,6 +123,9 @@ class PickleQueue:
         return not self._poll()
 
     def get(self) -> Any:
+        if _retiring:  # in a worker that has run its pool's maxtasksperchild: read no
+            _retire()  # further task, free the slot; None stops the worker loop
+            return None
         with self._rlock:
             data = self._reader.recv_bytes()
         return pickle.loads(data)
@@ -200,6 +222,23 @@ def init(slots: SlotTable, node_name: str, node_pid: int = 0) -> None:
     _node_name = node_name
 
 
+def _count(rt: dict[str, Any]) -> None:
+    """One more chunk of a pool with a ``maxtasksperchild`` ran here: at that many, this
+    worker retires (see :func:`_retire`)."""
+    global _retiring
+    pool = rt["pool"]
+    n = _tasks[pool] = _tasks.get(pool, 0) + 1
+    if n >= rt["maxtasks"]:
+        _retiring = True
+
+
+def _retire() -> None:
+    """Free this worker's slot before it exits (code 0): its replacement claims it, and
+    the node, finding the exited pid in no slot, knows it retired and did not crash."""
+    if _slots is not None and _slot >= 0:
+        _slots.release(_slot)
+
+
 def _die_with_node(node_pid: int) -> None:
     """Exit as soon as the node's process is gone, even in the middle of a task.
 
@@ -259,6 +298,9 @@ def run_chunk(number: int, job: str, seq: int, bundle: bytes | str,
     # slot when the worker dies, or the node could not tell which chunk killed it.
     if slots is not None and i >= 0:
         slots.jobs[i] = 0
+    rt = _jobs.get(job)  # the job's loaded code (absent: it failed to load)
+    if rt is not None and rt["maxtasks"]:
+        _count(rt)
     return result
 
 

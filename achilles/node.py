@@ -12,6 +12,10 @@ when a worker's exit code appears, or a chunk passes its time limit, or a runnin
 is cancelled, the node kills that whole pool generation and starts a fresh one. The
 chunk the dead worker was running is reported as crashed (the server counts attempts);
 the other running chunks are resubmitted locally.
+
+A worker that retires (a pool's ``maxtasksperchild``, see :mod:`achilles._worker`) is
+no crash: it exits with code 0 between chunks, after freeing its slot. The pool's own
+worker handler reaps it and starts a replacement, which the node then watches too.
 """
 from __future__ import annotations
 
@@ -95,9 +99,23 @@ class _Pool(mp_pool.Pool):
     * The worker handler waits on worker exits and its change notifier only: the
       stock one also woke (and spun, holding the GIL) while a result sat in the pipe,
       9-15 ms of CPU per one-item chunk when it was measured.
+    * Every worker it starts, the first ones and the replacements of retired ones, is
+      also put in ``started``, for the node to watch: the handler reaps an exited
+      worker from ``_pool`` at once, sooner than the node's watch would see it there.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        started: deque[Any] = deque()  # appended by the worker handler thread
+        self.started = started
+
+        def process(ctx: Any, *args: Any, **kwargs: Any) -> Any:
+            worker = ctx.Process(*args, **kwargs)
+            started.append(worker)
+            return worker
+
+        # Shadows the stock staticmethod, called the same way (the handler thread keeps
+        # it: a closure, so that it does not keep the pool object alive)
+        self.Process = process  # type: ignore[method-assign]
         super().__init__(*args, **kwargs)
         # The task cache wakes the worker handler each time it empties; ours is unused.
         self._cache.notifier = _NoNotifier()
@@ -122,10 +140,11 @@ class Generation:
     """One incarnation of the pool: its workers, the slot table they write to, and
     the reactor's ends of its task and result pipes.
 
-    Slot ``i`` belongs to the ``i``-th worker of this generation: its pid, and while it
-    runs a chunk, the chunk's job number, sequence number and start time (a monotonic
-    clock shared by every process). Shared memory, not messages: it costs no thread,
-    pipe or reactor wake-up per chunk, and it is still readable after the worker died.
+    Each worker of this generation owns a slot: its pid, and while it runs a chunk, the
+    chunk's job number, sequence number and start time (a monotonic clock shared by
+    every process). Shared memory, not messages: it costs no thread, pipe or reactor
+    wake-up per chunk, and it is still readable after the worker died. A worker retired
+    by ``maxtasksperchild`` frees its slot for the replacement the pool starts.
     """
 
     def __init__(self, ctx: Any, processes: int, name: str, reactor: Any,
@@ -134,7 +153,8 @@ class Generation:
         self.slots = _worker.SlotTable.create(ctx, processes)
         self.pool = _Pool(processes, initializer=_worker.init,
                           initargs=(self.slots, name, os.getpid()), context=ctx)
-        self.procs = list(self.pool._pool)  # the workers this generation started with
+        self.procs: list[Any] = []  # its workers, but for retired ones (see dead)
+        self._adopt()
         self.tasks = PipeWriter(reactor, self.pool._inqueue._writer.fileno())
         self.results = PipeReader(reactor, self.pool._outqueue._reader.fileno(),
                                   partial(on_results, self))
@@ -148,11 +168,34 @@ class Generation:
         self.keys[number] = key
         self.tasks.send(_worker.dumps_message((number, 0, _worker.run_chunk, args, {})))
 
+    def _adopt(self) -> None:
+        """Watch the workers the pool started since the last look."""
+        started = self.pool.started
+        while started:
+            self.procs.append(started.popleft())
+
     def dead(self) -> list[Any]:
-        # returncode is set by the pool's own handler thread when it reaps a worker;
-        # reading it here (not calling poll) avoids racing that thread for the sentinel.
-        return [p for p in self.procs if p._popen is not None
-                and p._popen.returncode is not None]
+        """The workers that died, retired ones excepted: a worker that exited with code 0
+        after freeing its slot (which it does only between chunks, to retire) is no
+        longer watched, and the replacement the pool started for it is. Once per watch,
+        not per chunk; no system call."""
+        self._adopt()
+        dead, keep, pids = [], [], None
+        for p in self.procs:
+            # returncode is set by the pool's own handler thread when it reaps a worker;
+            # reading it here (not calling poll) avoids racing that thread for the
+            # sentinel.
+            code = p._popen.returncode if p._popen is not None else None
+            if code == 0:
+                if pids is None:
+                    pids = set(self.slots.pids)
+                if p.pid not in pids:
+                    continue  # retired
+            if code is not None:
+                dead.append(p)
+            keep.append(p)
+        self.procs = keep
+        return dead
 
     def running(self) -> list[tuple[int, int, int, float]]:
         """(pid, job number, seq, start) of every worker running a chunk now."""
@@ -185,6 +228,23 @@ class Generation:
 
 class Executor:
     """Runs chunks on the pool; calls ``on_result(job, seq, status, payload, elapsed)``."""
+
+    #: set from another thread when the workers were killed on the way out (an embedded
+    #: cluster whose pool was collected): no new pool generation is started
+    abandoned = False
+
+    def kill_workers(self) -> None:
+        """SIGKILL the workers, from any thread, taking no lock and waiting for nothing
+        (a finaliser and the exit handler call it); no worker or pool replaces them.
+        ``close`` must still follow, in the reactor thread, to release the rest."""
+        self.abandoned = True
+        gen = self.gen
+        gen.pool._worker_handler._state = mp_pool.TERMINATE  # no replacement workers
+        for p in set(gen.procs) | set(gen.pool._pool):
+            try:
+                os.kill(p.pid, signal.SIGKILL)
+            except (ProcessLookupError, TypeError):
+                pass
 
     def __init__(self, processes: int, on_result: Callable[..., None], reactor: Any,
                  name: str, on_flush: Callable[[], None] = lambda: None) -> None:
@@ -333,7 +393,7 @@ class Executor:
                  status: dict[tuple[str, int], str] | None = None) -> None:
         """Kill this pool generation and start another. The chunk a dead worker was
         running is reported (the server counts its attempts); the others run again."""
-        if self.closed:
+        if self.closed or self.abandoned:
             return
         old = self.gen
         # results its workers wrote before it went are not lost (and no new chunk is

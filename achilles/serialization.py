@@ -215,13 +215,15 @@ def _from_main(obj: Any) -> bool:
 
 def dumps_function(fn: Callable[..., Any], mode: str = "map",
                    initializer: Callable[..., Any] | None = None,
-                   initargs: tuple[Any, ...] = (), pool_id: str = "") -> bytes:
+                   initargs: tuple[Any, ...] = (), pool_id: str = "",
+                   maxtasks: int | None = None) -> bytes:
     """Serialise a job's code once: ``mode`` is ``map``, ``star`` or ``apply``.
 
     Functions that pickle by reference (module-level functions of installed or local
     modules, builtins) go with the C pickle, in microseconds; lambdas, closures and
     ``__main__`` functions go by value with dill. ``pool_id`` lets workers run a pool's
-    initializer once, not once per job.
+    initializer once, not once per job, and count the pool's tasks: a worker that has run
+    ``maxtasks`` of them (the pool's ``maxtasksperchild``; None: no limit) is replaced.
 
     Raises:
         SerializationError: naming what could not be serialised.
@@ -230,13 +232,13 @@ def dumps_function(fn: Callable[..., Any], mode: str = "map",
         raise TypeError(f"{fn!r} is not callable")
     namespace = _main_namespace()
     main_key = _namespace_key(namespace)
-    key = (id(fn), mode, id(initializer), id(initargs), pool_id, main_key)
+    key = (id(fn), mode, id(initializer), id(initargs), pool_id, maxtasks, main_key)
     hit = _bundles.get(key)
     if hit is not None and hit[0][0] is fn and hit[0][1] is initializer \
             and hit[0][2] is initargs and _unchanged(hit[1]):
         return hit[2]
-    data, sources = _dumps_function(fn, mode, initializer, initargs, pool_id, namespace,
-                                    main_key)
+    data, sources = _dumps_function(fn, mode, initializer, initargs, pool_id, maxtasks,
+                                    namespace, main_key)
     if len(_bundles) >= _MAX_BUNDLES:
         del _bundles[next(iter(_bundles))]
     _bundles[key] = ((fn, initializer, initargs), _stamps(sources), data)
@@ -272,14 +274,15 @@ def _unchanged(stamps: tuple[tuple[str, int, int], ...]) -> bool:
 
 
 def _dumps_function(fn: Callable[..., Any], mode: str, initializer: Callable[..., Any] | None,
-                    initargs: tuple[Any, ...], pool_id: str, namespace: dict[str, Any],
+                    initargs: tuple[Any, ...], pool_id: str, maxtasks: int | None,
+                    namespace: dict[str, Any],
                     main_key: tuple[Any, ...]) -> tuple[bytes, dict[str, str]]:
     name = getattr(fn, "__qualname__", fn)
     try:
         main, classes = _main_bundle(namespace, main_key)
         sources = _local_sources([fn, initializer, *namespace.values()])
         parts = {"fn": fn, "mode": mode, "initializer": initializer,
-                 "initargs": tuple(initargs), "pool": pool_id}
+                 "initargs": tuple(initargs), "pool": pool_id, "maxtasks": maxtasks}
         body = None
         if not _from_main(fn) and not _from_main(initializer):
             try:
@@ -333,8 +336,10 @@ def _load_cached(kind: str, data: bytes, load: Callable[[], Any]) -> Any:
 
 
 def loads_function(data: bytes) -> dict[str, Any]:
-    """Inverse of :func:`dumps_function`, on a node's worker. A bundle seen before (the
-    same bytes) is not loaded again: a pool's many ``apply`` calls pay once."""
+    """Inverse of :func:`dumps_function`, on a node's worker: a dict of ``fn``, ``mode``,
+    ``initializer``, ``initargs``, ``pool`` (its id), ``maxtasks`` and ``main`` (the
+    shipped ``__main__`` namespace). A bundle seen before (the same bytes) is not loaded
+    again: a pool's many ``apply`` calls pay once."""
     sources, main, body = pickle.loads(data)
     if sources:
         for name, src in sources.items():
@@ -352,6 +357,7 @@ def loads_function(data: bytes) -> dict[str, Any]:
         else:
             parts = _MainUnpickler(stream, namespace).load()
         parts["main"] = namespace
+        parts.setdefault("maxtasks", None)  # a bundle from before maxtasksperchild
         return parts
 
     return _load_cached("B" + str(id(namespace)), body, load_body)  # type: ignore[no-any-return]
