@@ -10,6 +10,8 @@ released with :class:`ReactorStopped` if the reactor goes away.
 from __future__ import annotations
 
 import atexit
+import os
+import sys
 import threading
 from typing import Any, Callable
 
@@ -46,6 +48,25 @@ def ensure_started() -> Any:
 
 def in_reactor_thread() -> bool:
     return threadable.isInIOThread()
+
+
+def call_from_finalizer(fn: Callable[..., Any], *args: Any) -> bool:
+    """Run ``fn`` in the reactor thread later, from a ``__del__`` or a weakref callback.
+
+    A finaliser runs wherever the garbage collector happens to run: in any thread, in
+    the middle of any code, possibly while that thread holds one of our locks (the
+    reactor thread's own included). So this takes no lock and waits for nothing:
+    ``callFromThread`` only appends to a list and writes a byte to the reactor's waker.
+    False if there is no running reactor of ours (interpreter exit, or never started).
+    """
+    r = sys.modules.get("twisted.internet.reactor")
+    if _thread is None or _stopped or r is None or not r.running:
+        return False
+    try:
+        r.callFromThread(fn, *args)  # type: ignore[attr-defined]
+    except Exception:  # the reactor is going away
+        return False
+    return True
 
 
 def call_soon(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
@@ -95,6 +116,52 @@ def call_blocking(fn: Callable[..., Any], *args: Any, timeout: float | None = No
     if isinstance(result, failure.Failure):
         result.raiseException()
     return result
+
+
+def _after_fork_in_child() -> None:
+    """A forked child (multiprocessing's fork context, gunicorn, Celery, pytest-xdist)
+    has a copy of the reactor but not its thread. It gets a fresh reactor, started when
+    it first needs one; the parent's copy is dropped without a word to the peers (its
+    connections are the parent's). Only our copies of the parent's sockets are closed
+    (a close, not a shutdown: the parent's connections are untouched), so that the
+    parent closing one is seen by its peer, and its listening port is not kept open by
+    a child that never accepts."""
+    global _lock, _thread, _waiters, _stopped
+    _lock = threading.Lock()
+    _waiters = set()
+    if _thread is None:  # we never ran the reactor here: it is not ours to replace
+        return
+    _thread = None
+    _stopped = False
+    old = sys.modules.pop("twisted.internet.reactor", None)
+    import twisted.internet
+    if getattr(twisted.internet, "reactor", None) is old:
+        del twisted.internet.reactor
+    _orphans.append(old)  # kept: a collected copy must not close what it holds
+    for selectable in _selectables(old):
+        sock = getattr(selectable, "socket", None)
+        if sock is not None:
+            try:
+                sock.close()
+            except OSError:
+                pass
+    threadable.ioThread = None
+    shell = sys.modules.get("achilles._shell")
+    if shell is not None:
+        shell._corked = None  # a read of the parent's that was being handled
+    from twisted.internet import default
+    default.install()
+
+
+def _selectables(old: Any) -> list[Any]:
+    try:
+        return list(old.getReaders()) + list(old.getWriters())
+    except Exception:  # not a select-style reactor
+        return []
+
+
+_orphans: list[Any] = []
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def shutdown() -> None:

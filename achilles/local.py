@@ -21,7 +21,8 @@ from __future__ import annotations
 import atexit
 import os
 import secrets
-import signal
+import sys
+import threading
 import weakref
 from typing import Any
 
@@ -96,23 +97,55 @@ class LocalCluster:
         """Stop the node (its workers are killed, by PID) and the server."""
         _live.discard(self)
         try:
-            _reactor.call_blocking(self._stop, timeout=timeout)
+            if _reactor.in_reactor_thread():
+                self._stop()
+            else:
+                _reactor.call_blocking(self._stop, timeout=timeout)
         except Exception:  # the reactor is gone (interpreter exit): kill what is left
-            self._kill_workers()
+            self.kill_workers()
         self._node = self._listener = self._factory = None
 
-    def _kill_workers(self) -> None:
+    def kill_workers(self) -> None:
+        """SIGKILL the node's workers, by PID, from any thread: no lock, no wait (a
+        finaliser and the exit handler use it). The node starts no new pool after it;
+        ``stop`` still has to be called to close the rest."""
         node = self._node
-        if node is None:
-            return
-        for p in node.executor.gen.procs:
-            try:
-                os.kill(p.pid, signal.SIGKILL)
-            except (ProcessLookupError, TypeError):
-                pass
+        if node is not None:
+            node.executor.kill_workers()
 
 
 @atexit.register
 def _stop_all() -> None:
     for cluster in list(_live):
-        cluster._kill_workers()
+        cluster.kill_workers()
+
+
+#: a forked child's copies of its parent's clusters: kept, never used or collected
+_orphans: list[Any] = []
+
+
+def _after_fork_in_child() -> None:
+    """A forked child starts with no embedded cluster and no fork server of its own:
+    its parent's are not its to use or stop (the fork server's pid is not its child,
+    and at exit it must not kill its parent's workers)."""
+    global _live
+    _orphans.extend(_live)
+    _live = weakref.WeakSet()
+    from achilles import _memlink
+    _memlink._servers.clear()
+    fs_module = sys.modules.get("multiprocess.forkserver")
+    server = getattr(fs_module, "_forkserver", None)
+    if server is not None:
+        alive = getattr(server, "_forkserver_alive_fd", None)
+        if alive is not None:
+            try:
+                os.close(alive)  # our copy only: the parent's fork server lives on
+            except OSError:
+                pass
+        server._forkserver_alive_fd = None
+        server._forkserver_pid = None
+        server._forkserver_address = None
+        server._lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

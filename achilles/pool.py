@@ -13,13 +13,15 @@ import itertools
 import os
 import sys
 import threading
+import warnings
+import weakref
 from collections import OrderedDict
 from typing import Any, Callable, Iterable, Iterator
 
 from achilles import _reactor
 from achilles.config import cluster_configured, require_secret, resolve
 from achilles.controller import ApplyHandle, Controller, JobHandle
-from achilles.core.job import Outcome, default_chunksize, window_for
+from achilles.core.job import RAISED, Outcome, default_chunksize, window_for
 from achilles.errors import (ChunkFailedError, ConnectionLostError, SerializationError,
                              TimeoutError, rebuild_exc)
 from achilles.local import LocalCluster
@@ -32,6 +34,9 @@ MAX_APPLY_JOBS = 8
 _END = object()
 
 _controllers: dict[tuple[Any, ...], Controller] = {}
+#: guards ``_controllers`` and the controllers' ``users`` counts. Held only for those
+#: few lines, never while waiting for the reactor thread (which may take it) and never
+#: taken by a finaliser (which runs wherever the garbage collector does).
 _controllers_lock = threading.Lock()
 
 
@@ -41,12 +46,18 @@ def _controller(settings: Any) -> Controller:
            settings.tls_ca)
     with _controllers_lock:
         ctl = _controllers.get(key)
-        if ctl is None or ctl.fatal is not None:
-            reactor = _reactor.ensure_started()
-            ctl = _reactor.call_blocking(Controller, settings, reactor)
-            _controllers[key] = ctl
+        if ctl is not None and ctl.fatal is None:
+            ctl.users += 1
+            return ctl
+    made = _reactor.call_blocking(Controller, settings, _reactor.ensure_started())
+    with _controllers_lock:
+        ctl = _controllers.get(key)
+        if ctl is None or ctl.fatal is not None:  # else another pool made one meanwhile
+            ctl = _controllers[key] = made
         ctl.users += 1
-        return ctl
+    if ctl is not made:
+        _reactor.call_soon(made.close)
+    return ctl
 
 
 def _release_controller(ctl: Controller) -> None:
@@ -60,9 +71,27 @@ def _release_controller(ctl: Controller) -> None:
             if value is ctl:
                 del _controllers[key]
     try:
-        _reactor.call_blocking(ctl.close, timeout=5)
+        if _reactor.in_reactor_thread():
+            ctl.close()
+        else:
+            _reactor.call_blocking(ctl.close, timeout=5)
     except Exception:  # closing is best effort: the server may be gone already
         pass
+
+
+#: what a forked child inherited from its parent: kept, never used or collected (a
+#: collected copy could write to the parent's connections or stop its workers)
+_orphans: list[Any] = []
+
+
+def _after_fork_in_child() -> None:
+    global _controllers_lock
+    _orphans.extend(_controllers.values())
+    _controllers.clear()
+    _controllers_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _item_bytes(iterable: Any, n: int) -> int:
@@ -82,6 +111,8 @@ def _item_bytes(iterable: Any, n: int) -> int:
 
 def _exception(outcome: Outcome) -> BaseException:
     """The exception a failed outcome stands for, with the remote traceback as cause."""
+    if outcome.exc is not None:  # RAISED: by the input, in this process
+        return outcome.exc
     if outcome.status == ERROR:
         exc, tb = loads_exception(outcome.payload)
         return rebuild_exc(exc, tb)
@@ -109,14 +140,21 @@ class _NoBar:
 
 
 def _progress_bar(progress: Any, total: int | None) -> Any:
-    """A tqdm bar (it also renders in notebooks) when asked for, else a no-op."""
+    """A tqdm bar when asked for, else a no-op: the widget bar in a notebook that has
+    ipywidgets, the text bar elsewhere (and, quietly, in a notebook without them)."""
     if not progress:
         return _NoBar()
-    from tqdm.auto import tqdm
     options = {"total": total, "unit": "item", "smoothing": 0.1}
     if isinstance(progress, dict):
         options.update(progress)
-    return tqdm(**options)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tqdm.auto's "IProgress not found" and such
+        try:
+            from tqdm.auto import tqdm
+            return tqdm(**options)
+        except Exception:  # the widget bar cannot be shown here
+            from tqdm.std import tqdm as text_tqdm
+            return text_tqdm(**options)
 
 
 class _Flag:
@@ -154,7 +192,9 @@ class ApplyResult:
     """What ``*_async`` returns: ``get``, ``wait``, ``ready``, ``successful``."""
 
     def __init__(self, callback: Callable[[Any], Any] | None = None,
-                 error_callback: Callable[[BaseException], Any] | None = None) -> None:
+                 error_callback: Callable[[BaseException], Any] | None = None,
+                 pool: "Pool | None" = None) -> None:
+        self._pool = pool  # kept alive until the result is in, as multiprocessing does
         self._event = _Flag()
         self._callback = callback
         self._error_callback = error_callback
@@ -193,6 +233,7 @@ class ApplyResult:
                 self._error_callback(value)
         finally:
             self._event.set()
+            self._pool = None
 
     def __await__(self) -> Any:
         """``await result`` inside a running asyncio loop (a notebook)."""
@@ -206,15 +247,19 @@ MapResult = ApplyResult
 
 
 class IMapIterator:
-    """What ``imap`` returns; ``imap_unordered`` returns the unordered kind."""
+    """What ``imap`` returns; ``imap_unordered`` returns the unordered kind.
+
+    As multiprocessing's: a task that raised raises at its place (after the results
+    before it), and the next ``next()`` goes on with the results after it."""
 
     def __init__(self, handle: JobHandle, pool: "Pool", bar: Any = None) -> None:
         self._handle = handle
         self._pool = pool
-        self._bar = bar or _NoBar()
+        self._bar = _NoBar() if bar is None else bar
         self._items: list[Any] = []
+        self._errors: dict[int, BaseException] = {}  # position in _items -> its error
         self._pos = 0
-        self._raise: BaseException | None = None
+        self._stop = 0  # the first error's position, or len(_items)
         self._done = False
 
     def __iter__(self) -> Iterator[Any]:
@@ -227,8 +272,8 @@ class IMapIterator:
         counting = not isinstance(self._bar, _NoBar)
         while True:
             items, bar = self._items, self._bar
-            pos = self._pos
-            while pos < len(items):
+            pos, stop = self._pos, self._stop
+            while pos < stop:
                 item = items[pos]
                 pos += 1
                 self._pos = pos  # right at every yield: the loop may stop anywhere
@@ -241,7 +286,7 @@ class IMapIterator:
                 return
 
     def next(self, timeout: float | None = None) -> Any:
-        if self._pos >= len(self._items):
+        if self._pos >= self._stop:
             self._wait_items(timeout)
         item = self._items[self._pos]
         self._pos += 1
@@ -251,11 +296,13 @@ class IMapIterator:
     __next__ = next
 
     def _wait_items(self, timeout: float | None) -> None:
-        """Until there are items to take; StopIteration at the end, or the job's error."""
-        while self._pos >= len(self._items):
-            if self._raise is not None:
-                exc, self._raise = self._raise, None
-                self._finish(cancel=True)
+        """Until there are items to take; raises a task's error in its place, and
+        StopIteration at the end."""
+        while self._pos >= self._stop:
+            exc = self._errors.pop(self._pos, None)
+            if exc is not None:
+                self._pos += 1
+                self._stop = min(self._errors, default=len(self._items))
                 raise exc
             if self._done:
                 self._bar.close()
@@ -273,20 +320,22 @@ class IMapIterator:
                 outs = handle.take(1)  # one chunk at a time: the window stays honest
                 if outs or handle.core.finished():
                     break
-                if handle.error is not None:
-                    self._raise = handle.error
-                    return
+                if handle.error is not None:  # the pool was terminated, or the cluster lost
+                    self._finish(cancel=True)
+                    raise handle.error
                 if not handle.cond.wait(timeout):
                     raise TimeoutError(f"no result within {timeout} s")
             finished = handle.core.finished()
-        self._items, self._pos = [], 0
+        items: list[Any] = []
         for out in outs:
-            if out.status != OK:
-                self._raise = _exception(out)
-                return
-            self._items.extend(loads_chunk(out.payload))
+            if out.status == OK:
+                items.extend(loads_chunk(out.payload))
+            else:
+                self._errors[len(items)] = _exception(out)
+                items.append(None)
+        self._items, self._pos = items, 0
+        self._stop = min(self._errors, default=len(items))
         if finished:
-            self._done = True
             self._finish(cancel=False)
 
     def _finish(self, cancel: bool) -> None:
@@ -296,11 +345,11 @@ class IMapIterator:
         self._pool._job_done(self._handle, cancel)
 
     def __del__(self) -> None:
-        if not self._done:
-            try:
-                self._finish(cancel=True)
-            except Exception:
-                pass
+        # An iterator dropped before its end: its job is cancelled (its input is read
+        # lazily, so nothing else would ever finish it). Later, in the reactor thread: a
+        # finaliser must not take locks (see _reactor.call_from_finalizer).
+        if not getattr(self, "_done", True) and self._pool._pid == os.getpid():
+            _reactor.call_from_finalizer(self._pool._job_done, self._handle, True)
 
     def __aiter__(self) -> "IMapIterator":
         return self
@@ -334,8 +383,8 @@ class Pool:
         processes: local: worker count; cluster: the most of this pool's chunks that
             run at once (None: every slot of the cluster).
         initializer, initargs: run in each worker before its first task of a job.
-        maxtasksperchild: not supported (achilles workers are shared by every job);
-            anything but None raises ValueError rather than being ignored.
+        maxtasksperchild: a worker that has run this many of this pool's tasks (chunks)
+            is replaced by a fresh one, as in multiprocessing (None: never).
         context: accepted for compatibility; nodes choose their own start method.
         host, port, username, secret_key: the cluster (else environment, .env).
         max_attempts: tries of a chunk whose worker or node dies before the job fails.
@@ -354,15 +403,16 @@ class Pool:
             raise ValueError("Number of processes must be at least 1")
         if initializer is not None and not callable(initializer):
             raise TypeError("initializer must be a callable")
-        if maxtasksperchild is not None:
-            raise ValueError(
-                "achilles does not support maxtasksperchild: node workers are shared by "
-                "every job of the cluster and are only replaced when they die; pass None")
+        if maxtasksperchild is not None and (
+                not isinstance(maxtasksperchild, int) or maxtasksperchild <= 0):
+            raise ValueError("maxtasksperchild must be a positive int or None")
         if task_timeout is not None and task_timeout <= 0:
             raise ValueError("task_timeout must be a positive number of seconds or None")
         self._initializer = initializer
         self._initargs = tuple(initargs)
+        self._maxtasks = maxtasksperchild
         self._id = os.urandom(8).hex()
+        self._pid = os.getpid()  # a forked child's copy of this pool is not its to use
         self._local: LocalCluster | None = None
         explicit = dict(host=host, port=port, username=username, secret_key=secret_key)
         settings = resolve(**explicit, max_attempts=max_attempts, tls_ca=tls_ca)
@@ -398,13 +448,20 @@ class Pool:
         return min(slots, self._limit) if self._limit else slots
 
     def _check_running(self) -> None:
+        if self._pid != os.getpid():
+            raise ValueError(f"this Pool belongs to process {self._pid}, which forked this "
+                             "one; make a new Pool in this process")
         if self._state != RUN:
             raise ValueError("Pool not running")
+
+    def _function(self, func: Callable[..., Any], mode: str) -> bytes:
+        return dumps_function(func, mode, self._initializer, self._initargs, self._id,
+                              maxtasks=self._maxtasks)
 
     def _new_job(self, func: Callable[..., Any], mode: str, ordered: bool,
                  total: int = -1) -> JobHandle:
         self._check_running()
-        function = dumps_function(func, mode, self._initializer, self._initargs, self._id)
+        function = self._function(func, mode)
         handle = JobHandle(function, ordered, window_for(self._processes),
                            self._max_attempts, self._timeout, self._limit, total)
         with self._jobs_lock:
@@ -426,7 +483,10 @@ class Pool:
 
     def _plan(self, iterable: Iterable[Any],
               chunksize: int | None) -> tuple[int | None, int, int | None]:
-        """(fixed chunk size or None for adaptive, chunk count or -1, item count or None)."""
+        """(fixed chunk size or None for adaptive, chunk count or -1, item count or None).
+        ``chunksize`` None or "auto": chosen for the input and the cluster."""
+        if chunksize == "auto":
+            chunksize = None
         if chunksize is not None and chunksize < 1:
             raise ValueError("Chunksize must be 1+, not {0:n}".format(chunksize))
         n = len(iterable) if hasattr(iterable, "__len__") else None  # type: ignore[arg-type]
@@ -447,12 +507,29 @@ class Pool:
 
     def _feed(self, handle: JobHandle, chunks: Iterator[list[Any]],
               collect: Callable[[list[Outcome]], None] | None = None) -> None:
-        """Pickle and send chunks within the window (runs in the job's thread)."""
-        for chunk in chunks:
-            payload = dumps_chunk(chunk)
+        """Pickle and send chunks within the window (runs in the job's thread).
+
+        As multiprocessing does, an input that raises while being read ends the input
+        with that exception in the next position, and a chunk that cannot be pickled
+        is that exception in its position; neither stops the chunks already sent."""
+        core = handle.core
+        while True:
+            failure: BaseException | None = None
+            try:
+                chunk = next(chunks)
+            except StopIteration:
+                break
+            except Exception as exc:  # raised by the input itself
+                chunk, failure = [], exc
+            payload = b""
+            if failure is None:
+                try:
+                    payload = dumps_chunk(chunk)
+                except Exception as exc:
+                    failure = exc
             with handle.cond:
-                while not handle.core.can_add():
-                    if handle.error or handle.cancelled or handle.core.failed:
+                while not core.can_add():
+                    if handle.error or handle.cancelled:
                         return
                     if collect is not None:
                         outs = handle.take()
@@ -462,10 +539,16 @@ class Pool:
                     handle.cond.wait()
                 if handle.error or handle.cancelled:
                     return
-                seq = handle.core.add(payload, len(chunk))
+                if failure is not None:
+                    core.add_raised(failure, len(chunk))
+                    handle.cond.notify_all()
+                    if not chunk:
+                        break  # the input raised: it ends here
+                    continue
+                seq = core.add(payload, len(chunk))
             _reactor.call_soon(self._ctl.send_chunk, handle, seq, payload)
         with handle.cond:
-            handle.core.close_input()
+            core.close_input()
             handle.cond.notify_all()
 
     def _start_thread(self, target: Callable[..., None], *args: Any) -> None:
@@ -477,20 +560,30 @@ class Pool:
                    chunksize: int | None, callback: Any, error_callback: Any,
                    progress: Any = False) -> ApplyResult:
         size, total, n = self._plan(iterable, chunksize)
-        result = ApplyResult(callback, error_callback)
+        result = ApplyResult(callback, error_callback, self)
+        bar = _progress_bar(progress, n)
         handle = self._new_job(func, mode, ordered=False, total=total)
         result._handle = handle
-        bar = _progress_bar(progress, n)
         self._start_thread(self._run_map, handle, iterable, size, result, bar)
         return result
 
     def _run_map(self, handle: JobHandle, iterable: Iterable[Any], chunksize: int | None,
                  result: ApplyResult, bar: Any) -> None:
+        """Feed the job and collect its results. As multiprocessing's map, it waits for
+        every task even after one raised, then raises the first error that arrived (an
+        error of the input itself first: multiprocessing's map would not have started)."""
         parts: dict[int, list[Any]] = {}
+        errors: list[BaseException] = []
 
         def collect(outs: list[Outcome]) -> None:
             for out in outs:
-                parts[out.start] = _values(out)
+                if out.status == OK:
+                    if not errors:  # else the results are not wanted
+                        parts[out.start] = loads_chunk(out.payload)
+                elif out.status == RAISED and not out.count:
+                    errors.insert(0, _exception(out))
+                else:
+                    errors.append(_exception(out))
                 bar.update(out.count)
 
         try:
@@ -515,8 +608,10 @@ class Pool:
             return
         bar.close()
         self._job_done(handle, cancel=False)
-        value = [x for start in sorted(parts) for x in parts[start]]
-        result._set(True, value)
+        if errors:
+            result._set(False, errors[0])
+        else:
+            result._set(True, [x for start in sorted(parts) for x in parts[start]])
 
     def _wait(self, result: ApplyResult) -> Any:
         """get() for the blocking calls; Ctrl-C (KeyboardInterrupt) cancels the job on
@@ -565,28 +660,32 @@ class Pool:
     def _imap(self, func: Callable[..., Any], iterable: Iterable[Any],
               chunksize: int | None, ordered: bool, progress: Any) -> IMapIterator:
         size, total, n = self._plan(iterable, chunksize)
+        bar = _progress_bar(progress, n)
         handle = self._new_job(func, "map", ordered, total=total)
-        it = IMapIterator(handle, self, _progress_bar(progress, n))
+        it = IMapIterator(handle, self, bar)
 
         def feed() -> None:
             try:
                 self._feed(handle, self._chunks(iterable, size, handle))
-            except BaseException as exc:  # the input itself raised, or would not pickle
+            except BaseException as exc:  # not the input's: KeyboardInterrupt and such
                 handle.fail(exc)
 
         self._start_thread(feed)
         return it
 
     def imap(self, func: Callable[..., Any], iterable: Iterable[Any],
-             chunksize: int | None = None, *, progress: Any = False) -> IMapIterator:
+             chunksize: int | str | None = 1, *, progress: Any = False) -> IMapIterator:
         """Lazy ``map``: results in input order, as they come; input read as needed.
 
-        ``chunksize=None`` picks one (multiprocessing's default is 1, which an explicit
-        ``chunksize=1`` still gives). Also an async iterator: ``async for x in ...``."""
+        ``chunksize`` defaults to 1, as in multiprocessing (each result is yielded as
+        soon as it and those before it are in); ``chunksize="auto"`` (or None) picks
+        one from the input's length and the cluster, or from the measured speed of the
+        function for a generator: far faster for short tasks. Also an async iterator:
+        ``async for x in ...``."""
         return self._imap(func, iterable, chunksize, True, progress)
 
     def imap_unordered(self, func: Callable[..., Any], iterable: Iterable[Any],
-                       chunksize: int | None = None, *,
+                       chunksize: int | str | None = 1, *,
                        progress: Any = False) -> IMapIterator:
         """Like imap, in the order results finish."""
         return self._imap(func, iterable, chunksize, False, progress)
@@ -596,9 +695,13 @@ class Pool:
                     kwds: dict[str, Any] | None = None, callback: Any = None,
                     error_callback: Any = None) -> ApplyResult:
         self._check_running()
-        result = ApplyResult(callback, error_callback)
-        payload = dumps_chunk([(tuple(args), dict(kwds or {}))])
-        function = dumps_function(func, "apply", self._initializer, self._initargs, self._id)
+        result = ApplyResult(callback, error_callback, self)
+        function = self._function(func, "apply")
+        try:
+            payload = dumps_chunk([(tuple(args), dict(kwds or {}))])
+        except Exception as exc:  # as multiprocessing: the result raises it, at get()
+            result._set(False, exc)
+            return result
 
         def settle(status: str, value: Any) -> None:  # in the reactor thread
             try:
@@ -627,7 +730,7 @@ class Pool:
             if handle is None or handle.error is not None or handle.cancelled:
                 handle = ApplyHandle(function, self._max_attempts, self._timeout,
                                      self._limit)
-                handle.on_idle = self._retire
+                handle.on_idle = _retire_weakly(weakref.ref(self))
                 self._apply_jobs[function] = handle
                 self._jobs.add(handle)  # type: ignore[arg-type]
                 while len(self._apply_jobs) > MAX_APPLY_JOBS:
@@ -659,6 +762,9 @@ class Pool:
 
     def terminate(self) -> None:
         """Stop now: cancel every job (their results raise), stop an embedded cluster."""
+        if self._pid != os.getpid():  # a forked child's copy: the parent's to stop
+            self._state = TERMINATE
+            return
         if self._state == TERMINATE and not self._jobs and self._ctl_held is None:
             return
         self._state = TERMINATE
@@ -670,9 +776,14 @@ class Pool:
         self._shutdown()
 
     def join(self, timeout: float | None = None) -> None:
-        """Wait for every submitted job (after close or terminate)."""
+        """Wait for every submitted task to have run (after close or terminate).
+
+        As with multiprocessing, that includes the tasks of an ``imap`` nobody reads
+        yet: its input is then read to the end and its results wait in memory."""
         if self._state == RUN:
             raise ValueError("Pool is still running")
+        if self._pid != os.getpid():
+            return
         with self._jobs_lock:
             jobs = list(self._jobs)
         for handle in jobs:
@@ -680,7 +791,11 @@ class Pool:
                 if isinstance(handle, ApplyHandle):  # lives on: wait for its calls
                     handle.cond.wait_for(lambda: not handle.calls, timeout)
                 else:
-                    handle.cond.wait_for(lambda: handle not in self._jobs, timeout)
+                    handle.core.lift_window()
+                    handle.cond.notify_all()
+                    handle.cond.wait_for(lambda: handle not in self._jobs
+                                         or handle.core.complete() or handle.cancelled
+                                         or handle.error is not None, timeout)
             if isinstance(handle, ApplyHandle):
                 self._job_done(handle, cancel=False)  # type: ignore[arg-type]
         self._shutdown()
@@ -700,17 +815,55 @@ class Pool:
     def __exit__(self, *exc: Any) -> None:
         self.terminate()
 
-    def __del__(self) -> None:
-        if getattr(self, "_ctl_held", None) is not None and sys is not None:
-            try:
-                self.terminate()
-            except Exception:
-                pass
+    def __del__(self, _warn: Callable[..., None] = warnings.warn) -> None:
+        """A pool nobody references any more: warn if it was still running (as
+        multiprocessing does), and release what it holds, without taking a lock or
+        waiting (a finaliser runs wherever the garbage collector runs)."""
+        if getattr(self, "_state", TERMINATE) == RUN:
+            _warn(f"unclosed running achilles pool {self!r}", ResourceWarning, source=self)
+        ctl, local = getattr(self, "_ctl_held", None), getattr(self, "_local", None)
+        if ctl is None and local is None:
+            return
+        self._state = TERMINATE
+        self._ctl_held = self._local = None
+        if self._pid != os.getpid():
+            return  # a forked child's copy: the parent's to stop
+        try:
+            if local is not None:
+                local.kill_workers()  # at once: signals only
+            _reactor.call_from_finalizer(_release, ctl, list(self._jobs), local)
+        except Exception:  # interpreter exit: the exit handlers kill what is left
+            pass
 
     def __repr__(self) -> str:
         where = "local" if self._local is not None else \
             f"{self._settings.host}:{self._settings.port}"
         return f"<achilles.Pool state={self._state} cluster={where}>"
+
+
+def _retire_weakly(ref: "weakref.ref[Pool]") -> Callable[[ApplyHandle], None]:
+    """An apply job's ``on_idle``: ends the job through its pool, if the pool is still
+    there. Weak: the controller holds the job, and must not keep the pool alive."""
+    def retire(handle: ApplyHandle) -> None:
+        pool = ref()
+        if pool is not None:
+            pool._retire(handle)
+    return retire
+
+
+def _release(ctl: Controller | None, jobs: list[Any], local: LocalCluster | None) -> None:
+    """In the reactor thread: what a collected pool held. Its jobs are cancelled, its
+    connection released, its embedded cluster stopped."""
+    for handle in jobs:
+        handle.fail(ValueError("Pool terminated"))
+        with handle.cond:
+            handle.cancelled = True
+        if ctl is not None:
+            ctl.cancel(handle)
+    if ctl is not None:
+        _release_controller(ctl)
+    if local is not None:
+        local.stop()
 
 
 # --- one-shot helpers with the seed's argument order ------------------------------------

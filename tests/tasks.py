@@ -155,3 +155,12 @@ def mark_and_sleep(path: str, seconds: float) -> str:
         pass
     time.sleep(seconds)  # sync-ok: the task's own work, run on a node
     return path
+
+
+def mark_or_fail(path: str, x: int, bad: int) -> int:
+    """Leave a side effect (a file named ``x``), then raise Boom if ``x == bad``."""
+    with open(os.path.join(path, str(x)), "w"):
+        pass
+    if x == bad:
+        raise Boom(f"bad value {x}")
+    return x

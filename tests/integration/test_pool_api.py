@@ -172,13 +172,15 @@ def test_closed_pool_refuses_work(cluster):
 
 
 def test_argument_validation(cluster):
-    """processes < 1, a non-callable initializer and maxtasksperchild are refused clearly."""
+    """processes < 1, a non-callable initializer and a maxtasksperchild that is not a
+    positive int are refused clearly, with multiprocessing's exception types."""
     with pytest.raises(ValueError, match="at least 1"):
         Pool(0, **cluster.kwargs())
     with pytest.raises(TypeError, match="initializer"):
         Pool(2, initializer=3, **cluster.kwargs())
-    with pytest.raises(ValueError, match="maxtasksperchild"):
-        Pool(2, maxtasksperchild=5, **cluster.kwargs())
+    for bad in (0, -1, 1.5):
+        with pytest.raises(ValueError, match="maxtasksperchild"):
+            Pool(2, maxtasksperchild=bad, **cluster.kwargs())
 
 
 def test_unpicklable_argument_is_a_clear_error(pool):

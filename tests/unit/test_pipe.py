@@ -347,7 +347,9 @@ def test_pipe_writer_messages_are_read_by_recv_bytes(pipe: Pipe, reactor: FakeRe
         pipe.close_write()  # what is written stays readable; a peer still waiting sees EOF
     peer.finish()
     assert received == messages
-    assert [name for name, _ in reactor.calls] == ["addWriter", "removeWriter"]
+    # whether the pipe ever filled depends on how fast the reader thread ran; if it did,
+    # the writer was watched and then unwatched, once
+    assert [name for name, _ in reactor.calls] in ([], ["addWriter", "removeWriter"])
 
 
 # --- PipeWriter -----------------------------------------------------------------------------
