@@ -23,6 +23,15 @@ import achilles
 KINDS = ["embedded", "cli"]
 
 
+def nothing_configured(monkeypatch: Any, tmp_path: Any) -> None:
+    """No ACHILLES_* variables and no .env: Pool() starts an embedded cluster."""
+    for key in list(os.environ):
+        if key.startswith("ACHILLES_"):
+            monkeypatch.delenv(key)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "no-config"))
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.fixture
 def make_pool(request, tmp_path, monkeypatch) -> Callable[..., Any]:
     """make_pool(kind, processes=2, **options): a pool of that kind, terminated after the
@@ -33,11 +42,7 @@ def make_pool(request, tmp_path, monkeypatch) -> Callable[..., Any]:
         if kind == "mp":
             pool = multiprocessing.get_context("forkserver").Pool(processes, **options)
         elif kind == "embedded":
-            for key in list(os.environ):
-                if key.startswith("ACHILLES_"):
-                    monkeypatch.delenv(key)
-            monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "no-config"))
-            monkeypatch.chdir(tmp_path)
+            nothing_configured(monkeypatch, tmp_path)
             pool = achilles.Pool(processes, **options)
         else:
             cluster = request.getfixturevalue("cluster")
@@ -307,11 +312,7 @@ def test_resource_warning_for_an_unclosed_running_pool(kind, request, monkeypatc
     """A running pool that is garbage-collected gives a ResourceWarning, as
     multiprocessing's does."""
     if kind == "embedded":
-        for key in list(os.environ):
-            if key.startswith("ACHILLES_"):
-                monkeypatch.delenv(key)
-        monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "no-config"))
-        monkeypatch.chdir(tmp_path)
+        nothing_configured(monkeypatch, tmp_path)
         options: dict[str, Any] = {}
     else:
         options = request.getfixturevalue("cluster").kwargs()
