@@ -27,7 +27,7 @@ import traceback
 from collections import OrderedDict
 from typing import Any
 
-from achilles.errors import SerializationError
+from achilles.errors import ResultEncodingError, SerializationError
 from achilles.protocol.messages import ERROR, OK
 from achilles.serialization import dumps_chunk, dumps_exception, loads_chunk, loads_function
 
@@ -335,6 +335,5 @@ def _run(job: str, seq: int, bundle: bytes | str,
     elapsed = time.perf_counter() - start
     try:
         return OK, dumps_chunk(results, by_reference=True), elapsed
-    except Exception as exc:
-        return _error(SerializationError(
-            f"cannot pickle the results of chunk {seq} on node {_node_name}: {exc}"))
+    except Exception as exc:  # multiprocessing's MaybeEncodingError, with its str
+        return _error(ResultEncodingError(exc, results))

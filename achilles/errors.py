@@ -68,17 +68,6 @@ class ReactorStopped(AchillesError):
     """The reactor thread stopped while a caller was waiting on it."""
 
 
-class RemoteTraceback(Exception):
-    """Carries the text of a traceback raised on a node; used as ``__cause__``."""
-
-    def __init__(self, tb: str) -> None:
-        super().__init__(tb)
-        self.tb = tb
-
-    def __str__(self) -> str:
-        return self.tb
-
-
 class RemoteError(AchillesError):
     """Stands in for a task's exception that could not be pickled back.
 
@@ -96,7 +85,7 @@ class RemoteError(AchillesError):
 
 def rebuild_exc(exc: BaseException, tb: str) -> BaseException:
     """Attach the remote traceback text to ``exc`` as its cause, as multiprocessing does."""
-    exc.__cause__ = RemoteTraceback(tb)
+    exc.__cause__ = __getattr__("RemoteTraceback")(tb)
     return exc
 
 
@@ -111,9 +100,59 @@ def _make_timeout_error() -> type:
     return TimeoutError
 
 
+def _make_remote_traceback() -> type:
+    import multiprocessing.pool  # not at import time (see _make_timeout_error)
+
+    class RemoteTraceback(multiprocessing.pool.RemoteTraceback):
+        """Carries the text of a traceback raised on a node; used as ``__cause__``. A
+        ``multiprocessing.pool.RemoteTraceback``, as multiprocessing's pool gives."""
+
+        def __init__(self, tb: str) -> None:
+            super().__init__(tb)
+            self.tb = tb
+
+        def __str__(self) -> str:
+            return self.tb
+
+    RemoteTraceback.__module__ = __name__
+    return RemoteTraceback
+
+
+def _make_result_encoding_error() -> type:
+    import multiprocessing.pool
+
+    class ResultEncodingError(multiprocessing.pool.MaybeEncodingError, SerializationError):
+        """A task's result could not be pickled to be sent back: multiprocessing's
+        ``MaybeEncodingError`` (``.exc`` and ``.value`` are the reprs of the pickling
+        error and of the result), and an achilles ``SerializationError``."""
+
+        def __reduce__(self):  # type: ignore[no-untyped-def]
+            # rebuilt from the reprs themselves, not repr'd again
+            return (_rebuild_encoding_error, (self.exc, self.value))
+
+    ResultEncodingError.__module__ = __name__
+    return ResultEncodingError
+
+
+def _rebuild_encoding_error(exc: str, value: str) -> BaseException:
+    cls = __getattr__("ResultEncodingError")
+    err = cls.__new__(cls)
+    err.exc, err.value = exc, value
+    err.args = (exc, value)
+    return err  # type: ignore[no-any-return]
+
+
+_LAZY = {"TimeoutError": _make_timeout_error, "RemoteTraceback": _make_remote_traceback,
+         "ResultEncodingError": _make_result_encoding_error}
+
+
 def __getattr__(name: str) -> Any:
-    if name == "TimeoutError":
-        cls = _make_timeout_error()
-        globals()["TimeoutError"] = cls
+    """The classes that subclass multiprocessing's, made on first use."""
+    if name in globals():
+        return globals()[name]
+    if name in _LAZY:
+        cls = _LAZY[name]()
+        cls.__qualname__ = name
+        globals()[name] = cls
         return cls
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

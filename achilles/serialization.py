@@ -22,6 +22,7 @@ import importlib.abc
 import importlib.machinery
 import importlib.util
 import io
+import linecache
 import os
 import pickle
 import sys
@@ -297,7 +298,10 @@ def _dumps_function(fn: Callable[..., Any], mode: str, initializer: Callable[...
         raise SerializationError(
             f"cannot serialise function {name!r} with dill: "
             f"{exc.__class__.__name__}: {exc}") from exc
-    return pickle.dumps((sources, main, body), protocol=PROTOCOL), sources
+    # each shipped module's path on the caller's machine: its frames are named by it in
+    # a node's tracebacks, whose lines come from the shipped source (see exec_module)
+    paths = {name: getattr(_local_module(name), "__file__", None) for name in sources}
+    return pickle.dumps((sources, main, body, paths), protocol=PROTOCOL), sources
 
 
 class _ShippedSources(importlib.abc.MetaPathFinder, importlib.abc.Loader):
@@ -305,6 +309,7 @@ class _ShippedSources(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
     def __init__(self) -> None:
         self.sources: dict[str, str] = {}
+        self.paths: dict[str, str] = {}  # where each module is on the caller's machine
 
     def find_spec(self, name, path=None, target=None):  # type: ignore[no-untyped-def]
         if name not in self.sources:
@@ -316,8 +321,14 @@ class _ShippedSources(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         return None
 
     def exec_module(self, module):  # type: ignore[no-untyped-def]
-        module.__file__ = f"<achilles shipped {module.__name__}>"
-        exec(compile(self.sources[module.__name__], module.__file__, "exec"), vars(module))
+        """Named by the caller's path (tracebacks, IDE links), with its lines in
+        linecache: the file need not exist here. An entry without an mtime is one that
+        ``linecache.checkcache`` keeps."""
+        source = self.sources[module.__name__]
+        path = self.paths.get(module.__name__) or f"<achilles shipped {module.__name__}>"
+        module.__file__ = path
+        linecache.cache[path] = (len(source), None, source.splitlines(True), path)
+        exec(compile(source, path, "exec"), vars(module))
 
 
 _FINDER = _ShippedSources()
@@ -340,10 +351,12 @@ def loads_function(data: bytes) -> dict[str, Any]:
     ``initializer``, ``initargs``, ``pool`` (its id), ``maxtasks`` and ``main`` (the
     shipped ``__main__`` namespace). A bundle seen before (the same bytes) is not loaded
     again: a pool's many ``apply`` calls pay once."""
-    sources, main, body = pickle.loads(data)
+    sources, main, body, paths = pickle.loads(data)
     if sources:
         for name, src in sources.items():
             _FINDER.sources.setdefault(name, src)
+            if paths.get(name):
+                _FINDER.paths.setdefault(name, paths[name])
         if _FINDER not in sys.meta_path:
             sys.meta_path.append(_FINDER)
     namespace: dict[str, Any] = _load_cached("M", main, lambda: dill.loads(main)) \
@@ -411,7 +424,8 @@ def dumps_chunk(items: Any, by_reference: bool = False) -> bytes:
         by_reference: pickle ``__main__`` classes by name (a worker sending results).
 
     Raises:
-        SerializationError: when neither pickle nor dill can serialise it.
+        Whatever pickle raised (as multiprocessing would), when dill cannot either;
+        the note on it says so.
     """
     try:
         if by_reference:
@@ -423,9 +437,12 @@ def dumps_chunk(items: Any, by_reference: bool = False) -> bytes:
         try:
             return dill.dumps(items, protocol=PROTOCOL, recurse=True)
         except Exception as exc:
-            raise SerializationError(
-                f"cannot pickle {'results' if by_reference else 'arguments'}: "
-                f"{first.__class__.__name__}: {first}; dill: {exc}") from exc
+            # pickle's own exception, as multiprocessing raises it (same type), with
+            # what we tried in a note
+            first.add_note(f"achilles: cannot pickle the "
+                           f"{'results' if by_reference else 'arguments'} of a chunk "
+                           f"(with pickle, nor with dill: {exc.__class__.__name__}: {exc})")
+            raise first from exc
 
 
 def loads_chunk(data: bytes, namespace: dict[str, Any] | None = None) -> Any:

@@ -164,3 +164,14 @@ def mark_or_fail(path: str, x: int, bad: int) -> int:
     if x == bad:
         raise Boom(f"bad value {x}")
     return x
+
+
+class RefusesPickling:
+    """An argument whose pickling raises RuntimeError (pickle's and dill's alike)."""
+
+    def __reduce__(self):
+        raise RuntimeError("this object refuses to be pickled")
+
+
+def boom_here(x: int) -> int:
+    raise ValueError(f"boom {x}")  # the line a remote traceback must show

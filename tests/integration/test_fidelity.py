@@ -367,3 +367,54 @@ def test_pool_in_a_forked_child(kind, request):
     child makes and uses a pool of its own, and the parent's pool still works after."""
     assert _run(kind, request, FORKED_CHILD) == _run("mp", request, FORKED_CHILD) == \
         "[3]\nchild exit 0\n[1, 2]\nprocess exit 0\n[5]\n"
+
+
+# --- exceptions: the same types (items 5-7) -----------------------------------------------
+@pytest.mark.parametrize("kind", KINDS)
+def test_unpicklable_argument_raises_the_pickling_error(make_pool, kind):
+    """An argument that cannot be pickled raises pickle's own exception type, from map
+    and from apply_async's get(), which also calls error_callback with it."""
+    def observe(pool: Any) -> Any:
+        with pytest.raises(RuntimeError, match="refuses to be pickled"):
+            pool.map(tasks.identity, [1, tasks.RefusesPickling()], chunksize=1)
+        called: list[Any] = []
+        result = pool.apply_async(tasks.identity, (tasks.RefusesPickling(),),
+                                  error_callback=called.append)
+        with pytest.raises(RuntimeError, match="refuses to be pickled"):
+            result.get(60)
+        return [type(e).__name__ for e in called]
+    compare(make_pool, kind, observe)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_unpicklable_result_is_a_maybe_encoding_error(make_pool, kind):
+    """A result that cannot be pickled raises multiprocessing's MaybeEncodingError, with
+    its .exc and .value, and error_callback gets it."""
+    from multiprocessing.pool import MaybeEncodingError
+
+    def observe(pool: Any) -> Any:
+        called: list[Any] = []
+        result = pool.map_async(tasks.unpicklable_result, [3], error_callback=called.append)
+        with pytest.raises(MaybeEncodingError) as info:
+            result.get(60)
+        err = info.value
+        return (isinstance(called[0], MaybeEncodingError), "Error sending result" in str(err),
+                "Unpicklable" in err.value, bool(err.exc))
+    assert compare(make_pool, kind, observe) == (True, True, True, True)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_remote_traceback_shows_source_lines(make_pool, kind):
+    """A task's exception has a multiprocessing.pool.RemoteTraceback as cause, whose text
+    names the task's real file and shows its source line (the module is shipped by
+    source to CLI nodes)."""
+    from multiprocessing.pool import RemoteTraceback
+
+    def observe(pool: Any) -> Any:
+        with pytest.raises(ValueError, match="boom 3") as info:
+            pool.apply(tasks.boom_here, (3,))
+        cause = info.value.__cause__
+        text = str(cause)
+        return (isinstance(cause, RemoteTraceback), tasks.__file__ in text,
+                'raise ValueError(f"boom {x}")' in text)
+    assert compare(make_pool, kind, observe) == (True, True, True)
