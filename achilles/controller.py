@@ -41,7 +41,7 @@ _JITTER = random.Random()  # our own: reconnect jitter must not disturb the glob
 class JobHandle:
     """One job, shared by the reactor thread and the pool's threads (under ``cond``)."""
 
-    isolated = False  # a failed chunk ends the job
+    isolated = False  # the server keeps its chunks' attempt counts until the job ends
 
     def __init__(self, function: bytes, ordered: bool, window: int, max_attempts: int = 3,
                  timeout: float = 0.0, limit: int = 0, total: int = -1) -> None:

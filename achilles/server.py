@@ -224,7 +224,7 @@ class ServerFactory(protocol.Factory):
         elif isinstance(ins, sch.CancelOnNode):
             self._send(ins.node, Cancel(ins.job))
         elif isinstance(ins, sch.FailJob):
-            log.warning("job %s failed at chunk %d: %s", ins.job, ins.seq, ins.detail)
+            log.warning("chunk %d of job %s failed: %s", ins.seq, ins.job, ins.detail)
             self._send(ins.owner, JobFailed(ins.job, ins.seq, ins.reason),
                        ins.detail.encode("utf-8"))
         elif isinstance(ins, sch.ClusterChanged):

@@ -62,7 +62,7 @@ class JobSubmitted:
     timeout: float = 0.0
     limit: int = 0
     total: int = -1
-    isolated: bool = False  # a failed chunk fails only itself (apply calls)
+    isolated: bool = False  # long-lived (apply calls): keeps no per-chunk history
 
 
 @dataclass(slots=True)  # not frozen: one per chunk (see HOT)
