@@ -330,7 +330,8 @@ def test_resource_warning_for_an_unclosed_running_pool(kind, request, monkeypatc
 
 
 FORKED_CHILD = """
-    import multiprocessing, os
+    import functools, multiprocessing, os
+    print = functools.partial(print, flush=True)  # a forked child must not print it again
 
     def child(queue):
         with POOL(1) as pool:
