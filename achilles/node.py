@@ -206,18 +206,23 @@ class Generation:
         hold, tear down."""
         self.tasks.stop()
         self.results.stop()
-        self.pool._worker_handler._state = mp_pool.TERMINATE  # no replacement workers
-        for p in set(self.procs) | set(self.pool._pool):
-            try:
-                os.kill(p.pid, signal.SIGKILL)
-            except (ProcessLookupError, TypeError):
-                pass
+        self.kill_workers()
         # A worker killed inside get()/put() keeps a queue lock forever; the parent's
         # copies of those locks are replaced so the pool can still be torn down.
         self.pool._inqueue._rlock = self.ctx.Lock()
         self.pool._outqueue._wlock = self.ctx.Lock()
         threading.Thread(target=self._terminate, daemon=True,
                          name="achilles-pool-teardown").start()
+
+    def kill_workers(self) -> None:
+        """SIGKILL every worker, and have the pool start no replacement: signals and
+        attribute writes only, so any thread may call it."""
+        self.pool._worker_handler._state = mp_pool.TERMINATE
+        for p in set(self.procs) | set(self.pool._pool):
+            try:
+                os.kill(p.pid, signal.SIGKILL)
+            except (ProcessLookupError, TypeError):
+                pass
 
     def _terminate(self) -> None:
         try:
@@ -238,13 +243,7 @@ class Executor:
         (a finaliser and the exit handler call it); no worker or pool replaces them.
         ``close`` must still follow, in the reactor thread, to release the rest."""
         self.abandoned = True
-        gen = self.gen
-        gen.pool._worker_handler._state = mp_pool.TERMINATE  # no replacement workers
-        for p in set(gen.procs) | set(gen.pool._pool):
-            try:
-                os.kill(p.pid, signal.SIGKILL)
-            except (ProcessLookupError, TypeError):
-                pass
+        self.gen.kill_workers()
 
     def __init__(self, processes: int, on_result: Callable[..., None], reactor: Any,
                  name: str, on_flush: Callable[[], None] = lambda: None) -> None:
