@@ -6,12 +6,22 @@ Importing achilles starts nothing: the reactor thread starts with the first pool
 """
 from typing import Any
 
-from achilles.errors import (AchillesError, AuthenticationError, ChunkFailedError, ConfigError,
-                             ConnectionLostError, NodeLostError, ProtocolError, RemoteError,
-                             RemoteTraceback, SerializationError, VersionMismatchError)
+from achilles.errors import (
+    AchillesError,
+    AuthenticationError,
+    ChunkFailedError,
+    ConfigError,
+    ConnectionLostError,
+    NodeLostError,
+    ProtocolError,
+    RemoteError,
+    RemoteTraceback,
+    SerializationError,
+    VersionMismatchError,
+)
 
 # The pool (and with it twisted, dill and multiprocessing) loads on first use (PEP 562),
-# so that `import achilles.core.scheduler` or a worker's `import achilles._worker` do not
+# so that `import achilles.core.scheduler` or a worker's `import achilles.node.worker` do not
 # drag it in.
 _LAZY = {"Pool": "pool", "AsyncResult": "pool", "IMapIterator": "pool", "map": "pool",
          "imap": "pool", "imap_unordered": "pool", "killCluster": "pool",

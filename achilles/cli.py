@@ -73,6 +73,7 @@ def _listening(port: Any) -> None:
 def cmd_server(args: argparse.Namespace) -> int:
     sys.setswitchinterval(0.0005)
     from twisted.internet import reactor
+
     from achilles import server
     settings = _settings(args)
     if not settings.secret_key and not settings.insecure:
@@ -88,7 +89,7 @@ def cmd_server(args: argparse.Namespace) -> int:
 def _early_worker_start() -> None:
     """Start the pool's fork server first: it loads in parallel with Twisted."""
     sys.setswitchinterval(0.0005)  # reactor and pool threads hand work over quickly
-    from achilles import _worker
+    from achilles.node import worker as _worker
     _worker.context()
 
 

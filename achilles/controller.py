@@ -24,15 +24,33 @@ from typing import Any, Callable
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.internet import defer
 
-from achilles._shell import (TRANSIENT_REFUSALS, ClientFactory, ClientProtocol,
-                             client_endpoint)
 from achilles.config import Settings, require_secret
 from achilles.core.job import FAILED, AdaptiveChunker, Job, Outcome
 from achilles.errors import AuthenticationError, ConnectionLostError
+from achilles.net.connection import (
+    TRANSIENT_REFUSALS,
+    ClientFactory,
+    ClientProtocol,
+    client_endpoint,
+)
 from achilles.protocol.framing import runs, split
-from achilles.protocol.messages import (Cancel, Chunk, Chunks, Cluster, End, ErrorFrame,
-                                        JobFailed, Kill, Killed, Message, Result, Results,
-                                        Status, StatusRequest, Submit)
+from achilles.protocol.messages import (
+    Cancel,
+    Chunk,
+    Chunks,
+    Cluster,
+    End,
+    ErrorFrame,
+    JobFailed,
+    Kill,
+    Killed,
+    Message,
+    Result,
+    Results,
+    Status,
+    StatusRequest,
+    Submit,
+)
 
 log = logging.getLogger("achilles.controller")
 _JITTER = random.Random()  # our own: reconnect jitter must not disturb the global RNG

@@ -26,9 +26,9 @@ import threading
 import weakref
 from typing import Any
 
-from achilles import _reactor
 from achilles.config import Settings
 from achilles.errors import AchillesError
+from achilles.net import reactor as _reactor
 
 START_TIMEOUT = 30.0
 _live: "weakref.WeakSet[LocalCluster]" = weakref.WeakSet()
@@ -36,7 +36,7 @@ _live: "weakref.WeakSet[LocalCluster]" = weakref.WeakSet()
 
 class LocalCluster:
     def __init__(self, processes: int, max_attempts: int = 3) -> None:
-        from achilles import _worker
+        from achilles.node import worker as _worker
         self.secret = secrets.token_hex(16)
         self.processes = processes
         self._node: Any = None
@@ -56,7 +56,8 @@ class LocalCluster:
 
     def _start(self, reactor: Any) -> int:
         """In the reactor thread: listen, then start the node, which connects to it."""
-        from achilles import _memlink, node, server
+        from achilles import node, server
+        from achilles.net import memlink as _memlink
         settings = Settings(host="127.0.0.1", port=0, secret_key=self.secret,
                             processes=self.processes)
         self._listener = server.listen(settings, reactor)
@@ -83,7 +84,7 @@ class LocalCluster:
 
     def _stop(self) -> None:
         """In the reactor thread: kill the workers, stop listening, drop the peers."""
-        from achilles import _memlink
+        from achilles.net import memlink as _memlink
         if self._node is not None:
             self._node.stop()
         if self._listener is not None:
@@ -131,7 +132,7 @@ def _after_fork_in_child() -> None:
     global _live
     _orphans.extend(_live)
     _live = weakref.WeakSet()
-    from achilles import _memlink
+    from achilles.net import memlink as _memlink
     _memlink._servers.clear()
     fs_module = sys.modules.get("multiprocess.forkserver")
     server = getattr(fs_module, "_forkserver", None)

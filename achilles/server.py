@@ -14,17 +14,44 @@ from typing import Any, Callable
 
 from twisted.internet import protocol, task
 
-from achilles._shell import PYTHON, FramedProtocol
 from achilles.config import LOOPBACK, Settings, require_secret
 from achilles.core import scheduler as sch
-from achilles.errors import (AuthenticationError, ConfigError, ProtocolError,
-                             VersionMismatchError)
+from achilles.errors import (
+    AuthenticationError,
+    ConfigError,
+    ProtocolError,
+    VersionMismatchError,
+)
+from achilles.net.connection import PYTHON, FramedProtocol
 from achilles.protocol import auth
 from achilles.protocol.framing import Frame, runs, split
 from achilles.protocol.messages import (
-    PROTOCOL_VERSION, ROLES, AuthReply, Cancel, Challenge, Chunk, Chunks, Cluster, Drain, End,
-    ErrorFrame, Function, Heartbeat, JobFailed, Kill, Killed, Message, Result, Results, Status,
-    StatusRequest, Submit, Task, Tasks, Welcome)
+    PROTOCOL_VERSION,
+    ROLES,
+    AuthReply,
+    Cancel,
+    Challenge,
+    Chunk,
+    Chunks,
+    Cluster,
+    Drain,
+    End,
+    ErrorFrame,
+    Function,
+    Heartbeat,
+    JobFailed,
+    Kill,
+    Killed,
+    Message,
+    Result,
+    Results,
+    Status,
+    StatusRequest,
+    Submit,
+    Task,
+    Tasks,
+    Welcome,
+)
 
 log = logging.getLogger("achilles.server")
 

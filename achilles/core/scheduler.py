@@ -26,8 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Union
 
 from achilles.core.pace import Pace
-from achilles.protocol.messages import CANCELLED, CRASHED, ERROR, OK, STATUSES, TIMEOUT
-
+from achilles.protocol.messages import CRASHED, ERROR, OK, STATUSES, TIMEOUT
 
 
 # --- events --------------------------------------------------------------------------

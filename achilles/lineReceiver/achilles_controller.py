@@ -6,7 +6,13 @@ The seed's ``AchillesController`` protocol class is not reproduced: the controll
 """
 from __future__ import annotations
 
-from achilles.lineReceiver.achilles_main import (genConfig, getClusterStatus, imap,
-                                                 imap_unordered, killCluster, map)
+from achilles.lineReceiver.achilles_main import (
+                                                 genConfig,
+                                                 getClusterStatus,
+                                                 imap,
+                                                 imap_unordered,
+                                                 killCluster,
+                                                 map,
+)
 
 __all__ = ["map", "imap", "imap_unordered", "killCluster", "getClusterStatus", "genConfig"]

@@ -13,7 +13,13 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator, TypeVar
 
 from achilles.errors import ProtocolError
-from achilles.protocol.messages import FIELD_NAMES, FIELD_SPECS, MESSAGES, ListOf, Message
+from achilles.protocol.messages import (
+    FIELD_NAMES,
+    FIELD_SPECS,
+    MESSAGES,
+    ListOf,
+    Message,
+)
 
 T = TypeVar("T")
 

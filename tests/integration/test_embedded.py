@@ -5,8 +5,7 @@ import os
 import subprocess
 import sys
 
-import pytest
-from conftest import ROOT, run_python, wait_until
+from conftest import run_python, wait_until
 
 from achilles import Pool
 
@@ -140,7 +139,7 @@ def test_embedded_cluster_links_in_memory(no_cluster_config):
     """The pool's controller reaches its embedded server in memory (no socket); an admin
     call from the same process does too, and sees the node and the pool's apply job."""
     from achilles import getClusterStatus
-    from achilles._memlink import MemoryTransport
+    from achilles.net.memlink import MemoryTransport
     with Pool(1) as pool:
         assert pool.apply(abs, (-3,)) == 3
         assert isinstance(pool._ctl.proto.transport, MemoryTransport)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 
 import nbformat
-import pytest
 from conftest import ROOT
 from nbclient import NotebookClient
 

@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 
-import pytest
 import tasks
 from conftest import wait_until
 

@@ -28,11 +28,17 @@ from conftest import Cluster, Proc, child_env, wait_until
 
 import achilles
 from achilles import Pool
-from achilles._shell import PYTHON
+from achilles.net.connection import PYTHON
 from achilles.protocol import auth
 from achilles.protocol import messages as m
-from achilles.protocol.framing import (MAX_HEADER_LENGTH, MAX_PAYLOAD_LENGTH,
-                                       PREAUTH_MAX_HEADER_LENGTH, Decoder, Frame, encode_bytes)
+from achilles.protocol.framing import (
+    MAX_HEADER_LENGTH,
+    MAX_PAYLOAD_LENGTH,
+    PREAUTH_MAX_HEADER_LENGTH,
+    Decoder,
+    Frame,
+    encode_bytes,
+)
 
 JOB = list(range(-40, 0))
 EXPECTED = [abs(x) for x in JOB]

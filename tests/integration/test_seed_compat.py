@@ -15,9 +15,19 @@ from conftest import Proc, child_env, wait_until
 
 from achilles import ConfigError
 from achilles import getClusterStatus as core_status
-from achilles.lineReceiver import achilles_controller, achilles_main, achilles_node, achilles_server
-from achilles.lineReceiver.achilles_main import (getClusterStatus, imap, imap_unordered,
-                                                 killCluster, map)
+from achilles.lineReceiver import (
+    achilles_controller,
+    achilles_main,
+    achilles_node,
+    achilles_server,
+)
+from achilles.lineReceiver.achilles_main import (
+    getClusterStatus,
+    imap,
+    imap_unordered,
+    killCluster,
+    map,
+)
 
 SEED_ARGS = list(range(1, 11))
 SEED_VALUES = [x ** 4 for x in SEED_ARGS]  # square, then the callback squares again

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from twisted.internet import task, tcp
 
-from achilles._shell import FramedProtocol
+from achilles.net.connection import FramedProtocol
 from achilles.protocol import messages as m
 from achilles.protocol.framing import encode_bytes
 
@@ -111,7 +111,7 @@ def test_send_now_refuses_when_twisted_holds_data(pair) -> None:
 
 def test_send_now_refuses_large_frames(pair) -> None:
     """A payload over DIRECT_SEND_MAX is never written from another thread."""
-    from achilles._shell import DIRECT_SEND_MAX
+    from achilles.net.connection import DIRECT_SEND_MAX
     proto, peer = pair
     assert not proto.send_now(m.Chunk("job", 1), b"x" * (DIRECT_SEND_MAX + 1))
     assert drain(peer) == b""

@@ -1,4 +1,4 @@
-"""In-process connections (``achilles._memlink``): registry, delivery, closing, addresses.
+"""In-process connections (``achilles.net.memlink``): registry, delivery, closing, addresses.
 
 No sockets and no real reactor: the reactor is a ``task.Clock`` (``clock.advance(0)``
 runs the reactor's next turn), the server side is a registered ``Factory`` and each end
@@ -13,13 +13,23 @@ from typing import Any, Iterator
 import pytest
 from twisted.internet import defer, task
 from twisted.internet.address import IPv4Address
-from twisted.internet.error import ConnectionDone, ConnectionLost, ConnectionRefusedError
+from twisted.internet.error import (
+    ConnectionDone,
+    ConnectionLost,
+    ConnectionRefusedError,
+)
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 
-from achilles import _memlink
-from achilles._memlink import JOIN_BELOW, MemoryEndpoint, endpoint_for, register, unregister
 from achilles.config import Settings
+from achilles.net import memlink as _memlink
+from achilles.net.memlink import (
+    JOIN_BELOW,
+    MemoryEndpoint,
+    endpoint_for,
+    register,
+    unregister,
+)
 from achilles.server import ServerFactory
 
 HOST = "127.0.0.1"

@@ -16,8 +16,8 @@ from twisted.internet import task
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
 
-from achilles._shell import PYTHON
 from achilles.config import Settings
+from achilles.net.connection import PYTHON
 from achilles.protocol import auth
 from achilles.protocol import messages as m
 from achilles.protocol.framing import Decoder, encode_bytes

@@ -22,12 +22,17 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
-from achilles._shell import PYTHON
 from achilles.config import Settings
+from achilles.net.connection import PYTHON
 from achilles.protocol import auth
 from achilles.protocol import messages as m
-from achilles.protocol.framing import (MAX_HEADER_LENGTH, PREAUTH_MAX_HEADER_LENGTH, Decoder,
-                                       Frame, encode_bytes)
+from achilles.protocol.framing import (
+    MAX_HEADER_LENGTH,
+    PREAUTH_MAX_HEADER_LENGTH,
+    Decoder,
+    Frame,
+    encode_bytes,
+)
 from achilles.server import TICK, ServerFactory, ServerProtocol
 
 SECRET = "in-memory cluster secret \u2603"

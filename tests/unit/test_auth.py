@@ -4,8 +4,14 @@ from __future__ import annotations
 import pytest
 
 from achilles.errors import AuthenticationError, VersionMismatchError
-from achilles.protocol.auth import (NONCE_BYTES, check_versions, make_nonce, peer_digest,
-                                    server_digest, verify)
+from achilles.protocol.auth import (
+    NONCE_BYTES,
+    check_versions,
+    make_nonce,
+    peer_digest,
+    server_digest,
+    verify,
+)
 from achilles.protocol.messages import PROTOCOL_VERSION
 
 SECRET = "correct horse battery staple"

@@ -7,8 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from achilles.config import (DEFAULT_HOST, DEFAULT_PORT, Settings, cluster_configured,
-                             genConfig, require_secret, resolve)
+from achilles.config import (
+    DEFAULT_HOST,
+    DEFAULT_PORT,
+    Settings,
+    cluster_configured,
+    genConfig,
+    require_secret,
+    resolve,
+)
 from achilles.errors import ConfigError
 
 # Port *values* for configuration parsing: nothing listens on them in these tests.

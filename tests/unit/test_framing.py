@@ -9,9 +9,18 @@ from hypothesis import strategies as st
 
 from achilles.errors import ProtocolError
 from achilles.protocol import messages as m
-from achilles.protocol.framing import (BATCH_LIMIT, MAX_HEADER_LENGTH, Decoder, Frame,
-                                       FrameReader, encode, encode_bytes, parse_header, runs,
-                                       split)
+from achilles.protocol.framing import (
+    BATCH_LIMIT,
+    MAX_HEADER_LENGTH,
+    Decoder,
+    Frame,
+    FrameReader,
+    encode,
+    encode_bytes,
+    parse_header,
+    runs,
+    split,
+)
 
 # One sample of every frame type; payloads contain newlines so that a decoder which
 # looked for delimiters inside a payload would break.

@@ -24,13 +24,18 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
-from achilles._shell import PYTHON
 from achilles.config import Settings
 from achilles.errors import ProtocolError
+from achilles.net.connection import PYTHON
 from achilles.protocol import auth
 from achilles.protocol import messages as m
-from achilles.protocol.framing import (MAX_HEADER_LENGTH, PREAUTH_MAX_HEADER_LENGTH, Decoder,
-                                       Frame, encode_bytes)
+from achilles.protocol.framing import (
+    MAX_HEADER_LENGTH,
+    PREAUTH_MAX_HEADER_LENGTH,
+    Decoder,
+    Frame,
+    encode_bytes,
+)
 from achilles.server import ServerFactory, ServerProtocol
 
 # Hypothesis imports libcst to print a failing example as a patch; libcst's import warns,

@@ -6,8 +6,16 @@ import types
 
 import pytest
 
-from achilles.core.job import (CHUNK_BYTES, FAILED, RAISED, AdaptiveChunker, Job, Outcome,
-                               default_chunksize, window_for)
+from achilles.core.job import (
+    CHUNK_BYTES,
+    FAILED,
+    RAISED,
+    AdaptiveChunker,
+    Job,
+    Outcome,
+    default_chunksize,
+    window_for,
+)
 from achilles.core.pace import MAX_PREFETCH, PREFETCH, QUEUED_WORK
 from achilles.protocol.messages import ERROR, OK
 

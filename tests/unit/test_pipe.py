@@ -12,8 +12,8 @@ from typing import Any, Callable
 import multiprocess.connection as mpc
 import pytest
 
-from achilles import _pipe
-from achilles._pipe import MessageSplitter, PipeReader, PipeWriter, header
+from achilles.node import pipe as _pipe
+from achilles.node.pipe import MessageSplitter, PipeReader, PipeWriter, header
 
 KIB = 1024
 MIB = 1024 * 1024

@@ -2,11 +2,27 @@
 from __future__ import annotations
 
 from achilles.core.pace import MAX_PREFETCH, PREFETCH, QUEUED_WORK
-from achilles.core.scheduler import (CancelOnNode, ChunkAdded, ChunksAdded, ClusterChanged,
-                                     FailJob, ForwardResult, JobCancelled, JobEnded,
-                                     JobSubmitted, NodeDraining, NodeJoined, NodeLost,
-                                     OwnerLost, Refuse, ResultReceived, ResultsReceived,
-                                     Scheduler, SendFunction, SendTask)
+from achilles.core.scheduler import (
+    CancelOnNode,
+    ChunkAdded,
+    ChunksAdded,
+    ClusterChanged,
+    FailJob,
+    ForwardResult,
+    JobCancelled,
+    JobEnded,
+    JobSubmitted,
+    NodeDraining,
+    NodeJoined,
+    NodeLost,
+    OwnerLost,
+    Refuse,
+    ResultReceived,
+    ResultsReceived,
+    Scheduler,
+    SendFunction,
+    SendTask,
+)
 from achilles.protocol.messages import CANCELLED, CRASHED, ERROR, OK, TIMEOUT
 
 OWNER = 100

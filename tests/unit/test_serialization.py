@@ -13,8 +13,14 @@ from typing import Any, Callable
 import pytest
 
 from achilles.errors import RemoteError, SerializationError
-from achilles.serialization import (dumps_chunk, dumps_exception, dumps_function, loads_chunk,
-                                    loads_exception, loads_function)
+from achilles.serialization import (
+    dumps_chunk,
+    dumps_exception,
+    dumps_function,
+    loads_chunk,
+    loads_exception,
+    loads_function,
+)
 
 
 def module_level_square(x: int) -> int:

@@ -5,9 +5,14 @@ from __future__ import annotations
 import multiprocess
 import pytest
 
-from achilles import _worker
+from achilles.node import worker as _worker
 from achilles.protocol.messages import OK
-from achilles.serialization import dumps_chunk, dumps_function, loads_chunk, loads_function
+from achilles.serialization import (
+    dumps_chunk,
+    dumps_function,
+    loads_chunk,
+    loads_function,
+)
 
 
 def test_bundle_carries_maxtasks():

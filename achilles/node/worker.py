@@ -29,7 +29,12 @@ from typing import Any
 
 from achilles.errors import ResultEncodingError, SerializationError
 from achilles.protocol.messages import ERROR, OK
-from achilles.serialization import dumps_chunk, dumps_exception, loads_chunk, loads_function
+from achilles.serialization import (
+    dumps_chunk,
+    dumps_exception,
+    loads_chunk,
+    loads_function,
+)
 
 _slots: "SlotTable | None" = None
 _slot = -1
@@ -166,7 +171,7 @@ def context() -> Any:
     from multiprocess import forkserver
     if _context is None:
         _context = _make_context()
-    _context.set_forkserver_preload(["achilles._worker"])
+    _context.set_forkserver_preload(["achilles.node.worker"])
     forkserver.ensure_running()
     return _context
 

@@ -146,7 +146,7 @@ def _after_fork_in_child() -> None:
             except OSError:
                 pass
     threadable.ioThread = None
-    shell = sys.modules.get("achilles._shell")
+    shell = sys.modules.get("achilles.net.connection")
     if shell is not None:
         shell._corked = None  # a read of the parent's that was being handled
     from twisted.internet import default

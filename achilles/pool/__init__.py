@@ -18,15 +18,25 @@ import weakref
 from collections import OrderedDict
 from typing import Any, Callable, Iterable, Iterator
 
-from achilles import _reactor
 from achilles.config import cluster_configured, require_secret, resolve
 from achilles.controller import ApplyHandle, Controller, JobHandle
 from achilles.core.job import RAISED, Outcome, default_chunksize, window_for
-from achilles.errors import (ChunkFailedError, ConnectionLostError, SerializationError,
-                             TimeoutError, rebuild_exc)
+from achilles.errors import (
+    ChunkFailedError,
+    ConnectionLostError,
+    SerializationError,
+    TimeoutError,
+    rebuild_exc,
+)
 from achilles.local import LocalCluster
+from achilles.net import reactor as _reactor
 from achilles.protocol.messages import ERROR, OK
-from achilles.serialization import dumps_chunk, dumps_function, loads_chunk, loads_exception
+from achilles.serialization import (
+    dumps_chunk,
+    dumps_function,
+    loads_chunk,
+    loads_exception,
+)
 
 RUN, CLOSE, TERMINATE = "RUN", "CLOSE", "TERMINATE"
 #: functions whose apply jobs a pool keeps open (the least recently used ends)

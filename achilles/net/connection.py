@@ -17,13 +17,25 @@ from typing import Any
 from twisted.internet import protocol, task, tcp
 from twisted.protocols.basic import LineReceiver
 
-from achilles import _memlink
 from achilles.errors import AuthenticationError, ProtocolError
+from achilles.net import memlink as _memlink
 from achilles.protocol import auth
-from achilles.protocol.framing import (MAX_HEADER_LENGTH, PREAUTH_MAX_HEADER_LENGTH, Frame,
-                                       FrameReader, encode)
-from achilles.protocol.messages import (PROTOCOL_VERSION, AuthReply, Challenge, ErrorFrame,
-                                        Heartbeat, Message, Welcome)
+from achilles.protocol.framing import (
+    MAX_HEADER_LENGTH,
+    PREAUTH_MAX_HEADER_LENGTH,
+    Frame,
+    FrameReader,
+    encode,
+)
+from achilles.protocol.messages import (
+    PROTOCOL_VERSION,
+    AuthReply,
+    Challenge,
+    ErrorFrame,
+    Heartbeat,
+    Message,
+    Welcome,
+)
 
 log = logging.getLogger("achilles")
 

@@ -1,4 +1,4 @@
-"""A node: connects out to the server and runs chunks on a persistent process pool.
+"""A node's executor: runs chunks on a persistent process pool and watches its workers.
 
 The pool is a ``multiprocess.Pool`` from a ``forkserver`` context: its workers are
 forked from a clean server process, never from this one, so they do not inherit the
@@ -13,7 +13,7 @@ is cancelled, the node kills that whole pool generation and starts a fresh one. 
 chunk the dead worker was running is reported as crashed (the server counts attempts);
 the other running chunks are resubmitted locally.
 
-A worker that retires (a pool's ``maxtasksperchild``, see :mod:`achilles._worker`) is
+A worker that retires (a pool's ``maxtasksperchild``, see :mod:`achilles.node.worker`) is
 no crash: it exits with code 0 between chunks, after freeing its slot. The pool's own
 worker handler reaps it and starts a replacement, which the node then watches too.
 """
@@ -23,7 +23,6 @@ import itertools
 import logging
 import os
 import pickle
-import random
 import shutil
 import signal
 import tempfile
@@ -35,18 +34,12 @@ from functools import partial
 from typing import Any, Callable
 
 import multiprocess.pool as mp_pool
-from twisted.application.internet import ClientService, backoffPolicy
 from twisted.internet import task
 
-from achilles import _worker
-from achilles._pipe import PipeReader, PipeWriter
-from achilles._shell import (TRANSIENT_REFUSALS, ClientFactory, ClientProtocol,
-                             client_endpoint, node_name)
-from achilles.config import Settings, require_secret
 from achilles.core.pace import Pace
-from achilles.protocol.framing import runs, split
-from achilles.protocol.messages import (CRASHED, OK, TIMEOUT, Cancel, Drain, ErrorFrame,
-                                        Function, Kill, Message, Result, Results, Task, Tasks)
+from achilles.node import worker as _worker
+from achilles.node.pipe import PipeReader, PipeWriter
+from achilles.protocol.messages import CRASHED, OK, TIMEOUT
 
 log = logging.getLogger("achilles.node")
 
@@ -89,7 +82,7 @@ class _NoNotifier:
 
 class _Pool(mp_pool.Pool):
     """``multiprocess.Pool`` for its workers and their upkeep, with its pipes driven
-    by the node's reactor (see :mod:`achilles._pipe`) instead of its helper threads.
+    by the node's reactor (see :mod:`achilles.node.pipe`) instead of its helper threads.
 
     * The pipes pickle with the C pickler (see :class:`_worker.PickleQueue`).
     * The result-handler thread exits at once (its ``get`` returns the sentinel): the
@@ -452,153 +445,3 @@ class Executor:
         self.gen.kill()
         if self._spool:
             shutil.rmtree(self._spool, ignore_errors=True)
-
-
-class NodeProtocol(ClientProtocol):
-    role = "node"
-    owner: "Node"
-
-    def messageReceived(self, msg: Message, payload: bytes) -> None:
-        node = self.owner
-        if isinstance(msg, Task):
-            node.executor.submit(msg.job, msg.seq, payload, msg.timeout)
-        elif isinstance(msg, Tasks):
-            for seq, piece in zip(msg.seqs, split(payload, msg.sizes)):
-                node.executor.submit(msg.job, seq, piece, msg.timeout)
-        elif isinstance(msg, Function):
-            node.executor.function(msg.job, payload)
-        elif isinstance(msg, Cancel):
-            node.executor.cancel(msg.job)
-        elif isinstance(msg, Kill):
-            log.warning("kill received from the server: stopping")
-            node.stop(exit_code=0)
-        elif isinstance(msg, ErrorFrame):
-            log.error("server says: %s %s", msg.code, msg.detail)
-
-
-class Node:
-    """Connects to the server (reconnecting with backoff) and feeds the executor."""
-
-    def __init__(self, settings: Settings, reactor: Any = None,
-                 on_stop: Callable[[int], None] | None = None) -> None:
-        if reactor is None:
-            from twisted.internet import reactor
-        self.settings = settings
-        self.reactor = reactor
-        self.secret = require_secret(settings, "achilles-node")
-        self.processes = settings.processes or os.cpu_count() or 1
-        self.name = node_name()
-        self.proto: NodeProtocol | None = None
-        self._outbox: list[tuple[str, int, str, bytes, float]] = []
-        self.exit_code = 0
-        self.on_stop = on_stop
-        self.executor = Executor(self.processes, self._result, reactor, self.name,
-                                 on_flush=self._send_results)
-        endpoint = client_endpoint(reactor, settings)
-        factory = ClientFactory(NodeProtocol, self, secret=self.secret, clock=reactor,
-                                username=settings.username, slots=self.processes,
-                                heartbeat_interval=settings.heartbeat_interval,
-                                heartbeat_timeout=settings.heartbeat_timeout)
-        self.service = ClientService(endpoint, factory, clock=reactor,
-                                     retryPolicy=backoffPolicy(initialDelay=0.2, maxDelay=5.0,
-                                                               jitter=random.Random().random))
-
-    def start(self) -> None:
-        log.info("node %s with %d worker(s) connecting to %s:%d", self.name,
-                 self.processes, self.settings.host, self.settings.port)
-        self.service.startService()
-
-    def connected(self, proto: NodeProtocol) -> None:
-        self.proto = proto
-        log.info("connected to achilles server at %s:%d as node %d",
-                 self.settings.host, self.settings.port, proto.peer_id)
-
-    def disconnected(self, proto: NodeProtocol) -> None:
-        if self.proto is proto and not self.executor.closed:
-            self.proto = None
-            self._outbox.clear()
-            log.warning("lost the server; dropping work in hand and reconnecting")
-            self.executor.cancel_all()
-
-    def refused(self, err: ErrorFrame) -> None:
-        if err.code in TRANSIENT_REFUSALS:
-            log.warning("the server is busy (%s); retrying", err.detail)
-            return
-        log.error("the server refused this node: %s", err.detail)
-        self.stop(exit_code=2)
-
-    def _result(self, job: str, seq: int, status: str, payload: bytes,
-                elapsed: float) -> None:
-        """Held until the executor's burst is over (``_send_results``): results read
-        from the pool together leave together, in one frame per job."""
-        if self.proto is not None:
-            self._outbox.append((job, seq, status, payload, elapsed))
-
-    def _send_results(self) -> None:
-        if not self._outbox:
-            return
-        outbox, self._outbox = self._outbox, []
-        proto = self.proto
-        if proto is None:
-            return  # the server requeues what this connection held
-        for group in runs(outbox, lambda r: r[0]):
-            if len(group) == 1:
-                job, seq, status, payload, elapsed = group[0]
-                proto.send(Result(job, seq, status, elapsed), payload)
-            else:
-                proto.send(Results(group[0][0], [g[1] for g in group],
-                                   [len(g[3]) for g in group], [g[2] for g in group],
-                                   [g[4] for g in group]), b"".join(g[3] for g in group))
-
-    def leave(self, deadline: float = 30.0) -> None:
-        """Leave gracefully (SIGTERM): take no new work, finish the chunks in hand (for at
-        most ``deadline`` s; the server requeues whatever is left), then stop."""
-        if self.proto is None or not (self.executor.running or self.executor.waiting):
-            return self.stop()
-        log.warning("leaving: finishing %d chunk(s) in hand, then stopping",
-                    len(self.executor.running) + len(self.executor.waiting))
-        self.proto.send(Drain())
-        give_up = self.reactor.callLater(deadline, self.stop)
-
-        def check() -> None:
-            if not (self.executor.running or self.executor.waiting) or self.proto is None:
-                if give_up.active():
-                    give_up.cancel()
-                self.stop()
-            else:
-                self.reactor.callLater(0.05, check)
-
-        check()
-
-    def stop(self, exit_code: int = 0) -> None:
-        if self.executor.closed:
-            return
-        self._send_results()  # a leaving node's last results must not be lost
-        self.exit_code = exit_code
-        self.service.stopService()
-        self.executor.close()
-        if self.on_stop is not None:
-            self.on_stop(exit_code)
-
-
-def run_node(settings: Settings) -> int:
-    """Run a node until it is killed or told to stop; return the exit code."""
-    from twisted.internet import reactor
-    node = Node(settings, reactor, on_stop=lambda code: reactor.callLater(0, reactor.stop))
-    reactor.callWhenRunning(node.start)
-    reactor.callWhenRunning(_graceful_sigterm, node)
-    reactor.addSystemEventTrigger("before", "shutdown", node.executor.close)
-    reactor.run()
-    return node.exit_code
-
-
-def _graceful_sigterm(node: Node) -> None:
-    """First SIGTERM: leave gracefully; a second one: stop now (SIGINT always does)."""
-    def on_term(signum: int, frame: Any) -> None:
-        if getattr(node, "_leaving", False):
-            node.reactor.callFromThread(node.stop)
-        else:
-            node._leaving = True  # type: ignore[attr-defined]
-            node.reactor.callFromThread(node.leave)
-
-    signal.signal(signal.SIGTERM, on_term)
