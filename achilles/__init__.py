@@ -12,7 +12,6 @@ from achilles.errors import (
     ChunkFailedError,
     ConfigError,
     ConnectionLostError,
-    NodeLostError,
     ProtocolError,
     RemoteError,
     RemoteTraceback,
@@ -42,7 +41,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Pool", "AsyncResult", "IMapIterator", "map", "imap", "imap_unordered", "killCluster",
     "getClusterStatus", "genConfig", "AchillesError", "AuthenticationError",
-    "ChunkFailedError", "ConfigError", "ConnectionLostError", "NodeLostError",
+    "ChunkFailedError", "ConfigError", "ConnectionLostError",
     "ProtocolError", "RemoteError", "RemoteTraceback", "SerializationError", "TimeoutError",
     "VersionMismatchError", "__version__",
 ]

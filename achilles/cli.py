@@ -7,7 +7,8 @@ import argparse
 import json
 import logging
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from achilles.config import Settings, resolve
 from achilles.errors import AchillesError
@@ -72,7 +73,8 @@ def _listening(port: Any) -> None:
 
 def cmd_server(args: argparse.Namespace) -> int:
     sys.setswitchinterval(0.0005)
-    from twisted.internet import reactor
+    from achilles.net.reactor import reactor as global_reactor
+    reactor = global_reactor()
 
     from achilles import server
     settings = _settings(args)

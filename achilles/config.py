@@ -7,12 +7,13 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from typing import Any
 
 from dotenv import dotenv_values, set_key
 
 from achilles.errors import ConfigError
+from achilles.protocol.framing import MAX_PAYLOAD_LENGTH
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 9999
@@ -28,7 +29,7 @@ class Settings:
     heartbeat_interval: float = 5.0  # seconds between a node's heartbeats
     heartbeat_timeout: float = 30.0  # server: a node silent this long is lost
     reconnect_timeout: float = 60.0  # controller: give up if the server stays away
-    max_payload: int = 512 * 1024 * 1024  # bytes in one frame's payload
+    max_payload: int = MAX_PAYLOAD_LENGTH  # bytes in one frame's payload
     max_attempts: int = 3  # tries of a chunk before its job fails
     log_level: str = "INFO"
     max_connections: int = 1024  # server: open connections at once
@@ -130,10 +131,6 @@ def require_secret(settings: Settings, who: str) -> str:
             f"{who} needs the cluster secret: pass --secret-key / secret_key=, set "
             f"ACHILLES_SECRET_KEY, or write it to .env with achilles.genConfig()")
     return settings.secret_key
-
-
-def with_overrides(settings: Settings, **changes: Any) -> Settings:
-    return replace(settings, **{k: v for k, v in changes.items() if v is not None})
 
 
 def genConfig(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,  # noqa: N802 (seed name)

@@ -41,10 +41,6 @@ class SerializationError(AchillesError):
     """A function, argument, result or exception could not be (de)serialised."""
 
 
-class NodeLostError(AchillesError):
-    """A node was lost while it held work."""
-
-
 class ChunkFailedError(AchillesError):
     """A chunk could not be completed after ``max_attempts`` tries.
 
@@ -92,7 +88,7 @@ def rebuild_exc(exc: BaseException, tb: str) -> BaseException:
 def _make_timeout_error() -> type:
     import multiprocessing  # not at import time: it pulls in socket, and the core must not
 
-    class TimeoutError(AchillesError, multiprocessing.TimeoutError):  # noqa: A001
+    class TimeoutError(AchillesError, multiprocessing.TimeoutError):
         """A wait or a task went past its time limit (a multiprocessing.TimeoutError)."""
 
     TimeoutError.__module__ = __name__
@@ -101,9 +97,11 @@ def _make_timeout_error() -> type:
 
 
 def _make_remote_traceback() -> type:
-    import multiprocessing.pool  # not at import time (see _make_timeout_error)
+    from multiprocessing import pool  # not at import time (see _make_timeout_error)
 
-    class RemoteTraceback(multiprocessing.pool.RemoteTraceback):
+    base: Any = vars(pool)["RemoteTraceback"]  # not in typeshed's stub
+
+    class RemoteTraceback(base):
         """Carries the text of a traceback raised on a node; used as ``__cause__``. A
         ``multiprocessing.pool.RemoteTraceback``, as multiprocessing's pool gives."""
 
@@ -119,9 +117,11 @@ def _make_remote_traceback() -> type:
 
 
 def _make_result_encoding_error() -> type:
-    import multiprocessing.pool
+    from multiprocessing import pool
 
-    class ResultEncodingError(multiprocessing.pool.MaybeEncodingError, SerializationError):
+    base: Any = vars(pool)["MaybeEncodingError"]  # not in typeshed's stub
+
+    class ResultEncodingError(base, SerializationError):
         """A task's result could not be pickled to be sent back: multiprocessing's
         ``MaybeEncodingError`` (``.exc`` and ``.value`` are the reprs of the pickling
         error and of the result), and an achilles ``SerializationError``."""
@@ -139,7 +139,7 @@ def _rebuild_encoding_error(exc: str, value: str) -> BaseException:
     err = cls.__new__(cls)
     err.exc, err.value = exc, value
     err.args = (exc, value)
-    return err  # type: ignore[no-any-return]
+    return err
 
 
 _LAZY = {"TimeoutError": _make_timeout_error, "RemoteTraceback": _make_remote_traceback,

@@ -31,7 +31,7 @@ from achilles.errors import AchillesError
 from achilles.net import reactor as _reactor
 
 START_TIMEOUT = 30.0
-_live: "weakref.WeakSet[LocalCluster]" = weakref.WeakSet()
+_live: weakref.WeakSet[LocalCluster] = weakref.WeakSet()
 
 
 class LocalCluster:

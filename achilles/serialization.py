@@ -28,7 +28,8 @@ import pickle
 import sys
 import sysconfig
 import types
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import dill
 
@@ -155,7 +156,7 @@ def _main_namespace() -> dict[str, Any]:
             and getattr(obj, "__module__", None) == "__main__"} if main else {}
 
 
-class _MainPickler(dill.Pickler):  # type: ignore[misc]
+class _MainPickler(dill.Pickler):
     """dill, with the caller's ``__main__`` classes as references into the shipped
     namespace, so a function and its arguments agree on one class object."""
 
@@ -168,7 +169,7 @@ class _MainPickler(dill.Pickler):  # type: ignore[misc]
         return None if name is None else ("__main__", name)
 
 
-class _MainUnpickler(dill.Unpickler):  # type: ignore[misc]
+class _MainUnpickler(dill.Unpickler):
     def __init__(self, file: Any, namespace: dict[str, Any]) -> None:
         super().__init__(file)
         self._namespace = namespace
@@ -373,7 +374,7 @@ def loads_function(data: bytes) -> dict[str, Any]:
         parts.setdefault("maxtasks", None)  # a bundle from before maxtasksperchild
         return parts
 
-    return _load_cached("B" + str(id(namespace)), body, load_body)  # type: ignore[no-any-return]
+    return _load_cached("B" + str(id(namespace)), body, load_body)
 
 
 # --- data chunks ---------------------------------------------------------------------

@@ -10,7 +10,8 @@ import itertools
 import json
 import logging
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from twisted.internet import protocol, task
 
@@ -23,8 +24,8 @@ from achilles.errors import (
     VersionMismatchError,
 )
 from achilles.net.connection import PYTHON, FramedProtocol
-from achilles.protocol import auth
-from achilles.protocol.framing import Frame, runs, split
+from achilles.protocol import auth, batching
+from achilles.protocol.framing import Frame, split
 from achilles.protocol.messages import (
     PROTOCOL_VERSION,
     ROLES,
@@ -48,7 +49,6 @@ from achilles.protocol.messages import (
     Status,
     StatusRequest,
     Submit,
-    Task,
     Tasks,
     Welcome,
 )
@@ -78,7 +78,7 @@ ALLOWED: dict[str, tuple[type[Message], ...]] = {
 
 
 class ServerProtocol(FramedProtocol):
-    factory: "ServerFactory"
+    factory: ServerFactory
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -169,11 +169,11 @@ class ServerProtocol(FramedProtocol):
 
 
 class ServerFactory(protocol.Factory):
-    protocol = ServerProtocol
+    protocol = ServerProtocol  # type: ignore[assignment]
 
     def __init__(self, settings: Settings, clock: Any = None) -> None:
         if clock is None:
-            from twisted.internet import reactor as clock  # noqa: N813
+            from twisted.internet import reactor as clock
         self.settings = settings
         self.secret = require_secret(settings, "achilles-server")
         self.clock = clock
@@ -212,31 +212,16 @@ class ServerFactory(protocol.Factory):
             self.flush_batches()
 
     def flush_batches(self) -> None:
-        """Send the held tasks and results: consecutive ones for the same job (and, for
-        tasks, the same timeout) go as one Tasks/Results frame, a lone one as Task or
-        Result. One frame instead of many saves a header and a dispatch per chunk on
-        both sides."""
+        """Send the held tasks and results, batched (see :mod:`achilles.protocol.batching`)."""
         batches, self._batches = self._batches, {}
         for peer_id, items in batches.items():
             peer = self.peers.get(peer_id)
             if peer is None:
                 continue
-            for group in runs(items, lambda i: (i.job, getattr(i, "timeout", None))):
-                first = group[0]
-                if len(group) == 1:
-                    if isinstance(first, sch.SendTask):
-                        peer.send(Task(first.job, first.seq, first.timeout), first.payload)
-                    else:
-                        peer.send(Result(first.job, first.seq, first.status, first.elapsed),
-                                  first.payload)
-                    continue
-                payload = b"".join(i.payload for i in group)
-                seqs, sizes = [i.seq for i in group], [len(i.payload) for i in group]
-                if isinstance(first, sch.SendTask):
-                    peer.send(Tasks(first.job, seqs, sizes, first.timeout), payload)
-                else:
-                    peer.send(Results(first.job, seqs, sizes, [i.status for i in group],
-                                      [i.elapsed for i in group]), payload)
+            # a peer is either a node (held tasks) or a controller (held results)
+            kind = Tasks if isinstance(items[0], sch.SendTask) else Results
+            for msg, payload in batching.frames(kind, items):
+                peer.send(msg, payload)
 
     def _hold(self, peer_id: int, ins: Any) -> None:
         self._batches.setdefault(peer_id, []).append(ins)
@@ -260,11 +245,12 @@ class ServerFactory(protocol.Factory):
                 if peer.role == "controller":
                     self._send(peer.peer_id, self.cluster)
         elif isinstance(ins, sch.Refuse):
-            peer = self.peers.get(ins.peer)
-            log.warning("refused from %s: %s", peer.name if peer else ins.peer, ins.reason)
-            if ins.close and peer is not None:
+            refused = self.peers.get(ins.peer)
+            log.warning("refused from %s: %s", refused.name if refused else ins.peer,
+                        ins.reason)
+            if ins.close and refused is not None:
                 self._batches.pop(ins.peer, None)
-                peer.fail("refused", ins.reason)
+                refused.fail("refused", ins.reason)
 
     def _send(self, peer_id: int, msg: Message, payload: bytes = b"") -> None:
         """Send one frame to a peer, after whatever is held for it (order is kept)."""
@@ -274,8 +260,8 @@ class ServerFactory(protocol.Factory):
         if peer is not None:
             peer.send(msg, payload)
 
-    def buildProtocol(self, addr: Any) -> ServerProtocol:
-        proto = super().buildProtocol(addr)
+    def buildProtocol(self, addr: Any) -> ServerProtocol:  # type: ignore[override]
+        proto: ServerProtocol = super().buildProtocol(addr)  # type: ignore[assignment]
         proto.clock = self.clock
         return proto
 
@@ -368,11 +354,11 @@ class ServerFactory(protocol.Factory):
     def _on_status(self, peer: ServerProtocol, msg: StatusRequest, payload: bytes) -> None:
         snap = self.scheduler.snapshot()
         now = self.clock.seconds()
-        for node in snap["nodes"]:  # type: ignore[union-attr]
+        for node in snap["nodes"]:
             proto = self.peers.get(node["id"])
             node["last_seen_age"] = round(now - proto.last_heard, 3) if proto else None
         snap["controllers"] = sum(1 for p in self.peers.values() if p.role == "controller")
-        for job in snap["jobs"]:  # type: ignore[union-attr]
+        for job in snap["jobs"]:
             owner = self.peers.get(job["owner"])
             job["owner"] = owner.name if owner else str(job["owner"])
         peer.send(Status(), json.dumps(snap).encode("utf-8"))
@@ -401,7 +387,7 @@ def listen(settings: Settings, reactor: Any = None) -> Any:
     if bool(settings.tls_cert) != bool(settings.tls_key):
         raise ConfigError("TLS needs both --tls-cert (ACHILLES_TLS_CERT) and --tls-key "
                           "(ACHILLES_TLS_KEY)")
-    if settings.tls_cert:
+    if settings.tls_cert and settings.tls_key:
         from twisted.internet import ssl
         with open(settings.tls_cert, "rb") as c, open(settings.tls_key, "rb") as k:
             cert = ssl.PrivateCertificate.loadPEM(c.read() + b"\n" + k.read())

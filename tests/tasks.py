@@ -175,3 +175,17 @@ class RefusesPickling:
 
 def boom_here(x: int) -> int:
     raise ValueError(f"boom {x}")  # the line a remote traceback must show
+
+
+def rendezvous(arg: tuple[str, int, int]) -> tuple[bool, int]:
+    """Meet ``n`` tasks that run at the same time: mark this one started (a file in
+    ``folder``), then wait (at most 20 s) until all ``n`` have; return whether they met,
+    and this worker's node pid (its parent)."""
+    folder, n, i = arg
+    open(os.path.join(folder, f"started-{i}"), "w").close()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if len(os.listdir(folder)) >= n:
+            return True, os.getppid()
+        time.sleep(0.01)  # sync-ok: the task's own wait, run on a node
+    return False, os.getppid()

@@ -15,4 +15,4 @@ from achilles.lineReceiver.achilles_main import (
                                                  map,
 )
 
-__all__ = ["map", "imap", "imap_unordered", "killCluster", "getClusterStatus", "genConfig"]
+__all__ = ["genConfig", "getClusterStatus", "imap", "imap_unordered", "killCluster", "map"]

@@ -1,4 +1,4 @@
-"""The seed's ``map`` / ``imap`` / ``imap_unordered`` / ``killCluster``, over :class:`achilles.Pool`.
+"""The seed's ``map``/``imap``/``imap_unordered``/``killCluster``, over :class:`achilles.Pool`.
 
 The seed returned results in *packets*, and so do these functions:
 
@@ -30,7 +30,8 @@ import functools
 import inspect
 import itertools
 import os
-from typing import Any, Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 from achilles.config import cluster_configured
 from achilles.lineReceiver.achilles_server import genConfig
@@ -101,7 +102,7 @@ def _packet(layout: _Layout, k: int, values: list[Any],
 def _in_order(results: Iterable[Any], layout: _Layout,
               callback: Callable[[Any], Any] | None) -> Iterator[Packet]:
     """Cut the pool's ordered results into packets, each yielded once complete."""
-    k, buf = 0, []
+    k, buf = 0, []  # type: int, list[Any]
     for value in results:
         while k < len(layout.sizes) and len(buf) == layout.sizes[k]:  # empty packets
             yield _packet(layout, k, buf, callback)
@@ -110,8 +111,8 @@ def _in_order(results: Iterable[Any], layout: _Layout,
         while k < len(layout.sizes) and len(buf) == layout.sizes[k]:
             yield _packet(layout, k, buf, callback)
             k, buf = k + 1, []
-    for k in range(k, len(layout.sizes)):  # the rest (after the last result) are empty
-        yield _packet(layout, k, buf, callback)
+    for rest in range(k, len(layout.sizes)):  # after the last result: empty packets
+        yield _packet(layout, rest, buf, callback)
         buf = []
 
 
@@ -169,7 +170,7 @@ def _packets(func: Callable[[Any], Any], args: Any, callback: Callable[[Any], An
                                      layout, callback)
 
 
-def map(func: Callable[[Any], Any], args: Any,  # noqa: A001 (the seed's name)
+def map(func: Callable[[Any], Any], args: Any,
         callback: Callable[[Any], Any] | None = None, chunksize: int = 1,
         host: str | None = None, port: int | None = None, username: str | None = None,
         secret_key: str | None = None) -> list[list[Any]]:
@@ -200,7 +201,7 @@ def imap_unordered(func: Callable[[Any], Any], args: Any,
     return _packets(func, args, callback, chunksize, conn, "imap_unordered")
 
 
-def killCluster(command_verified: bool = False, host: str | None = None,  # noqa: N802
+def killCluster(command_verified: bool = False, host: str | None = None,
                 port: int | None = None, username: str | None = None,
                 secret_key: str | None = None) -> int:
     """Stop every node (asks first unless ``command_verified=True``); return how many."""
@@ -208,11 +209,11 @@ def killCluster(command_verified: bool = False, host: str | None = None,  # noqa
                          command_verified=command_verified)
 
 
-def getClusterStatus(host: str | None = None, port: int | None = None,  # noqa: N802
+def getClusterStatus(host: str | None = None, port: int | None = None,
                      username: str | None = None,
                      secret_key: str | None = None) -> dict[str, Any]:
     """The cluster's nodes and jobs, as :func:`achilles.getClusterStatus` returns them."""
     return _get_cluster_status(host=host, port=port, username=username, secret_key=secret_key)
 
 
-__all__ = ["map", "imap", "imap_unordered", "killCluster", "getClusterStatus", "genConfig"]
+__all__ = ["genConfig", "getClusterStatus", "imap", "imap_unordered", "killCluster", "map"]

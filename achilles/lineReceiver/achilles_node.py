@@ -22,7 +22,7 @@ class _GreetingNode(Node):
         print(f"CLIENT_ID: {proto.peer_id}", flush=True)
 
 
-def runAchillesNode(host: str | None = None, port: int | None = None) -> int:  # noqa: N802
+def runAchillesNode(host: str | None = None, port: int | None = None) -> int:
     """Run a node with every core (``ACHILLES_PROCESSES`` to use fewer) until stopped.
 
     The server's address: arguments > ``ACHILLES_*`` environment > ``.env`` in the working
@@ -38,7 +38,8 @@ def runAchillesNode(host: str | None = None, port: int | None = None) -> int:  #
     settings = resolve(host=host, port=port)
     if not settings.secret_key:
         raise _no_secret("runAchillesNode", argument=False)
-    from twisted.internet import reactor
+    from achilles.net.reactor import reactor as global_reactor
+    reactor = global_reactor()
     _logging(settings.log_level)
     node = _GreetingNode(settings, reactor,
                          on_stop=lambda code: reactor.callLater(0, reactor.stop))
@@ -48,9 +49,9 @@ def runAchillesNode(host: str | None = None, port: int | None = None) -> int:  #
     return node.exit_code
 
 
-def genConfig(host: str | None = None, port: int | None = None) -> str:  # noqa: N802
+def genConfig(host: str | None = None, port: int | None = None) -> str:
     """Write the server's address to ``.env`` in the working directory; return its path."""
     return _gen_config(host, port)
 
 
-__all__ = ["runAchillesNode", "genConfig"]
+__all__ = ["genConfig", "runAchillesNode"]

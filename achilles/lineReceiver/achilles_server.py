@@ -24,7 +24,7 @@ def _logging(level: str) -> None:
                         stream=sys.stderr)
 
 
-def runAchillesServer(host: str | None = None, port: int | None = None,  # noqa: N802
+def runAchillesServer(host: str | None = None, port: int | None = None,
                       username: str | None = None, secret_key: str | None = None) -> None:
     """Run a server until the process is interrupted (SIGINT/SIGTERM).
 
@@ -39,7 +39,8 @@ def runAchillesServer(host: str | None = None, port: int | None = None,  # noqa:
     settings = resolve(host=host, port=port, username=username, secret_key=secret_key)
     if not settings.secret_key:
         raise _no_secret("runAchillesServer")
-    from twisted.internet import reactor
+    from achilles.net.reactor import reactor as global_reactor
+    reactor = global_reactor()
 
     from achilles import server
     _logging(settings.log_level)
@@ -49,7 +50,7 @@ def runAchillesServer(host: str | None = None, port: int | None = None,  # noqa:
     reactor.run(installSignalHandlers=threading.current_thread() is threading.main_thread())
 
 
-def genConfig(host: str | None = None, port: int | None = None,  # noqa: N802 (seed name)
+def genConfig(host: str | None = None, port: int | None = None,
               username: str | None = None, secret_key: str | None = None) -> str:
     """Write the given settings to ``.env`` in the working directory; return its path.
 
@@ -62,4 +63,4 @@ def genConfig(host: str | None = None, port: int | None = None,  # noqa: N802 (s
     return path
 
 
-__all__ = ["runAchillesServer", "genConfig"]
+__all__ = ["genConfig", "runAchillesServer"]

@@ -14,14 +14,16 @@ import socket
 import threading
 from typing import Any
 
-from twisted.internet import protocol, task, tcp
+from twisted.internet import protocol, task
 from twisted.protocols.basic import LineReceiver
 
+from achilles.compat import twisted as compat
 from achilles.errors import AuthenticationError, ProtocolError
 from achilles.net import memlink as _memlink
 from achilles.protocol import auth
 from achilles.protocol.framing import (
     MAX_HEADER_LENGTH,
+    MAX_PAYLOAD_LENGTH,
     PREAUTH_MAX_HEADER_LENGTH,
     Frame,
     FrameReader,
@@ -55,7 +57,7 @@ DEFAULT_READ = 64 * 1024
 
 
 #: while a read is being handled, the protocols holding frames to send (see dataReceived)
-_corked: list["FramedProtocol"] | None = None
+_corked: list[FramedProtocol] | None = None
 
 
 class FramedProtocol(LineReceiver):
@@ -68,8 +70,11 @@ class FramedProtocol(LineReceiver):
     """
     delimiter = b"\n"
     MAX_LENGTH = PREAUTH_MAX_HEADER_LENGTH  # raised by authenticated_ok()
-    max_payload = 512 * 1024 * 1024
+    max_payload = MAX_PAYLOAD_LENGTH  # the server raises or lowers it from its settings
     peer_desc = "peer"
+    #: Twisted types it as ``ITransport | None``, which models neither the TCP, TLS and
+    #: memory transports' extra methods nor that it is set before any callback
+    transport: Any
     clock: Any = None  # an IReactorTime, set by whoever builds the protocol
 
     def connectionMade(self) -> None:
@@ -83,10 +88,9 @@ class FramedProtocol(LineReceiver):
             set_no_delay(True)
         # Plain TCP: small frames are sent at once (see send); TLS and test transports
         # always go through Twisted's buffered write.
-        self._socket = self.transport.socket if isinstance(self.transport, tcp.Connection) \
-            else None
+        self._socket = compat.tcp_socket(self.transport)
         if self._socket is not None:
-            self.transport.SEND_LIMIT = SEND_LIMIT
+            compat.set_send_limit(self.transport, SEND_LIMIT)
         self._out: list[bytes] = []
         # Every write to the socket or to Twisted's buffer happens under this lock, so
         # that another thread may write a frame straight to the socket (send_now).
@@ -118,11 +122,11 @@ class FramedProtocol(LineReceiver):
                     break
                 self._dispatch(frame)
             if self._socket is not None:  # the rest of a large payload: in big reads
-                transport.bufferSize = min(max(DEFAULT_READ, reader.owed), READ_LIMIT)
+                compat.set_read_size(transport, min(max(DEFAULT_READ, reader.owed), READ_LIMIT))
             self.read_done()
         finally:
             if outer:
-                held, _corked = _corked, None
+                held, _corked = _corked or [], None
                 for proto in held:
                     proto._flush()
 
@@ -165,21 +169,13 @@ class FramedProtocol(LineReceiver):
             if not pieces or t is None or sock is None:
                 return
             size = sum(len(p) for p in pieces)
-            if size > DIRECT_SEND_MAX or not self._unbuffered(t):
+            if size > DIRECT_SEND_MAX or not compat.nothing_buffered(t):
                 t.writeSequence(pieces)
                 return
             data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
             sent = self._send_some(sock, data)
             if sent < len(data):
                 t.write(data[sent:])
-
-    @staticmethod
-    def _unbuffered(t: Any) -> bool:
-        """Nothing of ours waits in Twisted's buffer, and the connection is open. (Only
-        the reactor's doWrite changes that buffer without our lock, and it only drains
-        it: once it looks empty, everything before it is in the kernel.)"""
-        return not (t._tempDataBuffer or t.offset < len(t.dataBuffer)) and t.connected \
-            and not t.disconnecting
 
     @staticmethod
     def _send_some(sock: Any, data: bytes) -> int:
@@ -199,7 +195,7 @@ class FramedProtocol(LineReceiver):
             return False
         data = b"".join(encode(msg, payload))
         with self._write_lock:
-            if self._out or self._tail or not self._unbuffered(t):
+            if self._out or self._tail or not compat.nothing_buffered(t):
                 return False
             sent = self._send_some(sock, data)
             if sent < len(data):  # the rest goes first in the reactor's next write
@@ -337,7 +333,7 @@ class ClientFactory(protocol.Factory):
     def buildProtocol(self, addr: Any) -> ClientProtocol:
         proto = self.cls(**self.kwargs)
         proto.factory = self
-        proto.owner = self.owner  # type: ignore[attr-defined]
+        proto.owner = self.owner
         return proto
 
 
@@ -355,4 +351,4 @@ def client_endpoint(reactor: Any, settings: Any) -> Any:
     with open(settings.tls_ca, "rb") as f:
         ca = ssl.Certificate.loadPEM(f.read())
     options = ssl.optionsForClientTLS(settings.host, trustRoot=ca)
-    return endpoints.wrapClientTLS(options, tcp)
+    return endpoints.wrapClientTLS(options, tcp)  # type: ignore[arg-type]

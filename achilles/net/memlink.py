@@ -38,7 +38,7 @@ def unregister(host: str, port: int) -> None:
     _servers.pop((host, port), None)
 
 
-def endpoint_for(reactor: Any, host: str, port: int) -> "MemoryEndpoint | None":
+def endpoint_for(reactor: Any, host: str, port: int) -> MemoryEndpoint | None:
     factory = _servers.get((host, port))
     return None if factory is None else MemoryEndpoint(reactor, factory, host, port)
 
@@ -87,24 +87,24 @@ class MemoryTransport:
             self._out.append(data)
             self._schedule()
 
-    def writeSequence(self, pieces: list[bytes]) -> None:  # noqa: N802 (Twisted's name)
+    def writeSequence(self, pieces: list[bytes]) -> None:
         if not self.disconnecting:
             self._out.extend(p for p in pieces if p)
             self._schedule()
 
-    def loseConnection(self) -> None:  # noqa: N802
+    def loseConnection(self) -> None:
         """Close once what was written is delivered."""
         self._close(failure.Failure(error.ConnectionDone()))
 
-    def abortConnection(self) -> None:  # noqa: N802
+    def abortConnection(self) -> None:
         """Close now, dropping what was not delivered yet."""
         self._out.clear()
         self._close(failure.Failure(error.ConnectionLost()))
 
-    def getPeer(self) -> IPv4Address:  # noqa: N802
+    def getPeer(self) -> IPv4Address:
         return self.peer_addr
 
-    def getHost(self) -> IPv4Address:  # noqa: N802
+    def getHost(self) -> IPv4Address:
         return self.host
 
     # delivery ------------------------------------------------------------------------

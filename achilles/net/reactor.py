@@ -13,11 +13,13 @@ import atexit
 import os
 import sys
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from twisted.internet import defer
 from twisted.python import failure, threadable
 
+from achilles.compat import twisted as compat
 from achilles.errors import ReactorStopped, TimeoutError
 
 _lock = threading.Lock()
@@ -63,7 +65,7 @@ def call_from_finalizer(fn: Callable[..., Any], *args: Any) -> bool:
     if _thread is None or _stopped or r is None or not r.running:
         return False
     try:
-        r.callFromThread(fn, *args)  # type: ignore[attr-defined]
+        r.callFromThread(fn, *args)
     except Exception:  # the reactor is going away
         return False
     return True
@@ -105,7 +107,7 @@ def call_blocking(fn: Callable[..., Any], *args: Any, timeout: float | None = No
     try:
         r.callFromThread(run)
         if not done.wait(timeout):
-            r.callFromThread(lambda: holder and holder[0].cancel())
+            r.callFromThread(lambda: holder[0].cancel() if holder else None)
             raise TimeoutError(f"no answer within {timeout:g} s")
     finally:
         with _lock:
@@ -133,10 +135,7 @@ def _after_fork_in_child() -> None:
         return
     _thread = None
     _stopped = False
-    old = sys.modules.pop("twisted.internet.reactor", None)
-    import twisted.internet
-    if getattr(twisted.internet, "reactor", None) is old:
-        del twisted.internet.reactor
+    old = compat.forget_reactor()
     _orphans.append(old)  # kept: a collected copy must not close what it holds
     for selectable in _selectables(old):
         sock = getattr(selectable, "socket", None)
@@ -145,8 +144,7 @@ def _after_fork_in_child() -> None:
                 sock.close()
             except OSError:
                 pass
-    threadable.ioThread = None
-    shell = sys.modules.get("achilles.net.connection")
+    shell: Any = sys.modules.get("achilles.net.connection")
     if shell is not None:
         shell._corked = None  # a read of the parent's that was being handled
     from twisted.internet import default

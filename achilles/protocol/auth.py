@@ -2,8 +2,11 @@
 
     server                                   peer (node, controller, admin)
       |-- Challenge(nonce_s, version, py) ---->|
-      |<-- AuthReply(role, nonce_p, digest_p) -|  digest_p = HMAC(secret, "peer"|nonce_s|nonce_p|role|user)
-      |-- Welcome(digest_s, id) -------------->|  digest_s = HMAC(secret, "server"|nonce_p|nonce_s)
+      |<-- AuthReply(role, nonce_p, digest_p) -|
+      |-- Welcome(digest_s, id) -------------->|
+
+    digest_p = HMAC(secret, "achilles-peer"|nonce_s|nonce_p|role|user)
+    digest_s = HMAC(secret, "achilles-server"|nonce_p|nonce_s)
 
 The secret never crosses the wire; each side binds its proof to the other's fresh nonce,
 so a recorded exchange cannot be replayed; comparisons are constant-time. As in

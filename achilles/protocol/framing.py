@@ -1,16 +1,15 @@
 """Sans-IO framing: a JSON header line, then ``len`` raw payload bytes.
 
 The Twisted shells feed what they receive to a :class:`FrameReader` and take frames
-from it one at a time; :class:`Decoder` returns every frame of a feed at once, for
-tests, the fuzzer and any caller without Twisted. Every limit is checked before memory
-is committed to it.
+from it one at a time. Every limit is checked before memory is committed to it.
 """
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, TypeVar
 
 from achilles.errors import ProtocolError
 from achilles.protocol.messages import (
@@ -38,7 +37,7 @@ class Frame:
 _PREFIX = {t: '{"t":%s,"len":' % json.dumps(t) for t in MESSAGES}
 #: per type, each field's name and its key text in a header
 _KEYS = {t: tuple((name, ',"%s":' % name) for name in FIELD_NAMES[t]) for t in MESSAGES}
-_quote = json.encoder.encode_basestring_ascii  # type: ignore[attr-defined]
+_quote: Callable[[str], str] = json.encoder.encode_basestring_ascii
 _compact = json.JSONEncoder(separators=(",", ":")).encode  # one encoder, not one per call
 
 
@@ -46,7 +45,7 @@ def _json_value(value: Any) -> str:
     """One field value as JSON text (fields are str, int, finite float, or lists)."""
     t = type(value)
     if t is str:
-        return _quote(value)  # type: ignore[no-any-return]
+        return _quote(value)
     if t is int:
         return int.__repr__(value)
     if t is float and math.isfinite(value):
@@ -117,11 +116,6 @@ def runs(items: list[T], key: Callable[[T], Any],
         start = end
 
 
-def encode_bytes(msg: Message, payload: bytes = b"") -> bytes:
-    """:func:`encode` joined into one ``bytes``."""
-    return b"".join(encode(msg, payload))
-
-
 def _plain(value: Any, typ: Any) -> bool:
     """The common case, in a few type checks: exactly the field's type, and for text
     ASCII, for a float a finite one."""
@@ -158,7 +152,7 @@ def _bad_value(t: str, name: str, typ: Any, value: Any) -> Any:
         try:
             value = float(value)
         except OverflowError:
-            raise ProtocolError("bad-field", f"{t!r} field {name!r} is out of range")
+            raise ProtocolError("bad-field", f"{t!r} field {name!r} is out of range") from None
     if typ is float and type(value) is float:
         if not math.isfinite(value):
             raise ProtocolError("bad-field", f"{t!r} field {name!r} must be finite")
@@ -167,7 +161,7 @@ def _bad_value(t: str, name: str, typ: Any, value: Any) -> Any:
         try:
             value.encode("utf-8")
         except UnicodeEncodeError:
-            raise ProtocolError("bad-field", f"{t!r} field {name!r} is not valid text")
+            raise ProtocolError("bad-field", f"{t!r} field {name!r} is not valid text") from None
         return value
     raise ProtocolError("bad-field", f"{t!r} field {name!r} must be {typ.__name__}, "
                                      f"not {type(value).__name__}")
@@ -202,7 +196,8 @@ def parse_header(line: bytes, max_payload: int = MAX_PAYLOAD_LENGTH,
     try:
         header = _loads(line.decode("utf-8"))
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-        raise ProtocolError("bad-json", f"header is not JSON ({exc.__class__.__name__})")
+        raise ProtocolError("bad-json",
+                            f"header is not JSON ({exc.__class__.__name__})") from None
     if type(header) is not dict:
         raise ProtocolError("not-object", "header must be a JSON object")
     t = header.get("t")
@@ -318,21 +313,3 @@ class FrameReader:
         msg, self._msg, self._need = self._msg, None, 0
         assert msg is not None
         return Frame(msg, payload)
-
-
-class Decoder(FrameReader):
-    """:class:`FrameReader` for callers that want every frame of each feed at once
-    (payloads allowed unless told otherwise: it reads an authenticated stream)."""
-
-    def __init__(self, max_payload: int = MAX_PAYLOAD_LENGTH,
-                 allow_payload: bool = True) -> None:
-        super().__init__(max_payload, allow_payload)
-
-    def feed(self, data: bytes) -> list[Frame]:  # type: ignore[override]
-        super().feed(data)
-        frames: list[Frame] = []
-        while True:
-            frame = self.next()
-            if frame is None:
-                return frames
-            frames.append(frame)

@@ -9,6 +9,7 @@ Roles: ``node`` (runs tasks), ``controller`` (submits jobs), ``admin`` (status, 
 """
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, fields
 from typing import ClassVar
 
@@ -18,13 +19,27 @@ PROTOCOL_VERSION = 3  # 2: batch frames (chunks, tasks, results); 3: isolated jo
 
 ROLES = ("node", "controller", "admin")
 
-# Result statuses a node reports for a chunk.
-OK = "ok"  # payload: pickled list of results
-ERROR = "error"  # payload: pickled (exception, traceback text) raised by the task
-CRASHED = "crashed"  # payload: utf-8 text; the worker died running it (retried)
-TIMEOUT = "timeout"  # payload: utf-8 text; the task went past its time limit (retried)
-CANCELLED = "cancelled"  # node dropped it because the job was cancelled (not forwarded)
-STATUSES = (OK, ERROR, CRASHED, TIMEOUT, CANCELLED)
+
+class ChunkStatus(enum.Enum):
+    """What a node reports of a chunk (the ``status`` of ``Result``/``Results``).
+
+    The wire and the per-chunk code carry the plain text values (the constants below):
+    an enum member would be pickled by reference in every worker's result and sent
+    through the JSON encoder's slow path in every header."""
+    OK = "ok"  #: payload: the pickled list of the chunk's results
+    ERROR = "error"  #: payload: pickled (exception, traceback text) the task raised
+    CRASHED = "crashed"  #: payload: utf-8 text; the worker died running it (retried)
+    TIMEOUT = "timeout"  #: payload: utf-8 text; it ran past its time limit (retried)
+    CANCELLED = "cancelled"  #: the node dropped it unrun: its job was cancelled
+
+
+OK = ChunkStatus.OK.value
+ERROR = ChunkStatus.ERROR.value
+CRASHED = ChunkStatus.CRASHED.value
+TIMEOUT = ChunkStatus.TIMEOUT.value
+CANCELLED = ChunkStatus.CANCELLED.value
+#: every status a node may report (anything else is refused)
+STATUSES = frozenset(s.value for s in ChunkStatus)
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,7 +68,7 @@ class ListOf:
 MAX_BATCH = 1024
 
 
-def _check_batch(msg: "Batch", n: int, lists: tuple[str, ...]) -> None:
+def _check_batch(msg: Batch, n: int, lists: tuple[str, ...]) -> None:
     """A batch frame: parallel lists of one length (1 to MAX_BATCH) whose ``sizes`` add
     up to the payload, which is the items' payloads back to back."""
     k = len(msg.seqs)

@@ -20,11 +20,13 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 from conftest import Cluster, Proc, child_env, wait_until
+from wire import Decoder, encode_bytes
 
 import achilles
 from achilles import Pool
@@ -35,9 +37,7 @@ from achilles.protocol.framing import (
     MAX_HEADER_LENGTH,
     MAX_PAYLOAD_LENGTH,
     PREAUTH_MAX_HEADER_LENGTH,
-    Decoder,
     Frame,
-    encode_bytes,
 )
 
 JOB = list(range(-40, 0))
@@ -383,7 +383,7 @@ def test_hostile_input_over_a_socket(cluster, pool, row: Row):
 def test_thousands_of_connections_opened_and_dropped(cluster, pool):
     """2000 connections opened and dropped (some mid-header, some reset) leave the server
     serving, with its running job finished and its file descriptors back where they were."""
-    fds = lambda: len(os.listdir(f"/proc/{cluster.server.pid}/fd"))  # noqa: E731
+    fds = lambda: len(os.listdir(f"/proc/{cluster.server.pid}/fd"))
     before = fds()
     running = pool.map_async(abs, range(-3000, 0), chunksize=5)
     linger_reset = struct.pack("ii", 1, 0)
@@ -567,7 +567,7 @@ def _write_ca(tmp: Any, name: str) -> tuple[Any, Any, str]:
     from cryptography.x509.oid import NameOID
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
             .public_key(key.public_key()).serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(days=1))
@@ -585,7 +585,7 @@ def _write_server_cert(tmp: Any, ca_key: Any, ca_cert: Any) -> tuple[str, str]:
     from cryptography.hazmat.primitives.asymmetric import rsa
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
             .issuer_name(ca_cert.subject).public_key(key.public_key())

@@ -11,17 +11,17 @@ from typing import Any
 
 import pytest
 from twisted.internet import task, tcp
+from wire import encode_bytes
 
 from achilles.net.connection import FramedProtocol
 from achilles.protocol import messages as m
-from achilles.protocol.framing import encode_bytes
 
 
 class FakeReactor:
     def __init__(self) -> None:
         self.from_thread: list[Any] = []
 
-    def callFromThread(self, fn: Any, *args: Any) -> None:  # noqa: N802
+    def callFromThread(self, fn: Any, *args: Any) -> None:
         self.from_thread.append((fn, args))
 
 
@@ -41,10 +41,10 @@ class BufferedConnection(tcp.Connection):
     def write(self, data: bytes) -> None:
         self._tempDataBuffer.append(bytes(data))
 
-    def writeSequence(self, seq: list[bytes]) -> None:  # noqa: N802
+    def writeSequence(self, seq: list[bytes]) -> None:
         self._tempDataBuffer.extend(bytes(p) for p in seq)
 
-    def setTcpNoDelay(self, enabled: bool) -> None:  # noqa: N802
+    def setTcpNoDelay(self, enabled: bool) -> None:
         pass
 
 

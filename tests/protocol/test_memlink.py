@@ -8,7 +8,8 @@ Every test unregisters what it registered, so the module-level registry never le
 from __future__ import annotations
 
 import json
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from twisted.internet import defer, task
@@ -48,11 +49,11 @@ class Recorder(Protocol):
         self.lost: list[Failure] = []
         self.log: list[tuple[Any, ...]] = []  # replaced by a shared log when ordering matters
 
-    def connectionMade(self) -> None:  # noqa: N802 (Twisted's name)
+    def connectionMade(self) -> None:
         self.made += 1
         self.log.append((self.name, "made"))
 
-    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+    def dataReceived(self, data: bytes) -> None:
         self.received.append(data)
         self.log.append((self.name, "data", data))
 
@@ -64,7 +65,7 @@ class Recorder(Protocol):
 class Echo(Recorder):
     """A server that writes back whatever it is given, from inside dataReceived."""
 
-    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+    def dataReceived(self, data: bytes) -> None:
         self.log.append((self.name, "data in", data))
         self.transport.write(data)
         self.log.append((self.name, "data out", data))
@@ -77,7 +78,7 @@ class Recording(Factory):
         self.built: list[Recorder] = []
         self.addrs: list[Any] = []
 
-    def buildProtocol(self, addr: Any) -> Any:  # noqa: N802
+    def buildProtocol(self, addr: Any) -> Any:
         proto = super().buildProtocol(addr)
         self.built.append(proto)
         self.addrs.append(addr)
@@ -186,7 +187,7 @@ def test_connect_refused_when_the_server_factory_builds_nothing(clock: task.Cloc
     """A server factory whose buildProtocol returns None: connect fails with
     ConnectionRefusedError and the client gets no connectionMade."""
     class Refusing(Factory):
-        def buildProtocol(self, addr: Any) -> None:  # noqa: N802
+        def buildProtocol(self, addr: Any) -> None:
             return None
 
     register(HOST, PORT, Refusing())
@@ -359,7 +360,7 @@ def test_echo_is_scheduled_not_delivered_within_the_write(clock: task.Clock) -> 
     seen: list[tuple[int, int]] = []
 
     class Watching(Echo):
-        def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        def dataReceived(self, data: bytes) -> None:
             super().dataReceived(data)
             seen.append((len(client.received), len(clock.getDelayedCalls())))
 
@@ -504,7 +505,7 @@ def test_close_from_inside_data_received_stops_further_delivery(
     """A server that aborts while reading gets connectionLost once, and the client's
     later writes are not delivered to it."""
     class Closing(Recorder):
-        def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        def dataReceived(self, data: bytes) -> None:
             super().dataReceived(data)
             self.transport.abortConnection()
 
@@ -552,14 +553,14 @@ def test_exception_in_data_received_drops_the_link(clock: task.Clock) -> None:
     """A protocol whose dataReceived raises loses the connection (both sides told once),
     as Twisted does over a socket, instead of the error escaping into the reactor."""
     class Raising(Protocol):
-        def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        def dataReceived(self, data: bytes) -> None:
             raise RuntimeError("bug")
 
-        def connectionLost(self, reason: object = None) -> None:  # noqa: N802
+        def connectionLost(self, reason: object = None) -> None:
             lost.append("server")
 
     class Client(Protocol):
-        def connectionLost(self, reason: object = None) -> None:  # noqa: N802
+        def connectionLost(self, reason: object = None) -> None:
             lost.append("client")
 
     lost: list[str] = []

@@ -15,12 +15,12 @@ import pytest
 from twisted.internet import task
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
+from wire import Decoder, encode_bytes
 
 from achilles.config import Settings
 from achilles.net.connection import PYTHON
 from achilles.protocol import auth
 from achilles.protocol import messages as m
-from achilles.protocol.framing import Decoder, encode_bytes
 from achilles.server import SHOWN_MAX, ServerFactory
 
 SECRET = "refusal log secret"

@@ -12,8 +12,9 @@ import itertools
 import json
 import os
 import pickle
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 from twisted.internet import task
@@ -21,18 +22,13 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
+from wire import Decoder, encode_bytes
 
 from achilles.config import Settings
 from achilles.net.connection import PYTHON
 from achilles.protocol import auth
 from achilles.protocol import messages as m
-from achilles.protocol.framing import (
-    MAX_HEADER_LENGTH,
-    PREAUTH_MAX_HEADER_LENGTH,
-    Decoder,
-    Frame,
-    encode_bytes,
-)
+from achilles.protocol.framing import MAX_HEADER_LENGTH, PREAUTH_MAX_HEADER_LENGTH, Frame
 from achilles.server import TICK, ServerFactory, ServerProtocol
 
 SECRET = "in-memory cluster secret \u2603"
@@ -45,7 +41,7 @@ class Peer:
 
     _ports = itertools.count(40000)
 
-    def __init__(self, net: "Net") -> None:
+    def __init__(self, net: Net) -> None:
         self.net = net
         addr = IPv4Address("TCP", "10.0.0.9", next(self._ports))
         self.transport = StringTransport(peerAddress=addr)

@@ -1,6 +1,9 @@
 """HMAC challenge-response: good and bad secrets, replays, bound identities, versions."""
 from __future__ import annotations
 
+import hashlib
+import hmac
+
 import pytest
 
 from achilles.errors import AuthenticationError, VersionMismatchError
@@ -24,11 +27,19 @@ def peer_proof(secret: str = SECRET, server_nonce: str = SERVER_NONCE,
     return peer_digest(secret, server_nonce, PEER_NONCE, role, username)
 
 
+def _hmac(*parts: str) -> str:
+    """The transcript's HMAC-SHA256, computed here independently of the code under test."""
+    return hmac.new(SECRET.encode(), "|".join(parts).encode(), hashlib.sha256).hexdigest()
+
+
 def test_good_secret_verifies_both_ways() -> None:
-    """With the same secret the server accepts the peer's proof and the peer the server's."""
-    verify(peer_proof(), peer_proof(), "node")  # server checks the peer
-    verify(server_digest(SECRET, SERVER_NONCE, PEER_NONCE),
-           server_digest(SECRET, SERVER_NONCE, PEER_NONCE), "server")  # peer checks server
+    """Each side's proof is the HMAC of the documented transcript under the secret, and
+    the other side, holding the same secret, accepts it."""
+    peer = _hmac("achilles-peer", SERVER_NONCE, PEER_NONCE, "node", "achilles")
+    server = _hmac("achilles-server", PEER_NONCE, SERVER_NONCE)
+    assert peer_proof() == peer and server_digest(SECRET, SERVER_NONCE, PEER_NONCE) == server
+    verify(peer, peer_proof(), "node")  # the server checks the peer
+    verify(server, server_digest(SECRET, SERVER_NONCE, PEER_NONCE), "server")  # and back
 
 
 def test_wrong_secret_fails_on_server_side() -> None:

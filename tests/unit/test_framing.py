@@ -6,17 +6,16 @@ import json
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from wire import Decoder, encode_bytes
 
 from achilles.errors import ProtocolError
 from achilles.protocol import messages as m
 from achilles.protocol.framing import (
     BATCH_LIMIT,
     MAX_HEADER_LENGTH,
-    Decoder,
     Frame,
     FrameReader,
     encode,
-    encode_bytes,
     parse_header,
     runs,
     split,

@@ -23,19 +23,14 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
+from wire import Decoder, encode_bytes
 
 from achilles.config import Settings
 from achilles.errors import ProtocolError
 from achilles.net.connection import PYTHON
 from achilles.protocol import auth
 from achilles.protocol import messages as m
-from achilles.protocol.framing import (
-    MAX_HEADER_LENGTH,
-    PREAUTH_MAX_HEADER_LENGTH,
-    Decoder,
-    Frame,
-    encode_bytes,
-)
+from achilles.protocol.framing import MAX_HEADER_LENGTH, PREAUTH_MAX_HEADER_LENGTH, Frame
 from achilles.server import ServerFactory, ServerProtocol
 
 # Hypothesis imports libcst to print a failing example as a patch; libcst's import warns,
@@ -62,7 +57,7 @@ _valid = st.one_of(
               _jobs, _small),
     st.builds(lambda j, s, p: (m.Chunk(job=j, seq=s), p), _jobs, _seqs, _small),
     st.builds(lambda j, s, st_, e, p: (m.Result(job=j, seq=s, status=st_, elapsed=e), p),
-              _jobs, _seqs, st.sampled_from(list(m.STATUSES) + ["bogus"]), _floats, _small),
+              _jobs, _seqs, st.sampled_from(sorted(m.STATUSES) + ["bogus"]), _floats, _small),
     st.builds(lambda j, ps: (m.Chunks(job=j, seqs=[q for q, _ in ps],
                                       sizes=[len(p) for _, p in ps]),
                              b"".join(p for _, p in ps)),
@@ -72,7 +67,7 @@ _valid = st.one_of(
                                        statuses=[s_ for _, s_, _ in rs],
                                        elapsed=[0.001] * len(rs)),
                              b"".join(p for _, _, p in rs)),
-              _jobs, st.lists(st.tuples(_seqs, st.sampled_from(list(m.STATUSES) + ["bogus"]),
+              _jobs, st.lists(st.tuples(_seqs, st.sampled_from(sorted(m.STATUSES) + ["bogus"]),
                                         st.binary(max_size=8)), min_size=1, max_size=4)),
     st.builds(lambda j, s: (m.Tasks(job=j, seqs=[s, s + 1], sizes=[1, 1], timeout=0.0),
                             b"tt"), _jobs, _seqs),

@@ -16,14 +16,15 @@ import pytest
 
 import achilles
 
-CORE_MODULES = ["achilles.core.scheduler", "achilles.core.job", "achilles.core.pace",
-                "achilles.protocol.framing", "achilles.protocol.auth",
-                "achilles.protocol.messages"]
+PACKAGE_DIR = pathlib.Path(achilles.__file__).parent
+#: every module of the sans-IO layers (found, not listed: a new one is checked too)
+CORE_MODULES = [f"achilles.{layer}.{path.stem}" for layer in ("core", "protocol")
+                for path in sorted((PACKAGE_DIR / layer).glob("*.py"))
+                if path.stem != "__init__"]
 #: never acceptable in the core's import graph
 IO_LIBRARIES = ["twisted", "dill", "multiprocess"]
 #: forbidden too, unless a bare interpreter already has them at start-up
 STDLIB_IO = ["socket", "threading"]
-PACKAGE_DIR = pathlib.Path(achilles.__file__).parent
 
 # Records which watched modules are loaded: {"start": [...], "<label>": [...]}.
 _PROBE = """
@@ -85,6 +86,14 @@ def test_core_import_graph_has_no_socket_or_threading(core_alone: dict[str, Any]
     """The core's import graph loads no socket or threading beyond what a bare interpreter has."""
     forbidden = set(STDLIB_IO) - set(core_alone["start"])
     assert [m for m in core_alone["core"] if m in forbidden] == []
+
+
+def test_worker_module_loads_no_twisted() -> None:
+    """The code that runs in a node's worker processes (preloaded by the fork server,
+    which must stay small and reactor-free) imports no Twisted."""
+    seen = run_probe("import achilles.node.worker\nseen['worker'] = loaded()\n",
+                     ["twisted"])
+    assert seen["worker"] == []
 
 
 def test_import_achilles_installs_no_reactor(through_package: dict[str, Any]) -> None:

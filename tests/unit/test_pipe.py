@@ -7,7 +7,8 @@ import random
 import select
 import struct
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import multiprocess.connection as mpc
 import pytest
@@ -57,16 +58,16 @@ class FakeReactor:
     def __init__(self) -> None:
         self.calls: list[tuple[str, Any]] = []
 
-    def addReader(self, obj: Any) -> None:  # noqa: N802
+    def addReader(self, obj: Any) -> None:
         self.calls.append(("addReader", obj))
 
-    def removeReader(self, obj: Any) -> None:  # noqa: N802
+    def removeReader(self, obj: Any) -> None:
         self.calls.append(("removeReader", obj))
 
-    def addWriter(self, obj: Any) -> None:  # noqa: N802
+    def addWriter(self, obj: Any) -> None:
         self.calls.append(("addWriter", obj))
 
-    def removeWriter(self, obj: Any) -> None:  # noqa: N802
+    def removeWriter(self, obj: Any) -> None:
         self.calls.append(("removeWriter", obj))
 
 
@@ -137,7 +138,7 @@ class Worker(threading.Thread):
     def run(self) -> None:
         try:
             self._target_fn()
-        except BaseException as exc:  # noqa: BLE001 (re-raised by finish)
+        except BaseException as exc:
             self.error = exc
 
     def finish(self, timeout: float = 10.0) -> None:

@@ -1,14 +1,18 @@
 """The server's scheduler: events in, exact instruction lists out (no I/O, no clock)."""
 from __future__ import annotations
 
+import pytest
+
 from achilles.core.pace import MAX_PREFETCH, PREFETCH, QUEUED_WORK
 from achilles.core.scheduler import (
     CancelOnNode,
     ChunkAdded,
     ChunksAdded,
     ClusterChanged,
+    Event,
     FailJob,
     ForwardResult,
+    Instruction,
     JobCancelled,
     JobEnded,
     JobSubmitted,
@@ -19,13 +23,22 @@ from achilles.core.scheduler import (
     Refuse,
     ResultReceived,
     ResultsReceived,
-    Scheduler,
     SendFunction,
     SendTask,
 )
+from achilles.core.scheduler import Scheduler as _Scheduler
 from achilles.protocol.messages import CANCELLED, CRASHED, ERROR, OK, TIMEOUT
 
 OWNER = 100
+
+
+class Scheduler(_Scheduler):
+    """The scheduler, with its invariants checked after every event."""
+
+    def handle(self, event: Event, now: float) -> list[Instruction]:
+        out = super().handle(event, now)
+        self.validate()
+        return out
 
 
 # --- helpers: one place that says what a job's function and chunks look like --------------
@@ -128,8 +141,8 @@ def test_short_chunks_deepen_a_nodes_queue_and_long_ones_restore_it() -> None:
     assert len(s.nodes[1].inflight) == 2 * MAX_PREFETCH
     report(s, 1, "j", seq, status=CRASHED, payload=b"died", elapsed=0.0)  # no duration
     assert s.nodes[1].pace.depth == MAX_PREFETCH
-    for seq in range(seq + 1, seq + 40):  # long chunks
-        report(s, 1, "j", seq, elapsed=10 * QUEUED_WORK)
+    for later in range(seq + 1, seq + 40):  # long chunks
+        report(s, 1, "j", later, elapsed=10 * QUEUED_WORK)
     assert s.nodes[1].pace.depth == PREFETCH
     # what was sent is not taken back; the excess drains as results come, unrefilled
     assert len(s.nodes[1].inflight) == 2 * PREFETCH
@@ -352,10 +365,11 @@ def test_unknown_status_is_refused_and_chunk_not_lost() -> None:
     join(s, 1)
     submit(s)
     add(s, "j", 0)
-    out = report(s, 1, "j", 0, "bogus", b"")
-    assert Refuse(1, "unknown result status 'bogus'", close=True) in out
+    assert report(s, 1, "j", 0, "bogus", b"") == [
+        Refuse(1, "unknown result status 'bogus'", close=True)]
     job = s.jobs["j"]
-    assert 0 in job.queue or 0 in job.inflight, "chunk 0 is neither queued nor in flight"
+    assert job.inflight == {0: 1} and not job.queue  # still the node's, not lost
+    assert report(s, 1, "j", 0) == [forward("j", 0)]
 
 
 # --- fairness and limits ------------------------------------------------------------------
@@ -538,3 +552,14 @@ def test_stale_result_of_a_dropped_then_resubmitted_job_is_ignored() -> None:
     submit(s)
     assert report(s, 1, "j", 0) == []  # no Refuse: the node is not disconnected
     assert add(s, "j", 0) == [send_fn(1, "j"), task(1, "j", 0)]  # and serves the new job
+
+
+def test_validate_names_a_broken_invariant() -> None:
+    """validate() (run after every event above) does catch a chunk lost from the books."""
+    s = Scheduler()
+    join(s, 1)
+    submit(s)
+    add(s, "j", 0)
+    s.jobs["j"].inflight.clear()  # the node still holds it
+    with pytest.raises(AssertionError, match="payloads kept for"):
+        s.validate()
