@@ -1,6 +1,6 @@
 """The Twisted half of the wire protocol, shared by server, node and controller.
 
-:class:`FramedProtocol` is a ``LineReceiver`` whose header lines and raw payloads go
+:class:`FramedProtocol` is a Twisted protocol whose header lines and raw payloads go
 through the sans-IO :class:`~achilles.protocol.framing.FrameReader`; a protocol error
 from a peer becomes an error frame and a close, never an exception in the reactor.
 :class:`ClientProtocol` adds the peer side of the handshake (nodes, controllers, admin).
@@ -15,16 +15,13 @@ import threading
 from typing import Any
 
 from twisted.internet import protocol, task
-from twisted.protocols.basic import LineReceiver
 
 from achilles.compat import twisted as compat
 from achilles.errors import AuthenticationError, ProtocolError
 from achilles.net import memlink as _memlink
 from achilles.protocol import auth
 from achilles.protocol.framing import (
-    MAX_HEADER_LENGTH,
     MAX_PAYLOAD_LENGTH,
-    PREAUTH_MAX_HEADER_LENGTH,
     Frame,
     FrameReader,
     encode,
@@ -60,16 +57,14 @@ DEFAULT_READ = 64 * 1024
 _corked: list[FramedProtocol] | None = None
 
 
-class FramedProtocol(LineReceiver):
+class FramedProtocol(protocol.Protocol):
     """Header lines and raw payloads, read by the sans-IO FrameReader.
 
-    Still a ``LineReceiver`` on the wire (a header line, then raw bytes), but the
-    reading is the FrameReader's: ``LineReceiver`` re-splits everything left in its
-    buffer each time it switches between line and raw mode, which is quadratic in the
-    number of frames that arrive in one read (a node's burst of small results).
+    A line protocol on the wire (a JSON header line, then raw bytes), but not a
+    ``LineReceiver``: that re-splits everything left in its buffer each time it switches
+    between line and raw mode, which is quadratic in the number of frames that arrive
+    in one read (a node's burst of small results). The FrameReader is linear.
     """
-    delimiter = b"\n"
-    MAX_LENGTH = PREAUTH_MAX_HEADER_LENGTH  # raised by authenticated_ok()
     max_payload = MAX_PAYLOAD_LENGTH  # the server raises or lowers it from its settings
     peer_desc = "peer"
     #: Twisted types it as ``ITransport | None``, which models neither the TCP, TLS and
@@ -213,7 +208,6 @@ class FramedProtocol(LineReceiver):
         """The peer proved itself: payloads and full-size headers are accepted now."""
         self.authenticated = True
         self.reader.authenticated()
-        self.MAX_LENGTH = MAX_HEADER_LENGTH
 
     def _dispatch(self, frame: Frame) -> None:
         try:
