@@ -22,9 +22,10 @@ from achilles.errors import (
 # The pool (and with it twisted, dill and multiprocessing) loads on first use (PEP 562),
 # so that `import achilles.core.scheduler` or a worker's `import achilles.node.worker` do not
 # drag it in.
-_LAZY = {"Pool": "pool", "AsyncResult": "pool", "IMapIterator": "pool", "map": "pool",
-         "imap": "pool", "imap_unordered": "pool", "killCluster": "pool",
-         "getClusterStatus": "pool", "genConfig": "config", "TimeoutError": "errors"}
+_LAZY = {"Pool": "pool.pool", "AsyncResult": "pool.results", "IMapIterator": "pool.results",
+         "map": "oneshot", "imap": "oneshot", "imap_unordered": "oneshot",
+         "killCluster": "admin", "getClusterStatus": "admin", "genConfig": "config",
+         "TimeoutError": "errors"}
 
 
 def __getattr__(name: str) -> Any:

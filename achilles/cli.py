@@ -1,4 +1,4 @@
-"""Command line: ``achilles server|node|kill|status`` (and the
+"""Command line: ``achilles server|node|kill|status|secret`` (and the
 ``achilles-server`` / ``achilles-node`` scripts). Errors go to stderr with a non-zero
 exit code."""
 from __future__ import annotations
@@ -18,6 +18,10 @@ def _common(p: argparse.ArgumentParser, secret: bool = True) -> None:
     p.add_argument("--host", help="server address (ACHILLES_HOST; default 127.0.0.1)")
     p.add_argument("--tls-ca", dest="tls_ca", help="PEM CA certificate to verify the server "
                                                    "with; turns TLS on (ACHILLES_TLS_CA)")
+    p.add_argument("--tls", choices=("auto", "on", "off"),
+                   help="TLS: auto (default: TLS unless on loopback), on, or off (plain "
+                        "TCP; a server then accepts it from other machines too) "
+                        "(ACHILLES_TLS)")
     p.add_argument("--port", type=int, help="server port (ACHILLES_PORT; default 9999)")
     p.add_argument("--username", help="name to log in as (ACHILLES_USERNAME)")
     if secret:
@@ -48,12 +52,13 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="show the cluster's nodes and jobs")
     _common(p)
     p.add_argument("--json", action="store_true", help="print JSON")
+    sub.add_parser("secret", help="print a new strong secret for ACHILLES_SECRET_KEY")
     return parser
 
 
 def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
     keys = ("host", "port", "username", "secret_key", "processes", "log_level", "tls_ca",
-            "tls_cert", "tls_key", "insecure")
+            "tls_cert", "tls_key", "insecure", "tls")
     if getattr(args, "secret_key", None):
         print("achilles: warning: a secret on the command line is visible to every user of "
               "this machine (ps); use ACHILLES_SECRET_KEY or a .env file", file=sys.stderr)
@@ -108,7 +113,14 @@ def cmd_node(args: argparse.Namespace) -> int:
 def _admin_args(args: argparse.Namespace) -> dict[str, Any]:
     s = _settings(args)
     return dict(host=s.host, port=s.port, username=s.username, secret_key=s.secret_key,
-                tls_ca=s.tls_ca)
+                tls_ca=s.tls_ca, tls=s.tls)
+
+
+def cmd_secret(args: argparse.Namespace) -> int:
+    """A new secret: 32 random bytes, URL-safe (about 256 bits)."""
+    import secrets
+    print(secrets.token_urlsafe(32))
+    return 0
 
 
 def cmd_kill(args: argparse.Namespace) -> int:
@@ -116,6 +128,12 @@ def cmd_kill(args: argparse.Namespace) -> int:
     n = killCluster(command_verified=args.yes, **_admin_args(args))
     print(f"told {n} node(s) to stop")
     return 0
+
+
+def _cell(text: Any, width: int) -> str:
+    """A name from the server for a table cell: control and other unprintable characters
+    escaped (a name must not move the cursor or forge lines), cut to ``width``."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))[:width]
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -129,7 +147,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"{'NODE':<32} {'SLOTS':>5} {'BUSY':>5} {'DONE':>8} {'HEARTBEAT':>10}  STATE")
     for n in status["nodes"]:
         seen = n.get("last_seen_age")
-        print(f"{n['name']:<32} {n['slots']:>5} {n['inflight']:>5} {n['done']:>8} "
+        print(f"{_cell(n['name'], 64):<32} {n['slots']:>5} {n['inflight']:>5} {n['done']:>8} "
               f"{'-' if seen is None else f'{seen:.1f}s ago':>10}  "
               f"{'leaving' if n['draining'] else 'ready'}")
     if status["jobs"]:
@@ -139,13 +157,13 @@ def cmd_status(args: argparse.Namespace) -> int:
             total = j["total"] if j["total"] is not None else f"{j['added']}+"
             progress = f"{j['done']}/{total}"
             failed = f"  {j['failed']} failed" if j["failed"] else ""
-            print(f"{j['id'][:8]:<10} {j['owner'][:24]:<24} {progress:>14} "
+            print(f"{_cell(j['id'], 8):<10} {_cell(j['owner'], 24):<24} {progress:>14} "
                   f"{j['chunks_per_s']:>9.1f} {j['inflight']:>6} {j['retries']:>7}{failed}")
     return 0
 
 
 COMMANDS = {"server": cmd_server, "node": cmd_node, "kill": cmd_kill,
-            "status": cmd_status}
+            "status": cmd_status, "secret": cmd_secret}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -7,12 +7,16 @@
 from __future__ import annotations
 
 import os
+import re
+import stat
+import warnings
 from dataclasses import dataclass, fields
 from typing import Any
 
 from dotenv import dotenv_values, set_key
 
-from achilles.errors import ConfigError
+from achilles.errors import ConfigError, InsecureConfigWarning
+from achilles.protocol.auth import NAME_PATTERN
 from achilles.protocol.framing import MAX_PAYLOAD_LENGTH
 
 DEFAULT_HOST = "127.0.0.1"
@@ -38,6 +42,10 @@ class Settings:
     tls_cert: str | None = None  # server: PEM certificate (chain) file: serve TLS
     tls_key: str | None = None  # server: PEM private key file
     tls_ca: str | None = None  # nodes/controllers: PEM CA file to verify the server; TLS on
+    #: "auto": a client uses TLS unless the server is on loopback; a server accepts TLS
+    #: from anyone and plain TCP from loopback peers. "on": TLS only. "off": plain TCP (a
+    #: server then also accepts it from other machines, with a warning).
+    tls: str = "auto"
 
 
 _ENV = {f.name: "ACHILLES_" + f.name.upper() for f in fields(Settings)}
@@ -57,6 +65,7 @@ _CONVERT: dict[str, Any] = {"port": int, "processes": int, "heartbeat_interval":
                             "max_payload": int, "max_attempts": int, "max_connections": int,
                             "handshake_timeout": float, "insecure": _flag}
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+TLS_MODES = ("auto", "on", "off")
 #: keys whose presence means "a cluster is configured" (else Pool() runs a local one)
 CLUSTER_KEYS = ("host", "port", "secret_key")
 
@@ -70,13 +79,41 @@ def user_config_dir() -> str:
 
 
 def _dotenv(path: str | None) -> dict[str, str]:
-    """The ``.env`` of the working directory, else the user's (see user_config_dir)."""
+    """The ``.env`` of the working directory, else the user's (see user_config_dir);
+    one that another user could have written is ignored, with a warning (see
+    :func:`distrust`)."""
     candidates = [path] if path else [os.path.join(os.getcwd(), ".env"),
                                       os.path.join(user_config_dir(), ".env")]
     for candidate in candidates:
         if os.path.isfile(candidate):
+            why = distrust(candidate)
+            if why:
+                warnings.warn(f"ignoring {candidate}: {why}. A .env decides where Pool() "
+                              f"sends your code and data; fix its owner and mode (chmod "
+                              f"600) if it is yours", InsecureConfigWarning, stacklevel=4)
+                continue
             return {k: v for k, v in dotenv_values(candidate).items() if v is not None}
     return {}
+
+
+def distrust(path: str) -> str:
+    """Why a settings file must not be trusted ("" if it may be): it belongs to another
+    user (root excepted), others may write it, or it sits in a directory where others
+    may replace it (writable by them, without the sticky bit). The way git refuses a
+    repository owned by someone else."""
+    me = os.getuid()
+    for st, what in ((os.lstat(path), "it"), (os.stat(path), "the file it links to")):
+        if st.st_uid not in (me, 0):
+            return f"{what} belongs to another user (uid {st.st_uid})"
+        if not stat.S_ISLNK(st.st_mode) and st.st_mode & 0o022:
+            return f"{what} is writable by other users (mode {stat.S_IMODE(st.st_mode):o})"
+    folder = os.path.dirname(os.path.abspath(path))
+    d = os.stat(folder)
+    if d.st_mode & 0o022 and not d.st_mode & stat.S_ISVTX:
+        return f"its directory {folder} is writable by other users, who could replace it"
+    if d.st_uid not in (me, 0) and d.st_mode & 0o022:
+        return f"its directory {folder} belongs to another user and others may write it"
+    return ""
 
 
 def _sources(explicit: dict[str, Any], env_file: str | None) -> dict[str, tuple[Any, str]]:
@@ -113,6 +150,13 @@ def resolve(env_file: str | None = None, **explicit: Any) -> Settings:
             raise ConfigError(f"{source} must be a string")
         if name == "host" and not str(value).strip():
             raise ConfigError(f"{source} must not be empty")
+        if name == "tls" and str(value).strip().lower() not in TLS_MODES:
+            raise ConfigError(f"{source} must be one of {', '.join(TLS_MODES)}, got {value!r}")
+        if name == "tls":
+            values[name] = str(value).strip().lower()
+        if name == "username" and not re.fullmatch(NAME_PATTERN, str(value)):
+            raise ConfigError(f"{source} must be 1-64 letters, digits or ._@:+- (starting "
+                              f"with a letter or digit), got {str(value)[:80]!r}")
     return Settings(**values)
 
 
@@ -143,13 +187,26 @@ def genConfig(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,  # noqa: N802 
     """
     resolve(host=host, port=port, username=username, secret_key=secret_key)  # validate
     path = os.path.abspath(path)
-    if not os.path.exists(path):
-        with open(path, "w", encoding="utf-8"):
-            pass
-    if secret_key is not None or not os.path.getsize(path):
-        os.chmod(path, 0o600)  # it holds the secret: readable by its owner only
+    if os.path.islink(path):
+        raise ConfigError(f"{path} is a symbolic link: genConfig does not follow it (it "
+                          f"would change the file it points to); remove it first")
+    private = secret_key is not None or not os.path.exists(path)
+    _private_file(path, chmod=private)
     for name, value in (("host", host), ("port", port), ("username", username),
                         ("secret_key", secret_key)):
         if value is not None:
             set_key(path, _ENV[name], str(value), quote_mode="never")
+    if private:  # set_key rewrites the file; it holds the secret: its owner's only
+        _private_file(path, chmod=True)
     return path
+
+
+def _private_file(path: str, chmod: bool) -> None:
+    """Create ``path`` (mode 0600) if missing, and make it 0600 if asked, without ever
+    following a symbolic link put there meanwhile."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        if chmod:
+            os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)

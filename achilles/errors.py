@@ -17,6 +17,10 @@ class ConfigError(AchillesError, ValueError):
     """A setting is missing or invalid; the message names the key."""
 
 
+class InsecureConfigWarning(UserWarning):
+    """A settings file was ignored: another user could have written it."""
+
+
 class ProtocolError(AchillesError):
     """A peer sent bytes that break the wire protocol.
 

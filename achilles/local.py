@@ -22,7 +22,6 @@ import atexit
 import os
 import secrets
 import sys
-import threading
 import weakref
 from typing import Any
 
@@ -78,8 +77,8 @@ class LocalCluster:
 
     def pids(self) -> list[int]:
         """The processes doing the work: the fork server and the node's workers."""
-        from multiprocess import forkserver
-        server = forkserver._forkserver._forkserver_pid
+        from achilles.compat import multiprocess as compat
+        server = compat.forkserver_pid()
         return ([server] if server else []) + self.worker_pids()
 
     def _stop(self) -> None:
@@ -134,19 +133,9 @@ def _after_fork_in_child() -> None:
     _live = weakref.WeakSet()
     from achilles.net import memlink as _memlink
     _memlink._servers.clear()
-    fs_module = sys.modules.get("multiprocess.forkserver")
-    server = getattr(fs_module, "_forkserver", None)
-    if server is not None:
-        alive = getattr(server, "_forkserver_alive_fd", None)
-        if alive is not None:
-            try:
-                os.close(alive)  # our copy only: the parent's fork server lives on
-            except OSError:
-                pass
-        server._forkserver_alive_fd = None
-        server._forkserver_pid = None
-        server._forkserver_address = None
-        server._lock = threading.Lock()
+    if "multiprocess.forkserver" in sys.modules:  # (then compat is loaded too, as a rule)
+        from achilles.compat import multiprocess as compat
+        compat.forget_forkserver()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

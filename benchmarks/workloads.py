@@ -1,4 +1,4 @@
-"""The workload functions of the benchmark suite (see ../../shared/BENCHMARKS.md).
+"""The workload functions of the benchmark suite (S, W1-W7; see README.md here).
 
 Every system runs exactly these functions, imported from this module: the same bodies
 for ``multiprocessing.Pool``, achilles and the peers. Only the standard library is
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 MiB = 1024 * 1024
 

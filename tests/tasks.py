@@ -142,13 +142,6 @@ def sleep_then_square(x: int, seconds: float = 0.05) -> int:
     return x * x
 
 
-def fail_first_sleep_rest(x: int) -> int:
-    if x == 0:
-        raise Boom("first")
-    time.sleep(30)  # sync-ok: the task's own work, run on a node
-    return x
-
-
 def mark_and_sleep(path: str, seconds: float) -> str:
     """Record that it started (a file), then sleep."""
     with open(os.path.join(path, f"{os.getpid()}-{time.monotonic_ns()}"), "w"):

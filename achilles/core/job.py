@@ -1,39 +1,51 @@
-"""The controller's bookkeeping for one job, sans-IO.
+"""The controller's bookkeeping for one job, the caller's side, sans-IO.
 
-A job's input is cut into chunks; each chunk is kept (``pending``) until its result
-arrives, so it can be sent again after a reconnect, and results are de-duplicated by
-sequence number, so output is exactly once even where execution was not. At most
-``window`` chunks are outstanding (sent and not yet consumed by the caller): that is
-the backpressure that keeps a ten-million-item generator out of memory, and keeps a
-slow ``imap`` consumer from making anyone buffer without bound.
+A job's input is cut into chunks; each chunk's place in the input is kept
+(``pending``) until its outcome arrives, and outcomes are handed to the caller once,
+in input order for ``map``/``imap``. At most ``window`` chunks are outstanding (made
+and not yet consumed by the caller): that is the backpressure that keeps a
+ten-million-item generator out of memory, and keeps a slow ``imap`` consumer from
+making anyone buffer without bound. The wire side (holding each chunk's bytes until
+its result, sending them again after a reconnect) is :mod:`achilles.core.session`.
 """
 from __future__ import annotations
 
+import enum
 import math
 from dataclasses import dataclass
 
 from achilles.core.pace import PREFETCH, Pace
+from achilles.protocol.messages import ChunkStatus
 
-FAILED = "failed"  # a chunk the server gave up on (attempts exhausted)
-#: a chunk that never left the caller: reading or pickling its input raised
-RAISED = "raised"
+
+class OutcomeStatus(enum.Enum):
+    """How a chunk ended, as the caller sees it: a node's OK or ERROR, or one of these
+    two that no node reported (plain text values, as ``ChunkStatus``)."""
+    OK = ChunkStatus.OK.value  #: its results
+    ERROR = ChunkStatus.ERROR.value  #: a task raised
+    FAILED = "failed"  #: the server gave up on it (attempts exhausted)
+    RAISED = "raised"  #: it never left the caller: reading or pickling its input raised
+
+
+FAILED = OutcomeStatus.FAILED.value
+RAISED = OutcomeStatus.RAISED.value
 
 
 @dataclass(frozen=True, slots=True)
 class ChunkInfo:
     start: int  # position of the chunk's first argument in the input
     count: int
-    payload: bytes
 
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
     seq: int
-    status: str  # messages.OK / messages.ERROR / FAILED / RAISED
+    status: str  # an OutcomeStatus value
     payload: bytes
     start: int
     count: int
     exc: BaseException | None = None  # RAISED: what the input raised
+    reason: str = ""  # FAILED: the chunk's last status on the cluster (CRASHED, TIMEOUT)
 
 
 #: an automatic chunk size keeps a chunk's pickled arguments under about this many bytes
@@ -104,10 +116,10 @@ class Job:
     def can_add(self) -> bool:
         return self.outstanding < self.window
 
-    def add(self, payload: bytes, count: int) -> int:
+    def add(self, count: int) -> int:
         """Record a new chunk of ``count`` arguments; return its sequence number."""
         seq = self.added
-        self.pending[seq] = ChunkInfo(self.items, count, payload)
+        self.pending[seq] = ChunkInfo(self.items, count)
         self.added += 1
         self.items += count
         return seq
@@ -116,7 +128,7 @@ class Job:
         """A chunk that failed before it could be sent (its input raised while being
         read, or would not pickle): its outcome is ready at once, in its place. As in
         multiprocessing, the job's other chunks are not affected."""
-        seq = self.add(b"", count)
+        seq = self.add(count)
         info = self.pending.pop(seq)
         self._ready[seq] = Outcome(seq, RAISED, b"", info.start, count, exc)
         return seq
@@ -137,17 +149,18 @@ class Job:
     def close_input(self) -> None:
         self.input_done = True
 
-    def on_result(self, seq: int, status: str, payload: bytes) -> bool:
+    def on_result(self, seq: int, status: str, payload: bytes, reason: str = "") -> bool:
         """Take a result; return False for a duplicate or unknown one (dropped)."""
         info = self.pending.pop(seq, None)
         if info is None:
             return False
-        self._ready[seq] = Outcome(seq, status, payload, info.start, info.count)
+        self._ready[seq] = Outcome(seq, status, payload, info.start, info.count,
+                                   reason=reason)
         return True
 
-    def on_failed(self, seq: int, detail: str) -> bool:
-        """The server gave up on chunk ``seq``."""
-        return self.on_result(seq, FAILED, detail.encode("utf-8"))
+    def on_failed(self, seq: int, detail: str, reason: str = "") -> bool:
+        """The server gave up on chunk ``seq``; ``reason`` is its last status there."""
+        return self.on_result(seq, FAILED, detail.encode("utf-8"), reason)
 
     def take(self, limit: int | None = None) -> list[Outcome]:
         """Outcomes the caller may have now (at most ``limit``): in input order if
@@ -170,10 +183,6 @@ class Job:
     def complete(self) -> bool:
         """Every chunk of a closed input has its outcome (taken or not)."""
         return self.input_done and not self.pending
-
-    def unfinished(self) -> list[tuple[int, bytes]]:
-        """Chunks still waiting for a result, to send again after a reconnect."""
-        return [(seq, info.payload) for seq, info in sorted(self.pending.items())]
 
     def position(self, seq: int) -> tuple[int, int] | None:
         info = self.pending.get(seq)

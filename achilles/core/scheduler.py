@@ -8,22 +8,36 @@
 A node announces ``slots`` worker processes; it is given up to ``slots * PREFETCH``
 (see ``core.pace``) chunks so that the next chunk is already there when a worker frees
 up (round trips hide behind work), and more (up to MAX_PREFETCH per slot) while its
-chunks take less than a round trip. Whenever a slot frees, the job with the fewest chunks in flight
-gets it, so concurrent jobs share the cluster fairly. Payloads are opaque ``bytes``:
-the scheduler keeps a chunk's payload until its result arrives, so it can resend it
-to another node, and never looks inside.
+chunks take less than a round trip. Whenever a slot frees, the job with the fewest
+chunks in flight gets it, so concurrent jobs share the cluster fairly. Payloads are
+opaque ``bytes``: the scheduler keeps a chunk's payload until its result arrives, so it
+can resend it to another node, and never looks inside.
 
 Heartbeats are the shell's business: a silent peer's connection is closed, and
-that arrives here as NodeLost like any other loss.
+that arrives here as NodeLost like any other loss. A node that does talk but holds a
+chunk past its job's time limit plus a grace (see :func:`deadline`) has it taken away on
+the next Tick, as does a node answering "cancelled" for a live job: the chunk counts an
+attempt, and that node gets no more of the job's chunks while another node can take
+them.
+
+What a peer says is believed only so far: a node's slots are capped at MAX_SLOTS, and a
+job is keyed by its owner's connection and the id it chose (:func:`job_key`), so that
+another controller choosing the same id gets a job of its own. (Keyed by connection, not
+by the controller's session: the key is what nodes see, and a session lets whoever shows
+it take a controller's place. A job never outlives its connection anyway: a controller's
+new connection with the session of one still held drops that one first, see the server's
+router.)
 
 Execution is at least once: a chunk on a lost node runs again elsewhere. Results are
-forwarded once per chunk; a late or unknown result is dropped here.
+forwarded once per chunk; a late result of a job the node was told to drop is dropped
+here, and one for a chunk the node was never given gets the node refused.
 """
 from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Any
 
 from achilles.core.pace import Pace
@@ -48,8 +62,27 @@ from achilles.core.scheduler_events import (
     ResultsReceived,
     SendFunction,
     SendTask,
+    Tick,
 )
-from achilles.protocol.messages import CRASHED, ERROR, OK, STATUSES, TIMEOUT
+from achilles.protocol.messages import CANCELLED, CRASHED, ERROR, OK, STATUSES, TIMEOUT
+
+#: most worker slots a node is believed to have (it may claim 10**9 and take every chunk)
+MAX_SLOTS = 1024
+#: least grace past a job's time limit before the server takes a chunk away
+MIN_GRACE = 2.0
+
+
+def job_key(owner: int, job: str) -> str:
+    """The scheduler's name for job ``job`` of the controller on connection ``owner``
+    (what nodes see): unambiguous, as the owner is digits and ends at the first ``-``."""
+    return f"{owner}-{job}"
+
+
+def deadline(timeout: float) -> float:
+    """How long a node may hold a running chunk of a job with a time limit of ``timeout``
+    before the server takes it away: the limit, plus time for the node's own kill, a pool
+    restart and the report to arrive."""
+    return timeout + max(MIN_GRACE, timeout / 2)
 
 
 @dataclass
@@ -57,10 +90,13 @@ class NodeState:
     id: int
     slots: int
     name: str
-    inflight: set[tuple[str, int]] = field(default_factory=set)
+    #: (job, seq) -> when its clock started (-1: not yet), in the order they were sent.
+    #: The first ``slots`` are the ones the node can be running; a chunk's clock starts
+    #: when it is among them, as the node runs its chunks in the order it got them.
+    inflight: dict[tuple[str, int], float] = field(default_factory=dict)
     functions: set[str] = field(default_factory=set)
     # jobs this node was told to drop: a result of theirs may still be on its way
-    dropped: deque[str] = field(default_factory=lambda: deque(maxlen=64))
+    dropped: deque[str] = field(default_factory=lambda: deque(maxlen=128))
     draining: bool = False
     done: int = 0
     pace: Pace = field(default_factory=Pace)  # chunks per slot it is given
@@ -73,7 +109,8 @@ class NodeState:
 
 @dataclass
 class JobState:
-    id: str
+    id: str  # the key (see job_key)
+    name: str  # the id its controller chose
     owner: int
     function: bytes
     max_attempts: int
@@ -91,6 +128,9 @@ class JobState:
     retries: int = 0
     last_pick: int = 0
     isolated: bool = False
+    #: nodes that held a chunk past its deadline or answered "cancelled": they get no
+    #: more of this job's chunks while another node can take them
+    shunned: set[int] = field(default_factory=set)
 
     def eligible(self) -> bool:
         return bool(self.queue) and (self.limit <= 0 or len(self.inflight) < self.limit)
@@ -116,7 +156,7 @@ class Scheduler:
 
     # -- nodes -----------------------------------------------------------------------
     def _on_node_joined(self, ev: NodeJoined) -> None:
-        self.nodes[ev.node] = NodeState(ev.node, max(1, ev.slots), ev.name)
+        self.nodes[ev.node] = NodeState(ev.node, min(max(1, ev.slots), MAX_SLOTS), ev.name)
         self._cluster_changed()
         self._dispatch()
 
@@ -130,6 +170,8 @@ class Scheduler:
                 del job.inflight[seq]
                 self._retry(job, seq, CRASHED,
                             f"node {node.name} was lost ({ev.reason}) while running it")
+        for job in self.jobs.values():
+            job.shunned.discard(node.id)
         self._cluster_changed()
         self._dispatch()
 
@@ -145,34 +187,38 @@ class Scheduler:
 
     # -- jobs ------------------------------------------------------------------------
     def _on_job_submitted(self, ev: JobSubmitted) -> None:
-        if ev.job in self.jobs:
-            self._out.append(Refuse(ev.owner, f"job {ev.job} exists already"))
+        key = job_key(ev.owner, ev.job)
+        if key in self.jobs:
+            self._out.append(Refuse(ev.owner, f"job {ev.job} exists already", job=ev.job))
             return
-        self.jobs[ev.job] = JobState(ev.job, ev.owner, ev.function, max(1, ev.max_attempts),
-                                     ev.timeout, ev.limit, self._now, total=ev.total,
-                                     isolated=ev.isolated)
-
-    def _owned_job(self, job_id: str, owner: int) -> JobState | None:
-        job = self.jobs.get(job_id)
-        if job is None or (owner >= 0 and job.owner != owner):
-            return None
-        return job
+        self.jobs[key] = JobState(key, ev.job, ev.owner, ev.function, max(1, ev.max_attempts),
+                                  ev.timeout, ev.limit, self._now, total=ev.total,
+                                  isolated=ev.isolated)
 
     def _on_chunk_added(self, ev: ChunkAdded) -> None:
-        self._add_chunk(ev.job, ev.seq, ev.payload, ev.owner)
+        self._add_chunk(self._owned(ev.job, ev.seq, ev.owner), ev.seq, ev.payload)
         self._dispatch()
 
     def _on_chunks_added(self, ev: ChunksAdded) -> None:
+        job = self._owned(ev.job, ev.seqs[0], ev.owner)
         for seq, payload in zip(ev.seqs, ev.payloads):
-            if not self._add_chunk(ev.job, seq, payload, ev.owner):
+            if not self._add_chunk(job, seq, payload):
                 break
         self._dispatch()
 
-    def _add_chunk(self, job_id: str, seq: int, payload: bytes, owner: int) -> bool:
-        """Queue a chunk; False if its job is unknown (refused)."""
-        job = self._owned_job(job_id, owner)
+    def _owned(self, name: str, seq: int, owner: int) -> JobState | None:
+        """The owner's job ``name``; None (and refused, naming chunk ``seq``) if it has
+        none of that name."""
+        job = self.jobs.get(job_key(owner, name))
         if job is None:
-            self._out.append(Refuse(owner, f"chunk for unknown job {job_id}"))
+            self._out.append(Refuse(owner, f"chunk {seq} for unknown job {name}", job=name,
+                                    seq=seq))
+        return job
+
+    @staticmethod
+    def _add_chunk(job: JobState | None, seq: int, payload: bytes) -> bool:
+        """Queue a chunk; False if its job is not the owner's (refused)."""
+        if job is None:
             return False
         if seq in job.payloads:
             return True  # re-sent after a reconnect, still pending here
@@ -181,14 +227,10 @@ class Scheduler:
         job.added = max(job.added, seq + 1)
         return True
 
-    def _on_job_cancelled(self, ev: JobCancelled) -> None:
-        job = self._owned_job(ev.job, ev.owner)
-        if job is not None:
-            self._remove_job(job)
-            self._dispatch()
-
-    def _on_job_ended(self, ev: JobEnded) -> None:
-        job = self._owned_job(ev.job, ev.owner)
+    def _on_job_ended(self, ev: JobEnded | JobCancelled) -> None:
+        """End and Cancel alike: the owner's job is forgotten, its work on nodes dropped
+        (a job of that id that is not the sender's is not touched)."""
+        job = self.jobs.get(job_key(ev.owner, ev.job))
         if job is not None:
             self._remove_job(job)
             self._dispatch()
@@ -203,10 +245,17 @@ class Scheduler:
         del self.jobs[job.id]
         for node in self.nodes.values():
             if job.id in node.functions or any(j == job.id for j, _ in node.inflight):
-                node.inflight = {(j, s) for j, s in node.inflight if j != job.id}
-                node.functions.discard(job.id)
-                node.dropped.append(job.id)
-                self._out.append(CancelOnNode(node.id, job.id))
+                node.inflight = {k: t for k, t in node.inflight.items() if k[0] != job.id}
+                self._cancel_on_node(node, job.id)
+
+    def _cancel_on_node(self, node: NodeState, job_id: str) -> None:
+        """Tell a node to drop a job. Its results for the job still on their way are
+        dropped when they come, and the clocks of its other chunks start again: a node
+        restarts its pool to stop a running chunk, and reruns the others."""
+        node.functions.discard(job_id)
+        node.dropped.append(job_id)
+        self._out.append(CancelOnNode(node.id, job_id))
+        self._restart_clocks(node)
 
     # -- results ---------------------------------------------------------------------
     def _on_result_received(self, ev: ResultReceived) -> None:
@@ -224,14 +273,14 @@ class Scheduler:
                      payload: bytes, elapsed: float) -> bool:
         """One chunk's outcome; False if the node was refused (read no more from it)."""
         node = self.nodes.get(node_id)
+        if node is None:
+            return True
         job = self.jobs.get(job_id)
-        if node is None or job is None:
-            return True  # the job was cancelled or ended meanwhile: a harmless race
-        if (job_id, seq) not in node.inflight or job.inflight.get(seq) != node_id:
+        if job is None or (job_id, seq) not in node.inflight:
             if job_id in node.dropped:
-                return True  # from before the job was dropped here (and submitted again)
+                return True  # from before the job was dropped here: a harmless race
             # Only a misbehaving node reports a chunk it does not hold: a node that lost
-            # a chunk to a requeue was disconnected first.
+            # a chunk to a requeue was disconnected or told to drop its job first.
             self._out.append(Refuse(node_id, f"result for chunk {seq} of job "
                                              f"{job_id}, which it was not given",
                                     close=True))
@@ -241,23 +290,32 @@ class Scheduler:
                                     close=True))
             return False
         del job.inflight[seq]
-        node.inflight.discard((job_id, seq))
+        del node.inflight[(job_id, seq)]
         if status in (OK, ERROR):
-            node.done += 1
-            if status == OK:
-                node.pace.observe(elapsed)
-            job.done += 1
-            del job.payloads[seq]
-            if job.isolated:  # a long-lived job: keep no history of its chunks
-                job.attempts.pop(seq, None)
-            if status == ERROR:
-                job.failures += 1
-            self._out.append(ForwardResult(job.owner, job.id, seq, status, payload, elapsed))
+            self._done(node, job, seq, status, payload, elapsed)
         elif status in (CRASHED, TIMEOUT):
-            self._retry(job, seq, status, payload.decode("utf-8", "replace"))
-        else:  # CANCELLED: the node dropped it without running it
-            job.queue.appendleft(seq)
+            self._restart_clocks(node)  # the node restarted its pool: it reruns the rest
+            self._retry(job, seq, status,
+                        payload.decode("utf-8", "replace").replace(job.id, job.name))
+        else:  # CANCELLED, for a live job: not ours to believe (the loop of issue 12)
+            job.shunned.add(node.id)
+            self._retry(job, seq, CRASHED, f"node {node.name} answered {CANCELLED!r} for "
+                                           f"it, though its job was live")
         return True
+
+    def _done(self, node: NodeState, job: JobState, seq: int, status: str,
+              payload: bytes, elapsed: float) -> None:
+        """A chunk ran (and returned or raised): pass its result on."""
+        node.done += 1
+        if status == OK:
+            node.pace.observe(elapsed)
+        job.done += 1
+        del job.payloads[seq]
+        if job.isolated:  # a long-lived job: keep no history of its chunks
+            job.attempts.pop(seq, None)
+        if status == ERROR:
+            job.failures += 1
+        self._out.append(ForwardResult(job.owner, job.name, seq, status, payload, elapsed))
 
     def _retry(self, job: JobState, seq: int, status: str, detail: str) -> None:
         attempts = job.attempts.get(seq, 0) + 1
@@ -267,38 +325,98 @@ class Scheduler:
             if job.isolated:
                 del job.attempts[seq]
             job.failures += 1
-            self._out.append(FailJob(job.owner, job.id, seq, status,
+            self._out.append(FailJob(job.owner, job.name, seq, status,
                                      f"{detail} (attempt {attempts} of {job.max_attempts})"))
             return
         job.retries += 1
         job.queue.appendleft(seq)
 
+    # -- time limits -----------------------------------------------------------------
+    def _on_tick(self, ev: Tick) -> None:
+        """Start the clocks of chunks a node can now be running; take away the chunks of
+        jobs with a time limit that a node has held past their deadline."""
+        now = self._now
+        late: dict[tuple[int, str], set[int]] = {}  # (node, job) -> its late chunks
+        for node in self.nodes.values():
+            for key, started in list(islice(node.inflight.items(), node.slots)):
+                if started < 0:
+                    node.inflight[key] = now
+                    continue
+                job = self.jobs[key[0]]
+                if job.timeout > 0 and now - started > deadline(job.timeout):
+                    late.setdefault((node.id, job.id), set()).add(key[1])
+        for (node_id, job_id), seqs in late.items():
+            self._take_away(self.nodes[node_id], self.jobs[job_id], seqs)
+        if late:
+            self._dispatch()
+
+    def _take_away(self, node: NodeState, job: JobState, late: set[int]) -> None:
+        """The node holds chunks ``late`` of ``job`` past their deadline: it is told to
+        drop the job; those chunks count an attempt (TIMEOUT) and go back to the queue,
+        and so do the job's other chunks it held (for free); it gets no more for now."""
+        grace = deadline(job.timeout) - job.timeout
+        for job_id, seq in sorted(node.inflight, reverse=True):
+            if job_id != job.id:
+                continue
+            del node.inflight[(job_id, seq)]
+            del job.inflight[seq]
+            if seq in late:
+                self._retry(job, seq, TIMEOUT, (
+                    f"node {node.name} held chunk {seq} of job {job.name} past its time "
+                    f"limit of {job.timeout:g} s (and {grace:g} s of grace) without an "
+                    f"answer; taken away"))
+            else:
+                job.queue.appendleft(seq)
+        job.shunned.add(node.id)
+        self._cancel_on_node(node, job.id)
+
+    @staticmethod
+    def _restart_clocks(node: NodeState) -> None:
+        for key in node.inflight:
+            node.inflight[key] = -1.0
+
     # -- dispatch --------------------------------------------------------------------
-    def _pick_job(self) -> JobState | None:
+    def _pick_job(self, blocked: set[str]) -> JobState | None:
         best: JobState | None = None
         for job in self.jobs.values():
-            if job.eligible() and (best is None or (len(job.inflight), job.last_pick)
-                                   < (len(best.inflight), best.last_pick)):
+            if job.eligible() and job.id not in blocked and (
+                    best is None or (len(job.inflight), job.last_pick)
+                    < (len(best.inflight), best.last_pick)):
                 best = job
         return best
 
+    def _pick_node(self, job: JobState) -> NodeState | None:
+        """The node with the largest free share of its capacity, of those the job does
+        not shun (unless it shuns every live node: then attempts are the bound)."""
+        shunned = job.shunned
+        if shunned and all(n.id in shunned for n in self.nodes.values() if not n.draining):
+            shunned.clear()
+        node, most = None, 0.0
+        for n in self.nodes.values():
+            free = n.capacity - len(n.inflight)
+            if free > 0 and free / n.slots > most and n.id not in shunned:
+                node, most = n, free / n.slots
+        return node
+
     def _dispatch(self) -> None:
+        blocked: set[str] = set()  # jobs with room only on nodes they shun
         while True:
-            job = self._pick_job()
+            job = self._pick_job(blocked)
             if job is None:
                 return
-            node, most = None, 0.0  # the node with the largest free share of its capacity
-            for n in self.nodes.values():
-                free = n.capacity - len(n.inflight)
-                if free > 0 and free / n.slots > most:
-                    node, most = n, free / n.slots
+            node = self._pick_node(job)
             if node is None:
-                return
+                if not job.shunned:
+                    return  # no node has room
+                blocked.add(job.id)
+                continue
             seq = job.queue.popleft()
             self._picks += 1
             job.last_pick = self._picks
             job.inflight[seq] = node.id
-            node.inflight.add((job.id, seq))
+            # its clock starts now if the node can be running it already (see NodeState)
+            node.inflight[(job.id, seq)] = self._now if len(node.inflight) < node.slots \
+                else -1.0
             if job.id not in node.functions:
                 node.functions.add(job.id)
                 self._out.append(SendFunction(node.id, job.id, job.function))
@@ -339,7 +457,7 @@ class Scheduler:
             "nodes": [{"id": n.id, "name": n.name, "slots": n.slots,
                        "inflight": len(n.inflight), "done": n.done,
                        "draining": n.draining} for n in self.nodes.values()],
-            "jobs": [{"id": j.id, "owner": j.owner, "done": j.done,
+            "jobs": [{"id": j.name, "owner": j.owner, "done": j.done,
                       "total": j.total if j.total >= 0 else None, "added": j.added,
                       "queued": len(j.queue), "inflight": len(j.inflight),
                       "retries": j.retries, "age": round(self._now - j.submitted, 3),
@@ -356,11 +474,12 @@ _HANDLERS: dict[type, Callable[[Scheduler, Any], None]] = {
     JobSubmitted: Scheduler._on_job_submitted,
     ChunkAdded: Scheduler._on_chunk_added,
     ChunksAdded: Scheduler._on_chunks_added,
-    JobCancelled: Scheduler._on_job_cancelled,
+    JobCancelled: Scheduler._on_job_ended,
     JobEnded: Scheduler._on_job_ended,
     OwnerLost: Scheduler._on_owner_lost,
     ResultReceived: Scheduler._on_result_received,
     ResultsReceived: Scheduler._on_results_received,
+    Tick: Scheduler._on_tick,
 }
 
 

@@ -1,5 +1,10 @@
 """The scheduler's events (what the server's shell tells it) and instructions (what it
-tells the shell to do): who sends each and what it means is in its docstring."""
+tells the shell to do): who sends each and what it means is in its docstring.
+
+A job has two names: the id its controller chose (``job`` in what comes from or goes to
+a controller) and the scheduler's key for it, ``<owner>-<id>`` (``job`` in what comes
+from or goes to a node; see ``scheduler.job_key``), so that two controllers may choose
+the same id."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -12,7 +17,8 @@ from dataclasses import dataclass
 # chunk. Nothing mutates them once made.
 @dataclass(frozen=True)
 class NodeJoined:
-    """Shell: a node authenticated; it has ``slots`` worker processes."""
+    """Shell: a node authenticated; it has ``slots`` worker processes (so it says: the
+    scheduler believes at most MAX_SLOTS)."""
     node: int
     slots: int
     name: str
@@ -33,7 +39,7 @@ class NodeDraining:
 
 @dataclass(frozen=True)
 class JobSubmitted:
-    """Controller (Submit frame): a new job and its function bundle."""
+    """Controller ``owner`` (Submit frame): a new job and its function bundle."""
     job: str
     owner: int
     function: bytes
@@ -46,11 +52,11 @@ class JobSubmitted:
 
 @dataclass(slots=True)  # not frozen: one per chunk (see HOT)
 class ChunkAdded:
-    """Controller (Chunk frame): one chunk of a job's arguments, to queue."""
+    """Controller ``owner`` (Chunk frame): one chunk of its job's arguments, to queue."""
     job: str
     seq: int
     payload: bytes
-    owner: int = -1
+    owner: int
 
 
 @dataclass(slots=True)  # not frozen: one per chunk (see HOT)
@@ -59,12 +65,12 @@ class ChunksAdded:
     job: str
     seqs: list[int]
     payloads: list[bytes]
-    owner: int = -1
+    owner: int
 
 
 @dataclass(slots=True)  # not frozen: one per chunk (see HOT)
 class ResultReceived:
-    """Node (Result frame): the outcome of one chunk it was given."""
+    """Node (Result frame): the outcome of one chunk it was given (``job``: the key)."""
     node: int
     job: str
     seq: int
@@ -86,16 +92,16 @@ class ResultsReceived:
 
 @dataclass(frozen=True)
 class JobCancelled:
-    """Controller (Cancel frame): drop the job and everything of it the nodes hold."""
+    """Controller (Cancel frame): drop its job and everything of it the nodes hold."""
     job: str
-    owner: int = -1
+    owner: int
 
 
 @dataclass(frozen=True)
 class JobEnded:
-    """Controller (End frame): it has every result; forget the job."""
+    """Controller (End frame): it has every result of its job; forget the job."""
     job: str
-    owner: int = -1
+    owner: int
 
 
 @dataclass(frozen=True)
@@ -104,8 +110,14 @@ class OwnerLost:
     owner: int
 
 
+@dataclass(frozen=True)
+class Tick:
+    """Shell, every second: take chunks away from nodes that hold them past their job's
+    time limit (plus a grace) while still sending heartbeats."""
+
+
 Event = (NodeJoined | NodeLost | NodeDraining | JobSubmitted | ChunkAdded | ChunksAdded
-         | ResultReceived | ResultsReceived | JobCancelled | JobEnded | OwnerLost)
+         | ResultReceived | ResultsReceived | JobCancelled | JobEnded | OwnerLost | Tick)
 
 
 # --- instructions --------------------------------------------------------------------
@@ -129,14 +141,16 @@ class SendTask:
 
 @dataclass(frozen=True)
 class CancelOnNode:
-    """Tell the node to drop the job: its queued chunks, running ones, its function."""
+    """Tell the node to drop the job: its queued chunks, running ones, its function (its
+    results for the job that are on their way are dropped here)."""
     node: int
     job: str
 
 
 @dataclass(slots=True)  # not frozen: one per chunk (see HOT)
 class ForwardResult:
-    """Pass a chunk's result (or its raised exception) to the job's controller."""
+    """Pass a chunk's result (or its raised exception) to the job's controller (``job``:
+    the id it chose)."""
     owner: int
     job: str
     seq: int
@@ -164,11 +178,15 @@ class ClusterChanged:
 
 @dataclass(frozen=True)
 class Refuse:
-    """A peer sent something that does not fit the state: log it; ``close`` if it can
-    only be a misbehaving peer (not a race), and drop its connection."""
+    """A peer sent something that does not fit the state: log it and tell the peer
+    (an ErrorFrame "refused"), so that a controller learns that its submit or chunk was
+    not taken; ``close`` if it can only be a misbehaving peer (not a race), and drop its
+    connection."""
     peer: int
     reason: str
     close: bool = False
+    job: str = ""  # the controller's job it refused (its own id), if any
+    seq: int = -1  # and the chunk (-1: the job itself)
 
 
 Instruction = (SendFunction | SendTask | CancelOnNode | ForwardResult | FailJob | ClusterChanged

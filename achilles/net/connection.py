@@ -19,6 +19,7 @@ from twisted.internet import protocol, task
 from achilles.compat import twisted as compat
 from achilles.errors import AuthenticationError, ProtocolError
 from achilles.net import memlink as _memlink
+from achilles.net import tls
 from achilles.protocol import auth
 from achilles.protocol.framing import (
     MAX_PAYLOAD_LENGTH,
@@ -32,6 +33,7 @@ from achilles.protocol.messages import (
     Challenge,
     ErrorFrame,
     Heartbeat,
+    Hello,
     Message,
     Welcome,
 )
@@ -223,29 +225,40 @@ class FramedProtocol(protocol.Protocol):
         raise NotImplementedError
 
 
+#: the session of this process's clients that bring none of their own (nodes, admin)
+_PROCESS_SESSION = auth.make_session(os.urandom(16))
+
+
 def node_name() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
+    """This process's name in the cluster: ``host:pid``, in the safe alphabet."""
+    return auth.safe_name(f"{socket.gethostname()}:{os.getpid()}")
 
 
 class ClientProtocol(FramedProtocol):
-    """The peer side: answer the server's challenge, check its proof, then serve."""
+    """The peer side: say hello, answer the server's challenge, check its proof, then
+    serve. A refusal ends the connection; it is final (``owner.refused(err, True)``)
+    only when it carries the server's proof, else the connection is retried."""
 
     role = "controller"
     peer_desc = "server"
 
     def __init__(self, secret: str, clock: Any, username: str = "achilles", slots: int = 0,
-                 heartbeat_interval: float = 5.0, heartbeat_timeout: float = 30.0) -> None:
+                 heartbeat_interval: float = 5.0, heartbeat_timeout: float = 30.0,
+                 session: str = "") -> None:
         self.secret = secret
+        #: the owner's session token, the same on every reconnect (see AuthReply)
+        self.session = session or _PROCESS_SESSION
         self.clock = clock
         self.username = username
         self.slots = slots
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_timeout = heartbeat_timeout
-        self._nonce = ""
+        self._transcript: auth.Transcript | None = None
         self.peer_id = -1
 
     def connectionMade(self) -> None:
         super().connectionMade()
+        self.send(Hello())
         self._keepalive = task.LoopingCall(self._keepalive_tick)
         self._keepalive.clock = self.clock
         self._keepalive.start(min(self.heartbeat_interval, self.heartbeat_timeout / 3),
@@ -271,27 +284,17 @@ class ClientProtocol(FramedProtocol):
         if self.authenticated:
             return self.messageReceived(msg, frame.payload)
         if isinstance(msg, ErrorFrame):
-            self.refused(msg)
-            self.transport.loseConnection()
-        elif isinstance(msg, Challenge) and not self._nonce:
+            self._refused(msg)
+        elif isinstance(msg, Challenge) and self._transcript is None:
+            self._answer(msg)
+        elif isinstance(msg, Welcome) and self._transcript is not None:
+            t = self._transcript
             try:
-                auth.check_versions(msg.version, msg.python, PYTHON, "the server")
+                auth.verify(auth.server_digest(self.secret, t, msg.peer_id), msg.digest,
+                            "the server")
             except AuthenticationError as exc:
-                self.refused(ErrorFrame("version-mismatch", str(exc)))
-                self.transport.loseConnection()
-                return
-            self._server_nonce = msg.nonce
-            self._nonce = auth.make_nonce(os.urandom(auth.NONCE_BYTES))
-            digest = auth.peer_digest(self.secret, msg.nonce, self._nonce, self.role,
-                                      self.username)
-            self.send(AuthReply(self.role, self.username, self._nonce, digest,
-                                PROTOCOL_VERSION, PYTHON, self.slots, node_name()))
-        elif isinstance(msg, Welcome) and self._nonce:
-            expected = auth.server_digest(self.secret, self._server_nonce, self._nonce)
-            try:
-                auth.verify(expected, msg.digest, "the server")
-            except AuthenticationError as exc:
-                self.refused(ErrorFrame("bad-server", str(exc)))
+                log.error("%s; retrying", exc)
+                self.refused(ErrorFrame("bad-server", str(exc)), False)
                 self.transport.loseConnection()
                 return
             self.authenticated_ok()
@@ -299,6 +302,37 @@ class ClientProtocol(FramedProtocol):
             self.ready()
         else:
             raise ProtocolError("unexpected", f"{msg.TYPE!r} frame during the handshake")
+
+    def _answer(self, msg: Challenge) -> None:
+        """Our proof, over a transcript with the certificate this connection showed us.
+        A version mismatch is left to the server to refuse (with its proof)."""
+        auth.check_nonce(msg.nonce, "the server's")
+        if msg.version != PROTOCOL_VERSION:
+            log.error("the server speaks achilles protocol %d, this side %d; retrying",
+                      msg.version, PROTOCOL_VERSION)
+        nonce = auth.make_nonce(os.urandom(auth.NONCE_BYTES))
+        name = node_name()
+        t = self._transcript = auth.Transcript(
+            msg.nonce, nonce, self.role, self.username, name, PROTOCOL_VERSION, PYTHON,
+            msg.python, tls.peer_fingerprint(self.transport), self.session)
+        self.send(AuthReply(self.role, self.username, nonce, auth.peer_digest(self.secret, t),
+                            PROTOCOL_VERSION, PYTHON, self.slots, name, self.session))
+
+    def _refused(self, err: ErrorFrame) -> None:
+        """A refusal is final only if the server proved it knows the secret."""
+        t = self._transcript
+        proven = t is not None and bool(err.proof)
+        if proven and t is not None:
+            try:
+                auth.verify(auth.refusal_digest(self.secret, t, err.code), err.proof,
+                            "the server's refusal")
+            except AuthenticationError:
+                proven = False
+        if not proven:
+            log.warning("refused by %s (%s: %s), which did not prove it knows the secret; "
+                        "retrying", self.peer_desc, err.code, err.detail[:200])
+        self.refused(err, proven)
+        self.transport.loseConnection()
 
     # The owner (a Node or a Controller, set by ClientFactory) hears about the
     # connection's life: connected(proto), refused(error frame), disconnected(proto).
@@ -308,9 +342,10 @@ class ClientProtocol(FramedProtocol):
         """Authenticated both ways: start work."""
         self.owner.connected(self)
 
-    def refused(self, err: ErrorFrame) -> None:
-        """The server refused us (or could not prove itself)."""
-        self.owner.refused(err)
+    def refused(self, err: ErrorFrame, proven: bool) -> None:
+        """The server refused us; ``proven``: with a proof that it holds the secret
+        (final), else perhaps by whoever holds the port (retry)."""
+        self.owner.refused(err, proven)
 
     def messageReceived(self, msg: Message, payload: bytes) -> None:
         raise NotImplementedError
@@ -332,17 +367,16 @@ class ClientFactory(protocol.Factory):
 
 
 def client_endpoint(reactor: Any, settings: Any) -> Any:
-    """TCP to the server, wrapped in TLS (verifying it against ``tls_ca``) if configured;
-    in memory if the server is this process's own embedded one (see ``_memlink``)."""
+    """TCP to the server, in TLS unless the server is on loopback or ``tls`` is off (see
+    :mod:`achilles.net.tls`); in memory if the server is this process's own embedded one
+    (see :mod:`achilles.net.memlink`)."""
     from twisted.internet import endpoints
     memory = _memlink.endpoint_for(reactor, settings.host, settings.port)
     if memory is not None and not settings.tls_ca:
         return memory
-    tcp = endpoints.TCP4ClientEndpoint(reactor, settings.host, settings.port, timeout=10)
-    if not settings.tls_ca:
-        return tcp
-    from twisted.internet import ssl
-    with open(settings.tls_ca, "rb") as f:
-        ca = ssl.Certificate.loadPEM(f.read())
-    options = ssl.optionsForClientTLS(settings.host, trustRoot=ca)
-    return endpoints.wrapClientTLS(options, tcp)  # type: ignore[arg-type]
+    plain = endpoints.TCP4ClientEndpoint(reactor, settings.host, settings.port, timeout=10)
+    use_tls = settings.tls == "on" or bool(settings.tls_ca) or (
+        settings.tls == "auto" and not tls.is_loopback(settings.host))
+    if not use_tls:
+        return plain
+    return endpoints.wrapClientTLS(tls.client_options(settings), plain)  # type: ignore[arg-type]

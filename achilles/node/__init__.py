@@ -2,7 +2,10 @@
 
 * :mod:`achilles.node.service` — the connection to the server (Twisted).
 * :mod:`achilles.node.executor` — runs chunks on a ``multiprocess`` pool of workers and
-  watches them (Twisted reactor, multiprocess).
+  watches them (Twisted reactor, multiprocess), doing what the node's sans-IO core
+  (:mod:`achilles.core.node_work`) decides.
+* :mod:`achilles.node.generation` — one incarnation of that pool, replaced when a worker
+  dies.
 * :mod:`achilles.node.pipe` — the reactor's non-blocking ends of the pool's pipes.
 * :mod:`achilles.node.worker` — the code that runs inside each worker process. The fork
   server imports it, so it imports neither Twisted nor anything that does; nor does

@@ -21,7 +21,8 @@ import fcntl
 import os
 import struct
 from collections import deque
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 _LEN = struct.Struct("!i")
 _LONG = struct.Struct("!Q")
@@ -96,7 +97,27 @@ class MessageSplitter:
         return out
 
 
-class PipeReader:
+class Reader:
+    """A descriptor the reactor watches for reading, until :meth:`stop` (the descriptor
+    itself belongs to someone else and is not closed)."""
+
+    fd: int
+    active: bool
+    reactor: Any
+
+    def fileno(self) -> int:
+        return self.fd if self.active else -1
+
+    def stop(self) -> None:
+        if self.active:
+            self.reactor.removeReader(self)
+            self.active = False
+
+    def connectionLost(self, reason: Any) -> None:
+        self.active = False
+
+
+class PipeReader(Reader):
     """Reads a pipe in the reactor and hands complete messages to ``on_messages``."""
 
     def __init__(self, reactor: Any, fd: int, on_messages: Callable[[list[bytes]], None],
@@ -111,13 +132,10 @@ class PipeReader:
         widen(fd)
         reactor.addReader(self)
 
-    def fileno(self) -> int:
-        return self.fd if self.active else -1
-
-    def logPrefix(self) -> str:  # noqa: N802 (Twisted's name)
+    def logPrefix(self) -> str:
         return "achilles-pool-results"
 
-    def doRead(self) -> None:  # noqa: N802
+    def doRead(self) -> None:
         messages, closed = self.read_available()
         if messages:
             self.on_messages(messages)
@@ -148,15 +166,6 @@ class PipeReader:
             size = min(size * 4, PIPE_SIZE)
         return messages, False
 
-    def stop(self) -> None:
-        """Stop reading (the descriptor itself belongs to the pool and is not closed)."""
-        if self.active:
-            self.reactor.removeReader(self)
-            self.active = False
-
-    def connectionLost(self, reason: Any) -> None:  # noqa: N802
-        self.active = False
-
 
 class PipeWriter:
     """Writes messages to a pipe from the reactor without ever blocking it.
@@ -177,7 +186,7 @@ class PipeWriter:
     def fileno(self) -> int:
         return self.fd if self.active else -1
 
-    def logPrefix(self) -> str:  # noqa: N802
+    def logPrefix(self) -> str:
         return "achilles-pool-tasks"
 
     def send(self, data: bytes) -> None:
@@ -193,7 +202,7 @@ class PipeWriter:
         if not self.writing:
             self.doWrite()
 
-    def doWrite(self) -> None:  # noqa: N802
+    def doWrite(self) -> None:
         queue = self.queue
         while queue and self.active:
             piece = queue[0]
@@ -224,5 +233,5 @@ class PipeWriter:
         self.active = False
         self.queue.clear()
 
-    def connectionLost(self, reason: Any) -> None:  # noqa: N802
+    def connectionLost(self, reason: Any) -> None:
         self.active = False

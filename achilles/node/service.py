@@ -7,9 +7,11 @@ import logging
 import os
 import random
 import signal
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any, cast
 
 from twisted.application.internet import ClientService, backoffPolicy
+from twisted.internet.interfaces import IProtocolFactory
 
 from achilles.config import Settings, require_secret
 from achilles.net.connection import (
@@ -20,7 +22,8 @@ from achilles.net.connection import (
     node_name,
 )
 from achilles.node.executor import Executor
-from achilles.protocol.framing import runs, split
+from achilles.protocol import batching
+from achilles.protocol.framing import split
 from achilles.protocol.messages import (
     Cancel,
     Drain,
@@ -28,35 +31,58 @@ from achilles.protocol.messages import (
     Function,
     Kill,
     Message,
-    Result,
     Results,
     Task,
     Tasks,
 )
+from achilles.protocol.text import shown
 
 log = logging.getLogger("achilles.node")
 
 
 class NodeProtocol(ClientProtocol):
     role = "node"
-    owner: "Node"
+    owner: Node
 
     def messageReceived(self, msg: Message, payload: bytes) -> None:
-        node = self.owner
-        if isinstance(msg, Task):
-            node.executor.submit(msg.job, msg.seq, payload, msg.timeout)
-        elif isinstance(msg, Tasks):
-            for seq, piece in zip(msg.seqs, split(payload, msg.sizes)):
-                node.executor.submit(msg.job, seq, piece, msg.timeout)
-        elif isinstance(msg, Function):
-            node.executor.function(msg.job, payload)
-        elif isinstance(msg, Cancel):
-            node.executor.cancel(msg.job)
-        elif isinstance(msg, Kill):
-            log.warning("kill received from the server: stopping")
-            node.stop(exit_code=0)
-        elif isinstance(msg, ErrorFrame):
-            log.error("server says: %s %s", msg.code, msg.detail)
+        _NODE_HANDLERS.get(type(msg), _ignore)(self.owner, msg, payload)
+
+
+def _on_task(node: Node, msg: Task, payload: bytes) -> None:
+    node.executor.submit(msg.job, msg.seq, payload, msg.timeout)
+
+
+def _on_tasks(node: Node, msg: Tasks, payload: bytes) -> None:
+    node.executor.submit_many(msg.job, msg.seqs, split(payload, msg.sizes), msg.timeout)
+
+
+def _on_function(node: Node, msg: Function, payload: bytes) -> None:
+    node.executor.function(msg.job, payload)
+
+
+def _on_cancel(node: Node, msg: Cancel, payload: bytes) -> None:
+    node.executor.cancel(msg.job)
+
+
+def _on_kill(node: Node, msg: Kill, payload: bytes) -> None:
+    log.warning("kill received from the server: stopping")
+    node.stop(exit_code=0)
+
+
+def _on_error(node: Node, msg: ErrorFrame, payload: bytes) -> None:
+    log.error("server says: %s %s", msg.code, shown(msg.detail, 200))
+
+
+def _ignore(node: Node, msg: Message, payload: bytes) -> None:
+    """Frames that ask nothing of a node (heartbeats; anything else is dropped, as a
+    node always did)."""
+
+
+#: frame type -> handler: one dispatch, by table, as in the server and the controller
+_NODE_HANDLERS: dict[type, Callable[[Node, Any, bytes], None]] = {
+    Task: _on_task, Tasks: _on_tasks, Function: _on_function, Cancel: _on_cancel,
+    Kill: _on_kill, ErrorFrame: _on_error,
+}
 
 
 class Node:
@@ -72,7 +98,7 @@ class Node:
         self.processes = settings.processes or os.cpu_count() or 1
         self.name = node_name()
         self.proto: NodeProtocol | None = None
-        self._outbox: list[tuple[str, int, str, bytes, float]] = []
+        self._outbox: list[batching.Piece] = []
         self.exit_code = 0
         self.on_stop = on_stop
         self.executor = Executor(self.processes, self._result, reactor, self.name,
@@ -82,7 +108,8 @@ class Node:
                                 username=settings.username, slots=self.processes,
                                 heartbeat_interval=settings.heartbeat_interval,
                                 heartbeat_timeout=settings.heartbeat_timeout)
-        self.service = ClientService(endpoint, factory, clock=reactor,
+        # cast: zope's @implementer is invisible to mypy without its plugin
+        self.service = ClientService(endpoint, cast(IProtocolFactory, factory), clock=reactor,
                                      retryPolicy=backoffPolicy(initialDelay=0.2, maxDelay=5.0,
                                                                jitter=random.Random().random))
 
@@ -103,9 +130,11 @@ class Node:
             log.warning("lost the server; dropping work in hand and reconnecting")
             self.executor.cancel_all()
 
-    def refused(self, err: ErrorFrame) -> None:
-        if err.code in TRANSIENT_REFUSALS:
-            log.warning("the server is busy (%s); retrying", err.detail)
+    def refused(self, err: ErrorFrame, proven: bool = True) -> None:
+        """Only a refusal the server proved (it knows the secret) stops the node; any
+        other is retried with backoff (it may come from whoever holds the port)."""
+        if err.code in TRANSIENT_REFUSALS or not proven:
+            log.warning("refused (%s: %s); retrying", err.code, err.detail[:200])
             return
         log.error("the server refused this node: %s", err.detail)
         self.stop(exit_code=2)
@@ -115,7 +144,7 @@ class Node:
         """Held until the executor's burst is over (``_send_results``): results read
         from the pool together leave together, in one frame per job."""
         if self.proto is not None:
-            self._outbox.append((job, seq, status, payload, elapsed))
+            self._outbox.append(batching.Piece(job, seq, payload, status, elapsed))
 
     def _send_results(self) -> None:
         if not self._outbox:
@@ -124,14 +153,8 @@ class Node:
         proto = self.proto
         if proto is None:
             return  # the server requeues what this connection held
-        for group in runs(outbox, lambda r: r[0]):
-            if len(group) == 1:
-                job, seq, status, payload, elapsed = group[0]
-                proto.send(Result(job, seq, status, elapsed), payload)
-            else:
-                proto.send(Results(group[0][0], [g[1] for g in group],
-                                   [len(g[3]) for g in group], [g[2] for g in group],
-                                   [g[4] for g in group]), b"".join(g[3] for g in group))
+        for msg, payload in batching.frames(Results, outbox):
+            proto.send(msg, payload)
 
     def leave(self, deadline: float = 30.0) -> None:
         """Leave gracefully (SIGTERM): take no new work, finish the chunks in hand (for at
@@ -166,7 +189,8 @@ class Node:
 
 def run_node(settings: Settings) -> int:
     """Run a node until it is killed or told to stop; return the exit code."""
-    from twisted.internet import reactor
+    from twisted.internet import reactor as installed
+    reactor: Any = installed  # (mypy takes the module attribute for an interface)
     node = Node(settings, reactor, on_stop=lambda code: reactor.callLater(0, reactor.stop))
     reactor.callWhenRunning(node.start)
     reactor.callWhenRunning(_graceful_sigterm, node)
@@ -177,11 +201,14 @@ def run_node(settings: Settings) -> int:
 
 def _graceful_sigterm(node: Node) -> None:
     """First SIGTERM: leave gracefully; a second one: stop now (SIGINT always does)."""
+    leaving = False
+
     def on_term(signum: int, frame: Any) -> None:
-        if getattr(node, "_leaving", False):
+        nonlocal leaving
+        if leaving:
             node.reactor.callFromThread(node.stop)
         else:
-            node._leaving = True  # type: ignore[attr-defined]
+            leaving = True
             node.reactor.callFromThread(node.leave)
 
     signal.signal(signal.SIGTERM, on_term)

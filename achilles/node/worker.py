@@ -16,7 +16,6 @@ claims the freed slot, and the node tells this retirement from a crash by the fr
 """
 from __future__ import annotations
 
-import io
 import os
 import pickle
 import select
@@ -36,7 +35,7 @@ from achilles.serialization import (
     loads_function,
 )
 
-_slots: "SlotTable | None" = None
+_slots: SlotTable | None = None
 _slot = -1
 _node_name = "?"
 _jobs: OrderedDict[str, dict[str, Any]] = OrderedDict()
@@ -61,7 +60,7 @@ class SlotTable:
             index, pids, jobs, seqs, starts
 
     @classmethod
-    def create(cls, ctx: Any, n: int) -> "SlotTable":
+    def create(cls, ctx: Any, n: int) -> SlotTable:
         # of ``index`` only the lock is used now (it guards claims and releases)
         return cls(ctx.Value("i", 0), ctx.Array("q", n, lock=False),
                    ctx.Array("q", n, lock=False), ctx.Array("q", n, lock=False),
@@ -88,7 +87,7 @@ class SlotTable:
         return [(self.pids[i], self.jobs[i], self.seqs[i], self.starts[i])
                 for i in range(len(self.pids)) if self.jobs[i]]
 
-    def __reduce__(self):  # type: ignore[no-untyped-def]
+    def __reduce__(self) -> tuple[Any, ...]:
         return (SlotTable, (self.index, self.pids, self.jobs, self.seqs, self.starts))
 
 
@@ -169,49 +168,14 @@ def context() -> Any:
     guard, and workers get ``__main__`` code shipped with each job anyway."""
     global _context
     from multiprocess import forkserver
+
+    from achilles.compat import multiprocess as compat
     if _context is None:
-        _context = _make_context()
-    _context.set_forkserver_preload(["achilles.node.worker"])
+        _context = compat.forkserver_context(drop=_MAIN_KEYS)
+    # every worker unpickles the context's process classes, which live in compat
+    _context.set_forkserver_preload(["achilles.node.worker", compat.__name__])
     forkserver.ensure_running()
     return _context
-
-
-def _make_context() -> Any:
-    from multiprocess import context as mp_context
-    from multiprocess import forkserver, popen_forkserver, spawn, util
-    from multiprocess.context import reduction, set_spawning_popen
-
-    class Popen(popen_forkserver.Popen):
-        def _launch(self, process_obj: Any) -> None:
-            # popen_forkserver.Popen._launch, without the __main__ keys
-            prep_data = spawn.get_preparation_data(process_obj._name)
-            for key in _MAIN_KEYS:
-                prep_data.pop(key, None)
-            buf = io.BytesIO()
-            set_spawning_popen(self)
-            try:
-                reduction.dump(prep_data, buf)
-                reduction.dump(process_obj, buf)
-            finally:
-                set_spawning_popen(None)
-            self.sentinel, w = forkserver.connect_to_new_process(self._fds)
-            parent_w = os.dup(w)  # the child's sentinel of this parent
-            self.finalizer = util.Finalize(self, util.close_fds, (parent_w, self.sentinel))
-            with open(w, "wb", closefd=True) as f:
-                f.write(buf.getbuffer())
-            self.pid = forkserver.read_signed(self.sentinel)
-
-    class Process(mp_context.ForkServerProcess):
-        @staticmethod
-        def _Popen(process_obj: Any) -> Any:  # noqa: N802 (multiprocess's name)
-            return Popen(process_obj)
-
-    class Context(mp_context.ForkServerContext):
-        pass
-
-    ctx = Context()
-    ctx.Process = Process
-    return ctx
 
 
 def init(slots: SlotTable, node_name: str, node_pid: int = 0) -> None:

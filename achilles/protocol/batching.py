@@ -14,10 +14,22 @@ server's per-chunk CPU, a fifth of its 50 us target. They stay.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from achilles.protocol.framing import BATCH_LIMIT, runs, split
 from achilles.protocol.messages import Batch, Chunk, Chunks, Message, Result, Results, Task, Tasks
+
+
+@dataclass(slots=True)  # not frozen: one per chunk (see core.scheduler_events, HOT)
+class Piece:
+    """One chunk's item, for a sender that has no object of its own to batch."""
+    job: str
+    seq: int
+    payload: bytes
+    status: str = ""  # results only
+    elapsed: float = 0.0  # results only
+    timeout: float = 0.0  # tasks only
 
 
 class Item(Protocol):

@@ -116,16 +116,26 @@ def runs(items: list[T], key: Callable[[T], Any],
         start = end
 
 
+#: every integer in a header fits in signed 64 bits (a peer's 4,300-digit number would
+#: otherwise reach the scheduler, and ``json.dumps`` of ``achilles status`` refuses it)
+INT_MIN, INT_MAX = -(1 << 63), (1 << 63) - 1
+
+
 def _plain(value: Any, typ: Any) -> bool:
     """The common case, in a few type checks: exactly the field's type, and for text
-    ASCII, for a float a finite one."""
-    return type(value) is typ and (typ is not str or value.isascii()) and (
-        typ is not float or math.isfinite(value))
+    ASCII, for an int one of 64 bits, for a float a finite one."""
+    if type(value) is not typ:
+        return False
+    if typ is str:
+        return value.isascii()
+    if typ is int:
+        return INT_MIN <= value <= INT_MAX
+    return typ is not float or math.isfinite(value)
 
 
 def _plain_list(value: Any, elem: type) -> bool:
     """The common case of a list field, checked in C loops: a list of exactly ``elem``
-    (ASCII text for str, finite for float)."""
+    (ASCII text for str, 64-bit for int, finite for float)."""
     if type(value) is not list:
         return False
     if not value:
@@ -136,7 +146,7 @@ def _plain_list(value: Any, elem: type) -> bool:
         return "".join(value).isascii()
     if elem is float:
         return all(map(math.isfinite, value))
-    return True
+    return min(value) >= INT_MIN and max(value) <= INT_MAX
 
 
 def _bad_value(t: str, name: str, typ: Any, value: Any) -> Any:
@@ -157,6 +167,9 @@ def _bad_value(t: str, name: str, typ: Any, value: Any) -> Any:
         if not math.isfinite(value):
             raise ProtocolError("bad-field", f"{t!r} field {name!r} must be finite")
         return value
+    if typ is int and type(value) is int:  # outside 64 bits
+        raise ProtocolError("bad-field", f"{t!r} field {name!r} is out of range (a signed "
+                                         f"64-bit integer)")
     if typ is str and type(value) is str:  # JSON escapes can smuggle in lone surrogates
         try:
             value.encode("utf-8")

@@ -10,12 +10,15 @@ Roles: ``node`` (runs tasks), ``controller`` (submits jobs), ``admin`` (status, 
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass, fields
 from typing import ClassVar
 
 from achilles.errors import ProtocolError
 
-PROTOCOL_VERSION = 3  # 2: batch frames (chunks, tasks, results); 3: isolated jobs
+#: 2: batch frames (chunks, tasks, results); 3: isolated jobs; 4: the peer speaks first
+#: (Hello), a transcript bound to the TLS certificate, refusals with a proof
+PROTOCOL_VERSION = 4
 
 ROLES = ("node", "controller", "admin")
 
@@ -67,10 +70,32 @@ class ListOf:
 #: most items in one batch frame (a header holds at most 8 KiB anyway)
 MAX_BATCH = 1024
 
+#: a job id a controller chooses (ours are uuid4 hex): a safe alphabet, so that it can be
+#: logged and shown as it is, and at most JOB_ID_MAX characters
+JOB_ID_MAX = 64
+#: the job ids frames may carry: a controller's, or the server's key for one on the way
+#: to and from nodes (``<owner>-<id>``, see ``core.scheduler.job_key``), a little longer
+_JOB = re.compile(r"[A-Za-z0-9._-]{1,96}")
+
+
+def _check_job(t: str, job: str) -> None:
+    """A frame's job id: 1 to 96 characters of ``A-Za-z0-9._-`` (anything else would reach
+    logs, ``achilles status`` and file names on the nodes)."""
+    if not _JOB.fullmatch(job):
+        raise ProtocolError("bad-field", f"{t!r} job id is not 1 to 96 characters of "
+                                         f"A-Z a-z 0-9 . _ -")
+
+
+def _check_seq(t: str, seq: int) -> None:
+    """A chunk's sequence number indexes the job's arguments: never negative."""
+    if seq < 0:
+        raise ProtocolError("bad-field", f"{t!r} chunk number {seq} is negative")
+
 
 def _check_batch(msg: Batch, n: int, lists: tuple[str, ...]) -> None:
     """A batch frame: parallel lists of one length (1 to MAX_BATCH) whose ``sizes`` add
     up to the payload, which is the items' payloads back to back."""
+    _check_job(msg.TYPE, msg.job)
     k = len(msg.seqs)
     if not 0 < k <= MAX_BATCH:
         raise ProtocolError("bad-field", f"{msg.TYPE!r} frame with {k} items "
@@ -83,9 +108,18 @@ def _check_batch(msg: Batch, n: int, lists: tuple[str, ...]) -> None:
     if min(sizes) < 0 or sum(sizes) != n:
         raise ProtocolError("bad-field", f"{msg.TYPE!r} sizes do not add up to the "
                                          f"payload of {n} bytes")
+    if min(msg.seqs) < 0:
+        raise ProtocolError("bad-field", f"{msg.TYPE!r} has a negative chunk number")
 
 
 # --- handshake ------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Hello(Message):
+    """The peer's first frame on plain TCP, so that the server can tell plain from TLS
+    by the first byte (sent on TLS and in memory too, for one code path)."""
+    TYPE = "hello"
+
+
 @dataclass(frozen=True, slots=True)
 class Challenge(Message):
     """Server's opening: a fresh nonce and the server's versions."""
@@ -107,6 +141,10 @@ class AuthReply(Message):
     python: str
     slots: int
     name: str
+    #: the client's session: random, kept across its reconnects, never shown. A new
+    #: connection with the session of a live one takes over its jobs (the old one is
+    #: dropped), and job ids are the session's own, so another client cannot squat them
+    session: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,10 +157,13 @@ class Welcome(Message):
 
 @dataclass(frozen=True, slots=True)
 class ErrorFrame(Message):
-    """Sent before the sender closes the connection (or to fail one request)."""
+    """Sent before the sender closes the connection (or to fail one request). A server
+    refusing a handshake after the peer's AuthReply adds ``proof`` (see
+    ``auth.refusal_digest``): only then may the peer treat the refusal as final."""
     TYPE = "error"
     code: str
     detail: str
+    proof: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,6 +186,14 @@ class Submit(Message):
     #: a chunk that raises or fails for good fails only itself, not the job
     isolated: int = 0
 
+    def check(self, n: int) -> None:
+        _check_job(self.TYPE, self.job)
+        if len(self.job) > JOB_ID_MAX:
+            raise ProtocolError("bad-field", f"'submit' job id of {len(self.job)} "
+                                             f"characters (at most {JOB_ID_MAX})")
+        if self.total < -1:
+            raise ProtocolError("bad-field", f"'submit' total {self.total} (-1: unknown)")
+
 
 @dataclass(frozen=True, slots=True)
 class Chunk(Message):
@@ -153,6 +202,10 @@ class Chunk(Message):
     PAYLOAD = True
     job: str
     seq: int
+
+    def check(self, n: int) -> None:
+        _check_job(self.TYPE, self.job)
+        _check_seq(self.TYPE, self.seq)
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,12 +235,18 @@ class Cancel(Message):
     TYPE = "cancel"
     job: str
 
+    def check(self, n: int) -> None:
+        _check_job(self.TYPE, self.job)
+
 
 @dataclass(frozen=True, slots=True)
 class End(Message):
     """The controller has every result of the job; the server may forget it."""
     TYPE = "end"
     job: str
+
+    def check(self, n: int) -> None:
+        _check_job(self.TYPE, self.job)
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,6 +268,9 @@ class Function(Message):
     PAYLOAD = True
     job: str
 
+    def check(self, n: int) -> None:
+        _check_job(self.TYPE, self.job)
+
 
 @dataclass(frozen=True, slots=True)
 class Task(Message):
@@ -218,6 +280,10 @@ class Task(Message):
     job: str
     seq: int
     timeout: float
+
+    def check(self, n: int) -> None:
+        _check_job(self.TYPE, self.job)
+        _check_seq(self.TYPE, self.seq)
 
 
 @dataclass(frozen=True, slots=True)
@@ -237,6 +303,10 @@ class Result(Message):
     seq: int
     status: str
     elapsed: float
+
+    def check(self, n: int) -> None:
+        _check_job(self.TYPE, self.job)
+        _check_seq(self.TYPE, self.seq)
 
 
 @dataclass(frozen=True, slots=True)
@@ -258,12 +328,19 @@ class Drain(Message):
 # --- server -> controller ----------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class JobFailed(Message):
-    """The job cannot finish (a chunk failed max_attempts times)."""
+    """A chunk failed for good (``reason``: its last status, after max_attempts tries),
+    or the server refused a chunk or (``seq`` -1) the job itself (``reason``
+    "refused")."""
     TYPE = "jobfailed"
-    PAYLOAD = True  # utf-8 text of the last failure
+    PAYLOAD = True  # utf-8 text of the last failure, or of the refusal
     job: str
     seq: int
     reason: str
+
+    def check(self, n: int) -> None:
+        _check_job(self.TYPE, self.job)
+        if self.seq != -1:
+            _check_seq(self.TYPE, self.seq)
 
 
 @dataclass(frozen=True, slots=True)
@@ -290,7 +367,7 @@ class Killed(Message):
 
 MESSAGES: dict[str, type[Message]] = {
     cls.TYPE: cls
-    for cls in (Challenge, AuthReply, Welcome, ErrorFrame, Heartbeat, Submit, Chunk, Chunks,
+    for cls in (Hello, Challenge, AuthReply, Welcome, ErrorFrame, Heartbeat, Submit, Chunk, Chunks,
                 Cancel, End, Kill, StatusRequest, Function, Task, Tasks, Result, Results,
                 Drain, JobFailed, Cluster, Status, Killed)
 }

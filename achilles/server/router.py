@@ -7,16 +7,17 @@ import itertools
 import json
 import logging
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from twisted.internet import protocol, task
 
-from achilles.config import LOOPBACK, Settings, require_secret
+from achilles.config import LOOPBACK, Settings, require_secret, user_config_dir
 from achilles.core import scheduler as sch
-from achilles.errors import (
-    ConfigError,
-)
-from achilles.protocol import batching
+from achilles.core.throttle import REPORT_INTERVAL, LoginThrottle
+from achilles.errors import ConfigError
+from achilles.net import memlink, tls
+from achilles.protocol import auth, batching
 from achilles.protocol.framing import split
 from achilles.protocol.messages import (
     AuthReply,
@@ -40,6 +41,7 @@ from achilles.protocol.messages import (
     Submit,
     Tasks,
 )
+from achilles.protocol.text import shown
 from achilles.server.protocol import ServerProtocol
 
 log = logging.getLogger("achilles.server")
@@ -57,6 +59,8 @@ class ServerFactory(protocol.Factory):
         self.secret = require_secret(settings, "achilles-server")
         self.clock = clock
         self.open_connections = 0
+        self.throttle = LoginThrottle()
+        self._plain_warned: set[str] = set()
         self.scheduler = sch.Scheduler()
         self.ids = itertools.count(1)
         self.peers: dict[int, ServerProtocol] = {}
@@ -115,7 +119,8 @@ class ServerFactory(protocol.Factory):
         elif isinstance(ins, sch.CancelOnNode):
             self._send(ins.node, Cancel(ins.job))
         elif isinstance(ins, sch.FailJob):
-            log.warning("chunk %d of job %s failed: %s", ins.seq, ins.job, ins.detail)
+            log.warning("chunk %d of job %s failed: %s", ins.seq, ins.job,
+                        shown(ins.detail, 300))
             self._send(ins.owner, JobFailed(ins.job, ins.seq, ins.reason),
                        ins.detail.encode("utf-8"))
         elif isinstance(ins, sch.ClusterChanged):
@@ -124,12 +129,24 @@ class ServerFactory(protocol.Factory):
                 if peer.role == "controller":
                     self._send(peer.peer_id, self.cluster)
         elif isinstance(ins, sch.Refuse):
-            refused = self.peers.get(ins.peer)
-            log.warning("refused from %s: %s", refused.name if refused else ins.peer,
-                        ins.reason)
-            if ins.close and refused is not None:
-                self._batches.pop(ins.peer, None)
-                refused.fail("refused", ins.reason)
+            self._refuse(ins)
+
+    def _refuse(self, ins: sch.Refuse) -> None:
+        """Log a refusal and tell the peer (a controller learns that its submit or chunk
+        was not taken, instead of waiting for it forever); close a misbehaving peer."""
+        refused = self.peers.get(ins.peer)
+        log.warning("refused from %s %s: %s", refused.role if refused else "peer",
+                    refused.name if refused else ins.peer, ins.reason)
+        if refused is None:
+            return
+        if ins.close:
+            self._batches.pop(ins.peer, None)
+            refused.fail("refused", ins.reason)
+        elif ins.job and refused.role == "controller":  # which job: it fails that one
+            self._send(ins.peer, JobFailed(ins.job, ins.seq, "refused"),
+                       ins.reason.encode("utf-8"))
+        else:
+            self._send(ins.peer, ErrorFrame("refused", ins.reason))
 
     def _send(self, peer_id: int, msg: Message, payload: bytes = b"") -> None:
         """Send one frame to a peer, after whatever is held for it (order is kept)."""
@@ -146,8 +163,13 @@ class ServerFactory(protocol.Factory):
 
     def _tick(self) -> None:
         """Heartbeats both ways: a peer silent past the timeout is dropped (a frozen or
-        cut-off node sends no FIN), which for a node requeues its chunks."""
+        cut-off node sends no FIN), which for a node requeues its chunks. And the failed
+        logins of the last interval, one line per address."""
         now = self.clock.seconds()
+        for host, failures, wait in self.throttle.report(now):
+            log.warning("%d failed login(s) from %s in the last %.0f s (wrong secret?)%s",
+                        failures, host, REPORT_INTERVAL,
+                        f"; its next attempt is heard in {wait:.0f} s" if wait else "")
         for peer in list(self.peers.values()):
             silent = now - peer.last_heard
             if silent > self.settings.heartbeat_timeout:
@@ -156,15 +178,50 @@ class ServerFactory(protocol.Factory):
                 peer.transport.abortConnection()
             else:
                 peer.send(Heartbeat())
+        self.feed(sch.Tick())  # time limits of the chunks nodes hold
 
     # -- peers ------------------------------------------------------------------------
+    @staticmethod
+    def in_memory(peer: ServerProtocol) -> bool:
+        """The peer is this process's own (the embedded cluster), not on a socket."""
+        return isinstance(peer.transport, memlink.MemoryTransport)
+
+    def plain_accepted(self, host: str) -> None:
+        """A plain TCP connection was let in: warn (once per address) if it came from
+        another machine (only ``--tls off`` allows that)."""
+        if not tls.is_loopback(host) and host not in self._plain_warned:
+            self._plain_warned.add(host)
+            log.warning("accepted plain TCP (unencrypted) from %s: anyone on the network "
+                        "path can read and change this traffic", host)
+
+    def login_failed(self, host: str, detail: str) -> None:
+        """A failed login: logged at once the first time in an interval, then counted."""
+        if self.throttle.failed(host, self.clock.seconds()):
+            log.warning("login from %s failed: %s (further failures from it are counted "
+                        "and reported every %.0f s)", host, detail, REPORT_INTERVAL)
+
     def peer_joined(self, peer: ServerProtocol, msg: AuthReply) -> None:
         self.peers[peer.peer_id] = peer
         log.info("%s %s connected from %s", peer.role, peer.name, peer.peer_desc)
         if peer.role == "node":
+            if msg.slots > sch.MAX_SLOTS:
+                log.warning("node %s claims %d slots: it is given work for %d", peer.name,
+                            msg.slots, sch.MAX_SLOTS)
             self.feed(sch.NodeJoined(peer.peer_id, msg.slots, peer.name))
         elif peer.role == "controller":
+            self._take_over(peer)
             peer.send(self.cluster)
+
+    def _take_over(self, peer: ServerProtocol) -> None:
+        """A controller's new connection replaces any we still hold for its session (a
+        half-open one behind NAT, or one it gave up on): the old one is dropped first and
+        its jobs released, so that the jobs the controller submits again are taken."""
+        for old in list(self.peers.values()):
+            if old is not peer and old.role == "controller" and old.session == peer.session:
+                log.warning("controller %s reconnected from %s: dropping its old connection "
+                            "from %s", peer.name, peer.peer_desc, old.peer_desc)
+                self.peer_lost(old, "replaced by a new connection")
+                old.transport.abortConnection()
 
     def peer_lost(self, peer: ServerProtocol, reason: Any) -> None:
         if self.peers.pop(peer.peer_id, None) is None:
@@ -178,7 +235,7 @@ class ServerFactory(protocol.Factory):
             self.feed(sch.NodeLost(peer.peer_id, "connection closed"))
         elif peer.role == "controller":
             for job in [j for j in self.scheduler.jobs.values() if j.owner == peer.peer_id]:
-                self._log_job_end(job.id, -1, "cancelled (its controller left)")
+                self._log_job_end(job.name, peer.peer_id, "cancelled (its controller left)")
             self.feed(sch.OwnerLost(peer.peer_id))
 
     def message(self, peer: ServerProtocol, msg: Message, payload: bytes) -> None:
@@ -192,8 +249,8 @@ class ServerFactory(protocol.Factory):
                                    msg.timeout, msg.limit, msg.total, bool(msg.isolated)))
 
     def _log_job_end(self, job_id: str, owner: int, how: str) -> None:
-        job = self.scheduler.jobs.get(job_id)
-        if job is not None and (owner < 0 or job.owner == owner):
+        job = self.scheduler.jobs.get(sch.job_key(owner, job_id))
+        if job is not None:
             log.info("job %s %s: %d chunks done in %.2f s, %d retries", job_id[:8], how,
                      job.done, self.clock.seconds() - job.submitted, job.retries)
 
@@ -246,11 +303,16 @@ class ServerFactory(protocol.Factory):
         pass
 
     def _on_error(self, peer: ServerProtocol, msg: ErrorFrame, payload: bytes) -> None:
-        log.warning("%s %s reported: %s %s", peer.role, peer.name, msg.code, msg.detail)
+        log.warning("%s %s reported: %s %s", peer.role, peer.name, shown(msg.code),
+                    shown(msg.detail, 300))
 
 
 def listen(settings: Settings, reactor: Any = None) -> Any:
     """Start listening; return the listening port (``.getHost().port`` is the real port).
+
+    One port speaks TLS (with the server's own certificate unless ``--tls-cert`` names
+    one) and plain TCP, told apart by a connection's first byte (see
+    :mod:`achilles.net.tls`).
 
     Raises:
         ConfigError: no secret (unless insecure on loopback), or TLS half-configured.
@@ -262,14 +324,45 @@ def listen(settings: Settings, reactor: Any = None) -> Any:
                           f"not on {settings.host!r}")
     if settings.insecure and not settings.secret_key:
         log.warning("INSECURE: no secret; any local process can use this server")
-    factory = ServerFactory(settings, clock=reactor)
+    elif settings.secret_key and auth.secret_bits(settings.secret_key) < auth.WEAK_SECRET_BITS:
+        log.warning("the secret is short or repetitive (about %d bits): anyone who can reach "
+                    "this port may guess it; `achilles secret` prints a strong one",
+                    auth.secret_bits(settings.secret_key))
     if bool(settings.tls_cert) != bool(settings.tls_key):
         raise ConfigError("TLS needs both --tls-cert (ACHILLES_TLS_CERT) and --tls-key "
                           "(ACHILLES_TLS_KEY)")
-    if settings.tls_cert and settings.tls_key:
-        from twisted.internet import ssl
-        with open(settings.tls_cert, "rb") as c, open(settings.tls_key, "rb") as k:
-            cert = ssl.PrivateCertificate.loadPEM(c.read() + b"\n" + k.read())
-        return reactor.listenSSL(settings.port, factory, cert.options(),
-                                 interface=settings.host)
-    return reactor.listenTCP(settings.port, factory, interface=settings.host)
+    factory = ServerFactory(settings, clock=reactor)
+    limit = raise_descriptor_limit(settings.max_connections)
+    if limit < settings.max_connections:
+        log.warning("this process may open only %d files: serving at most %d connections, "
+                    "not %d (raise `ulimit -n`)", limit + RESERVED_FDS, limit,
+                    settings.max_connections)
+        factory.settings = replace(settings, max_connections=limit)
+    unified = tls.UnifiedFactory(factory, tls.ServerTLS(settings, user_config_dir()),
+                                 settings.tls == "off", reactor, settings.handshake_timeout,
+                                 factory.settings.max_connections)
+    if settings.tls == "on":
+        unified.allow_plain_loopback = False
+    return reactor.listenTCP(settings.port, unified, backlog=BACKLOG, interface=settings.host)
+
+
+#: descriptors kept for everything but connections (log files, the pool's pipes, ...)
+RESERVED_FDS = 64
+#: pending connections the kernel queues for us (a burst of nodes reconnecting at once)
+BACKLOG = 1024
+
+
+def raise_descriptor_limit(wanted: int) -> int:
+    """Raise the soft limit on open files to the hard one; return how many connections
+    fit in it (before this, a soft 1024 ran out before the 1024-connection cap and the
+    peers past it got a silent EOF)."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, wanted + RESERVED_FDS)
+    if target > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    return max(1, min(wanted, soft - RESERVED_FDS))

@@ -106,7 +106,8 @@ def test_cut_link_node_is_replaced_then_returns(two_hosts, request):
     ctl = subprocess.Popen(["ip", "netns", "exec", two_hosts["srv"], sys.executable, "-c",
                             CONTROLLER.format(port=port, secret=secret)], env=env,
                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    request.addfinalizer(lambda: (ctl.kill(), ctl.wait(10)))
+    request.addfinalizer(lambda: (ctl.kill(), ctl.wait(10), ctl.stdin.close(),
+                                  ctl.stdout.close()))
     assert ctl.stdout.readline().strip() == "submitted"
     wait_until(lambda: all(n["inflight"] for n in status()["nodes"]) and
                sum(n["done"] for n in status()["nodes"]) >= 4, 30, what="both nodes busy")

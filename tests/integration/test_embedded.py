@@ -18,7 +18,7 @@ def _gone(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
             return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except FileNotFoundError:  # reaped between the two looks
+    except (FileNotFoundError, ProcessLookupError):  # reaped between the two looks
         return True
 
 

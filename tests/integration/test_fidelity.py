@@ -12,7 +12,8 @@ import os
 import textwrap
 import threading
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import tasks

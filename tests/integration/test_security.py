@@ -25,104 +25,22 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+import wire
 from conftest import Cluster, Proc, child_env, wait_until
-from wire import Decoder, encode_bytes
+from wire import Raw, encode_bytes
 
 import achilles
 from achilles import Pool
 from achilles.net.connection import PYTHON
-from achilles.protocol import auth
 from achilles.protocol import messages as m
 from achilles.protocol.framing import (
     MAX_HEADER_LENGTH,
     MAX_PAYLOAD_LENGTH,
     PREAUTH_MAX_HEADER_LENGTH,
-    Frame,
 )
 
 JOB = list(range(-40, 0))
 EXPECTED = [abs(x) for x in JOB]
-
-
-# --- a peer that speaks the protocol by hand ---------------------------------------------------
-class Raw:
-    """A plain TCP connection to the server, reading its frames with the sans-IO Decoder."""
-
-    def __init__(self, port: int, timeout: float = 15.0) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-        self._decoder = Decoder()
-        self._pending: list[Frame] = []
-        self.frames: list[Frame] = []
-        self.eof = False
-
-    def next(self) -> Frame | None:
-        """The next frame, or None once the server has closed the connection."""
-        while not self._pending:
-            if self.eof:
-                return None
-            try:
-                data = self.sock.recv(65536)
-            except ConnectionResetError:
-                data = b""
-            if not data:
-                self.eof = True
-                return None
-            self._pending.extend(self._decoder.feed(data))
-        frame = self._pending.pop(0)
-        self.frames.append(frame)
-        return frame
-
-    def next_msg(self, *skip: type) -> m.Message | None:
-        skip = skip or (m.Heartbeat, m.Cluster)
-        while True:
-            frame = self.next()
-            if frame is None or not isinstance(frame.msg, skip):
-                return None if frame is None else frame.msg
-
-    def send(self, data: bytes) -> None:
-        try:
-            self.sock.sendall(data)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the server may close before it has read everything: that is its right
-
-    def challenge(self) -> m.Challenge:
-        msg = self.next_msg()
-        assert isinstance(msg, m.Challenge), msg
-        self.nonce = msg.nonce
-        return msg
-
-    def auth_reply(self, secret: str, role: str = "controller", username: str = "achilles",
-                   **changes: Any) -> bytes:
-        nonce = auth.make_nonce(os.urandom(auth.NONCE_BYTES))
-        header = {"t": "auth", "len": 0, "role": role, "username": username, "nonce": nonce,
-                  "digest": auth.peer_digest(secret, self.nonce, nonce, role, username),
-                  "version": m.PROTOCOL_VERSION, "python": PYTHON, "slots": 1,
-                  "name": "raw-socket"}
-        header.update(changes)
-        return json.dumps(header).encode() + b"\n"
-
-    def authenticate(self, secret: str, role: str = "controller") -> m.Welcome:
-        self.challenge()
-        self.send(self.auth_reply(secret, role))
-        msg = self.next_msg()
-        assert isinstance(msg, m.Welcome), msg
-        return msg
-
-    def until_closed(self) -> list[Frame]:
-        """Read until the server closes; a socket timeout means it never did."""
-        while self.next() is not None:
-            pass
-        return self.frames
-
-    def error_then_close(self) -> m.ErrorFrame:
-        """The server's error frame, after which it must close the connection."""
-        frames = self.until_closed()
-        errors = [f.msg for f in frames if isinstance(f.msg, m.ErrorFrame)]
-        assert errors, f"closed without an error frame: {frames}"
-        return errors[-1]  # type: ignore[return-value]
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def line(header: dict[str, Any]) -> bytes:
@@ -259,7 +177,8 @@ def test_secret_never_crosses_the_wire_and_handshakes_do_not_replay(fresh_cluste
     for output in (cluster.server.output(), node.output()):
         assert cluster.secret not in output
 
-    controller_lines = [bytes(c["c2s"]).split(b"\n", 1)[0] for c in tap.conns]
+    # each peer's second line, after its Hello
+    controller_lines = [bytes(c["c2s"]).split(b"\n", 2)[1] for c in tap.conns]
     replies = [ln for ln in controller_lines if json.loads(ln).get("t") == "auth"]
     assert len(replies) == len(tap.conns)  # every peer authenticated with an AuthReply
     for recorded in replies:
@@ -309,6 +228,16 @@ def reply(**changes: Any) -> Callable[[Raw, str], bytes]:
     return make
 
 
+def signed(**claims: Any) -> Callable[[Raw, str], bytes]:
+    """An AuthReply proven with the secret over what it claims: a peer that knows the
+    secret, refused for something else (and told so with the server's proof)."""
+    def make(conn: Raw, secret: str) -> bytes:
+        claims.setdefault("role", "node")
+        return wire.encode_bytes(wire.auth_reply(conn.nonce, secret, name="raw-socket",
+                                                 **claims))
+    return make
+
+
 SUBMIT = {"t": "submit", "job": "j", "max_attempts": 3, "timeout": 0, "limit": 0, "total": 1,
           "isolated": 0}
 ROWS: list[Row] = [
@@ -325,12 +254,12 @@ ROWS: list[Row] = [
         ("payload-before-auth",)),
     Row("status-before-auth", None, raw(encode_bytes(m.StatusRequest())),
         ("not-authenticated",)),
-    Row("unknown-role", None, reply(role="root"), ("bad-role",)),
+    Row("unknown-role", None, signed(role="root"), ("bad-role",)),
     Row("wrong-digest", None, reply(digest="00" * 32), ("auth-failed",)),
     Row("lone-surrogate-in-nonce", None, reply(nonce="\ud800"), ("bad-field", "auth-failed")),
-    Row("other-python", None, reply(python="3.99"), ("version-mismatch",),
+    Row("other-python", None, signed(python="3.99"), ("version-mismatch",),
         says=("Python 3.99", f"Python {PYTHON}")),
-    Row("other-protocol", None, reply(version=m.PROTOCOL_VERSION + 1), ("version-mismatch",),
+    Row("other-protocol", None, signed(version=m.PROTOCOL_VERSION + 1), ("version-mismatch",),
         says=(f"protocol {m.PROTOCOL_VERSION + 1}", f"speaks {m.PROTOCOL_VERSION}")),
     Row("endless-header-after-auth", "controller", raw(b"A" * (MAX_HEADER_LENGTH + 100)),
         ("header-too-long",)),
@@ -396,6 +325,7 @@ def test_thousands_of_connections_opened_and_dropped(cluster, pool):
         elif i % 4 == 2:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger_reset)  # RST, not FIN
         elif i % 4 == 3:
+            s.sendall(b'{"t":"hello","len":0}\n')  # the peer speaks first
             s.recv(1)  # wait for the challenge to start arriving
         s.close()
     assert running.get(60) == [abs(x) for x in range(-3000, 0)]
@@ -609,14 +539,15 @@ def _write_server_cert(tmp: Any, ca_key: Any, ca_cert: Any) -> tuple[str, str]:
 
 @pytest.fixture(scope="module")
 def tls(request, tmp_path_factory) -> dict[str, Any]:
-    """A TLS server (certificate from a test CA, IP SAN 127.0.0.1) and one node trusting it."""
+    """A TLS-only server (certificate from a test CA, IP SAN 127.0.0.1: a user's own PKI)
+    and one node trusting it."""
     tmp = tmp_path_factory.mktemp("tls")
     ca_key, ca_cert, ca = _write_ca(tmp, "test-ca")
     _, _, other_ca = _write_ca(tmp, "other-ca")
     cert, key = _write_server_cert(tmp, ca_key, ca_cert)
     c = Cluster(request, str(tmp_path_factory.mktemp("tlsnode")))
     request.addfinalizer(c.stop)
-    c.start_server(ACHILLES_TLS_CERT=cert, ACHILLES_TLS_KEY=key)
+    c.start_server(ACHILLES_TLS_CERT=cert, ACHILLES_TLS_KEY=key, ACHILLES_TLS="on")
     c.start_node(1, wait=False, ACHILLES_TLS_CA=ca)
     wait_until(lambda: len(achilles.getClusterStatus(
         port=c.port, secret_key=c.secret, tls_ca=ca)["nodes"]) == 1, 30, what="TLS node")
@@ -648,7 +579,9 @@ def _raises_within(seconds: float, **pool_kwargs: Any) -> BaseException:
 
 
 def test_plain_client_cannot_use_a_tls_server(tls, monkeypatch):
-    """A client without tls_ca never authenticates to a TLS server and gives up in time."""
+    """A client speaking plain TCP never authenticates to a TLS-only server and gives up
+    in time."""
+    monkeypatch.setenv("ACHILLES_TLS", "off")
     monkeypatch.setenv("ACHILLES_RECONNECT_TIMEOUT", "1")
     c = tls["cluster"]
     _raises_within(30, host="127.0.0.1", port=c.port, secret_key=c.secret,

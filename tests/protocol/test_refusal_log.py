@@ -8,18 +8,18 @@ log is the stdlib ``achilles.server`` logger, captured with ``caplog``.
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 import pytest
+import wire
 from twisted.internet import task
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
 from wire import Decoder, encode_bytes
 
 from achilles.config import Settings
+from achilles.core.throttle import FREE_FAILURES, REPORT_INTERVAL
 from achilles.net.connection import PYTHON
-from achilles.protocol import auth
 from achilles.protocol import messages as m
 from achilles.server import SHOWN_MAX, ServerFactory
 
@@ -39,16 +39,11 @@ def handshake(caplog: pytest.LogCaptureFixture, secret: str = SECRET,
     (challenge,) = [f.msg for f in decoder.feed(transport.value())]
     transport.clear()
     assert isinstance(challenge, m.Challenge)
-    reply: dict[str, Any] = dict(role="node", username="achilles",
-                                 nonce=auth.make_nonce(os.urandom(auth.NONCE_BYTES)),
-                                 version=m.PROTOCOL_VERSION, python=PYTHON, slots=1,
-                                 name="node-a")
+    reply: dict[str, Any] = dict(role="node", name="node-a")
     reply.update(fields)
-    reply["digest"] = auth.peer_digest(secret, challenge.nonce, reply["nonce"], reply["role"],
-                                       reply["username"])
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="achilles.server"):
-        proto.dataReceived(encode_bytes(m.AuthReply(**reply)))
+        proto.dataReceived(encode_bytes(wire.auth_reply(challenge.nonce, secret, **reply)))
     frames = [f.msg for f in decoder.feed(transport.value())]
     assert len(frames) == 1 and isinstance(frames[0], m.ErrorFrame), frames
     records = [r for r in caplog.records if r.name == "achilles.server"]
@@ -75,13 +70,47 @@ def test_version_mismatch_is_refused_and_logged_with_both_versions(
 
 
 def test_wrong_secret_refusal_is_logged(caplog: pytest.LogCaptureFixture) -> None:
-    """A hello with the wrong secret is refused as auth-failed and logged the same way."""
+    """A hello with the wrong secret is refused as auth-failed and logged with the
+    peer's address (and later ones from that address only counted: see below)."""
     err, records, _ = handshake(caplog, secret="not the cluster secret")
     assert err.code == "auth-failed"
     assert len(records) == 1
     text = records[0].getMessage()
-    assert "10.0.0.7:40123" in text and "auth-failed" in text, text
-    assert f"peer achilles protocol {m.PROTOCOL_VERSION}, Python {PYTHON!r}" in text, text
+    assert "10.0.0.7:40123" in text and "wrong secret" in text, text
+
+
+def test_failed_logins_are_throttled_and_reported_once_per_interval(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """An online guesser: after FREE_FAILURES failures its next connection is refused
+    before any challenge ("throttled"), the wait doubling; its failures make one log
+    line at once and one report a minute, not a line each."""
+    clock = task.Clock()
+    clock.advance(1000)
+    factory = ServerFactory(Settings(secret_key=SECRET, port=0), clock=clock)
+    factory.startFactory()
+    codes = []
+    with caplog.at_level(logging.WARNING, logger="achilles.server"):
+        for attempt in range(FREE_FAILURES + 3):
+            transport = StringTransport(peerAddress=PEER)
+            proto = factory.buildProtocol(PEER)
+            proto.makeConnection(transport)
+            decoder = Decoder()
+            frames = [f.msg for f in decoder.feed(transport.value())]
+            if isinstance(frames[0], m.ErrorFrame):
+                codes.append(frames[0].code)
+            else:
+                transport.clear()
+                proto.dataReceived(encode_bytes(wire.auth_reply(
+                    frames[0].nonce, "wrong guess %d" % attempt, role="node")))
+                codes.append(decoder.feed(transport.value())[0].msg.code)
+            proto.connectionLost(None)
+        clock.advance(REPORT_INTERVAL)
+    factory.stopFactory()
+    assert codes == ["auth-failed"] * FREE_FAILURES + ["auth-failed", "throttled", "throttled"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "achilles.server"
+             and "login" in r.getMessage()]
+    assert len(lines) == 2, lines  # the first failure, then one report for the rest
+    assert f"{FREE_FAILURES + 1} failed login(s) from 10.0.0.7" in lines[1], lines
 
 
 def test_peer_text_in_the_log_is_bounded_and_escaped(caplog: pytest.LogCaptureFixture) -> None:
@@ -89,7 +118,7 @@ def test_peer_text_in_the_log_is_bounded_and_escaped(caplog: pytest.LogCaptureFi
     one line, with newlines and terminal escapes escaped."""
     hostile = "3.99\nFAKE: node accepted\x1b[2J" + "x" * 150
     err, records, _ = handshake(caplog, python=hostile, name=hostile)
-    assert err.code == "version-mismatch"
+    assert err.code == "bad-name"
     assert len(records) == 1
     text = records[0].getMessage()
     assert "\n" not in text and "\x1b" not in text, text

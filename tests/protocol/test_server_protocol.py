@@ -10,13 +10,14 @@ from __future__ import annotations
 import hmac
 import itertools
 import json
-import os
+import logging
 import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
+import wire
 from twisted.internet import task
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
@@ -25,6 +26,7 @@ from twisted.python.failure import Failure
 from wire import Decoder, encode_bytes
 
 from achilles.config import Settings
+from achilles.core.scheduler import job_key
 from achilles.net.connection import PYTHON
 from achilles.protocol import auth
 from achilles.protocol import messages as m
@@ -81,11 +83,10 @@ class Peer:
     def auth_reply(self, role: str = "controller", secret: str = SECRET,
                    version: int = m.PROTOCOL_VERSION, python: str = PYTHON,
                    username: str = "achilles", slots: int = 1,
-                   name: str = "peer") -> m.AuthReply:
+                   name: str = "peer", session: str | None = None) -> m.AuthReply:
         assert self.challenge is not None
-        nonce = auth.make_nonce(os.urandom(auth.NONCE_BYTES))
-        digest = auth.peer_digest(secret, self.challenge.nonce, nonce, role, username)
-        return m.AuthReply(role, username, nonce, digest, version, python, slots, name)
+        return wire.auth_reply(self.challenge.nonce, secret, role, username, name, slots,
+                               version, python, session=session)
 
     def authenticate(self, role: str = "controller", **kwargs: Any) -> m.Welcome:
         reply = self.auth_reply(role, **kwargs)
@@ -95,6 +96,10 @@ class Peer:
         assert len(welcome) == 1, self.log
         self.role = role
         return welcome[0]  # type: ignore[return-value]
+
+    def key(self, job: str) -> str:
+        """The server's key for this controller's ``job``: what nodes are sent."""
+        return job_key(self.proto.peer_id, job)
 
     @property
     def closed(self) -> bool:
@@ -122,6 +127,7 @@ class Net:
         self.clock = task.Clock()
         self.factory = ServerFactory(self.settings, clock=self.clock)
         self.peers: list[Peer] = []
+        self.victim = ""  # a job's key, set by a setup
 
     def connect(self) -> Peer:
         peer = Peer(self)
@@ -165,11 +171,11 @@ def run_job(net: Net, job: str, args: bytes = b"ARGS") -> None:
     ctl.send(submit(job), b"FUNCTION " + job.encode())
     ctl.send(m.Chunk(job, 0), args)
     tasks = [(p, f) for p in net.live("node") for f in p.received()
-             if isinstance(f.msg, m.Task) and f.msg.job == job]
+             if isinstance(f.msg, m.Task) and f.msg.job == ctl.key(job)]
     assert len(tasks) == 1, f"chunk not dispatched exactly once: {tasks}"
     node, frame = tasks[0]
     assert frame.payload == args
-    node.send(m.Result(job, 0, m.OK, 0.01), b"RESULT " + args)
+    node.send(m.Result(ctl.key(job), 0, m.OK, 0.01), b"RESULT " + args)
     results = ctl.messages(m.Result)
     assert results == [m.Result(job, 0, m.OK, 0.01)]
     assert ctl.log[-1].payload == b"RESULT " + args
@@ -213,12 +219,12 @@ def test_handshake_welcomes_with_server_proof(role: str) -> None:
     reply = peer.auth_reply(role)
     peer.feed(encode_bytes(reply))
     [welcome] = peer.messages(m.Welcome)
-    auth.verify(auth.server_digest(SECRET, peer.challenge.nonce, reply.nonce),
-                welcome.digest, "the server")
+    t = wire.transcript(peer.challenge.nonce, reply)
+    auth.verify(auth.server_digest(SECRET, t, welcome.peer_id), welcome.digest, "the server")
     assert welcome.peer_id in net.factory.peers and not peer.closed
-    wire = b"".join(encode_bytes(f.msg, f.payload) for f in peer.log) + encode_bytes(reply)
+    sent = b"".join(encode_bytes(f.msg, f.payload) for f in peer.log) + encode_bytes(reply)
     for form in (SECRET.encode(), SECRET.encode().hex().encode()):
-        assert form not in wire
+        assert form not in sent
 
 
 def test_server_compares_digests_in_constant_time(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -236,8 +242,8 @@ def test_server_compares_digests_in_constant_time(monkeypatch: pytest.MonkeyPatc
     reply = peer.auth_reply("node")
     peer.feed(encode_bytes(reply))
     assert peer.messages(m.Welcome)
-    assert (auth.peer_digest(SECRET, peer.challenge.nonce, reply.nonce, "node",
-                             "achilles").encode(), reply.digest.encode()) in calls
+    expected = auth.peer_digest(SECRET, wire.transcript(peer.challenge.nonce, reply))
+    assert (expected.encode(), reply.digest.encode()) in calls
 
 
 @pytest.mark.parametrize("role", m.ROLES)
@@ -271,7 +277,7 @@ def test_proof_for_one_role_does_not_pass_as_another() -> None:
     peer = net.connect()
     reply = peer.auth_reply("node")
     forged = m.AuthReply("admin", reply.username, reply.nonce, reply.digest, reply.version,
-                         reply.python, reply.slots, reply.name)
+                         reply.python, reply.slots, reply.name, reply.session)
     peer.send(forged)
     assert peer.error().code == "auth-failed" and peer.closed
 
@@ -297,19 +303,23 @@ def test_version_skew_is_refused_naming_both_versions(field: str, value: Any, th
 
 def test_handshake_timeout_drops_a_silent_peer() -> None:
     """A connection that never authenticates gets an error frame at handshake_timeout
-    (not before), and is aborted a second later if it does not close."""
+    (not before), and is aborted a second later if its close has not completed (a peer
+    that does not read); one whose close completed is left alone (aborting it was the
+    "'NoneType' object has no attribute 'shutdown'" traceback on TLS)."""
     net = Net(handshake_timeout=2.0)
     silent, partial = net.connect(), net.connect()
     partial.feed(b'{"t":"auth","role":"no')  # half a header line, then nothing
     net.advance(1.99, step=1.99)
     assert not silent.closed and not partial.closed
+    silent.lost = True  # its close will not complete: the harness delivers no connectionLost
     net.advance(0.02)
     for peer in (silent, partial):
         assert peer.error().code == "handshake-timeout"  # told why, and closing
         assert peer.transport.disconnecting
     net.advance(1.01)
-    for peer in (silent, partial):
-        assert peer.transport.disconnected  # and cut off if it does not go
+    assert silent.transport.disconnected  # cut off, as it did not go
+    assert not partial.transport.disconnected  # gone already: not touched again
+    silent.proto.connectionLost(Failure(ConnectionDone()))
     assert net.factory.open_connections == 0
     assert_still_serving(net)
 
@@ -450,7 +460,7 @@ def test_stalled_node_is_dropped_and_its_chunk_requeued() -> None:
                 peer.send(m.Heartbeat())
         assert stalled.closed
         tasks = [f for f in fresh.received() if isinstance(f.msg, m.Task)]
-        assert [(f.msg.job, f.msg.seq, f.payload) for f in tasks] == [("j", 0, b"A")]
+        assert [(f.msg.job, f.msg.seq, f.payload) for f in tasks] == [(ctl.key("j"), 0, b"A")]
     finally:
         net.factory.stopFactory()
 
@@ -509,17 +519,18 @@ def _two_jobs_on_two_nodes(net: Net) -> dict[str, Any]:
         for f in node.received():
             if isinstance(f.msg, m.Task):
                 holder[f.msg.job] = node
-    assert set(holder) == {"job-a", "job-b"} and holder["job-a"] is not holder["job-b"]
-    return {"a": a, "b": b, "node_a": holder["job-a"], "node_b": holder["job-b"]}
+    ka, kb = a.key("job-a"), b.key("job-b")
+    assert set(holder) == {ka, kb} and holder[ka] is not holder[kb]
+    return {"a": a, "b": b, "node_a": holder[ka], "node_b": holder[kb], "ka": ka, "kb": kb}
 
 
 def test_forged_result_for_another_nodes_chunk_is_not_forwarded() -> None:
     """A node's result for a chunk running on another node never reaches that job's owner."""
     net = Net()
     s = _two_jobs_on_two_nodes(net)
-    s["node_a"].send(m.Result("job-b", 0, m.OK, 0.0), b"FORGED")
+    s["node_a"].send(m.Result(s["kb"], 0, m.OK, 0.0), b"FORGED")
     assert s["b"].messages(m.Result) == []
-    s["node_b"].send(m.Result("job-b", 0, m.OK, 0.0), b"REAL")
+    s["node_b"].send(m.Result(s["kb"], 0, m.OK, 0.0), b"REAL")
     assert s["b"].messages(m.Result) == [m.Result("job-b", 0, m.OK, 0.0)]
     assert s["b"].log[-1].payload == b"REAL"
 
@@ -528,18 +539,37 @@ def test_result_for_another_nodes_chunk_is_refused() -> None:
     """A node reporting a chunk of another job that it was never given is refused and closed."""
     net = Net()
     s = _two_jobs_on_two_nodes(net)
-    s["node_a"].send(m.Result("job-b", 0, m.OK, 0.0), b"FORGED")
+    s["node_a"].send(m.Result(s["kb"], 0, m.OK, 0.0), b"FORGED")
     assert s["node_a"].error().code == "refused"
     assert s["node_a"].closed
     assert_still_serving(net)
 
 
 def test_late_result_for_an_ended_job_is_dropped_quietly() -> None:
-    """A result for a job that no longer exists (a normal race after End) is dropped, not fatal."""
+    """A node's result for a job it was told to drop (a normal race after Cancel or End)
+    is dropped, not fatal."""
     net = Net()
     node = net.peer("node")
-    node.send(m.Result("gone", 0, m.OK, 0.0), b"LATE")
+    ctl = net.peer("controller")
+    ctl.send(submit("gone"), b"F")
+    ctl.send(m.Chunks("gone", [0, 1], [1, 1]), b"AB")
+    ctl.send(m.Cancel("gone"))
+    node.send(m.Result(ctl.key("gone"), 1, m.OK, 0.0), b"LATE")
     assert not node.closed
+    assert [type(f.msg) for f in node.received()] == [m.Function, m.Tasks, m.Cancel]
+    assert ctl.messages(m.Result, m.Results) == []
+    assert_still_serving(net)
+
+
+def test_result_for_a_job_the_node_never_had_is_refused() -> None:
+    """A node's result naming a job id it was never sent (a controller's own id, which
+    nodes never see) gets the node refused and closed."""
+    net = Net()
+    node = net.peer("node")
+    node.send(m.Result("made-up", 0, m.OK, 0.0), b"FORGED")
+    assert node.error() == m.ErrorFrame(
+        "refused", "result for chunk 0 of job made-up, which it was not given")
+    assert node.closed
     assert_still_serving(net)
 
 
@@ -554,7 +584,7 @@ def test_chunks_batch_reaches_the_node_as_one_tasks_frame() -> None:
     ctl.send(m.Chunks("j", [0, 1, 2], [2, 0, 4]), b"A0A2\nB")
     frames = node.received()
     assert [type(f.msg) for f in frames] == [m.Function, m.Tasks]
-    assert frames[1].msg == m.Tasks("j", [0, 1, 2], [2, 0, 4], 0.0)
+    assert frames[1].msg == m.Tasks(ctl.key("j"), [0, 1, 2], [2, 0, 4], 0.0)
     assert frames[1].payload == b"A0A2\nB"
 
 
@@ -566,14 +596,14 @@ def test_results_batch_is_forwarded_as_one_frame_and_frees_its_slots() -> None:
     ctl = net.peer("controller")
     ctl.send(submit("j"), b"F")
     ctl.send(m.Chunks("j", list(range(5)), [1] * 5), b"abcde")
-    [fn, tasks] = node.received()
+    [_fn, tasks] = node.received()
     assert tasks.msg.seqs == [0, 1]
-    node.send(m.Results("j", [0, 1], [2, 1], [m.OK, m.OK], [0.5, 0.25]), b"RaR")
+    node.send(m.Results(ctl.key("j"), [0, 1], [2, 1], [m.OK, m.OK], [0.5, 0.25]), b"RaR")
     [results] = [f for f in ctl.received() if isinstance(f.msg, m.Results)]
     assert results.msg == m.Results("j", [0, 1], [2, 1], [m.OK, m.OK], [0.5, 0.25])
     assert results.payload == b"RaR"
     [more] = node.received()
-    assert more.msg == m.Tasks("j", [2, 3], [1, 1], 0.0) and more.payload == b"cd"
+    assert more.msg == m.Tasks(ctl.key("j"), [2, 3], [1, 1], 0.0) and more.payload == b"cd"
 
 
 def test_results_batch_with_a_forged_item_is_refused_after_the_good_ones() -> None:
@@ -583,7 +613,7 @@ def test_results_batch_with_a_forged_item_is_refused_after_the_good_ones() -> No
     s = _two_jobs_on_two_nodes(net)
     s["a"].send(m.Chunk("job-a", 1), b"A1")
     s["node_a"].received()
-    s["node_a"].send(m.Results("job-a", [0, 5, 1], [1, 1, 1], [m.OK] * 3, [0.0] * 3),
+    s["node_a"].send(m.Results(s["ka"], [0, 5, 1], [1, 1, 1], [m.OK] * 3, [0.0] * 3),
                      b"xyz")
     assert s["a"].messages(m.Result) == [m.Result("job-a", 0, m.OK, 0.0)]
     assert s["node_a"].error().code == "refused" and s["node_a"].closed
@@ -609,11 +639,23 @@ def _auth_line(peer: Peer, **changes: Any) -> bytes:
     return line(header)
 
 
+def _signed_line(peer: Peer, role: str = "node", **changes: Any) -> bytes:
+    """An AuthReply proven with the secret over what it claims (a peer that knows the
+    secret but is refused for another reason)."""
+    return encode_bytes(peer.auth_reply(role, **changes))
+
+
 def _job_for_node(net: Net) -> None:
     """Setup: a job with one chunk in flight on the (only) hostile node."""
     ctl = net.peer("controller")
     ctl.send(submit("victim"), b"F")
     ctl.send(m.Chunk("victim", 0), b"A")
+    net.victim = ctl.key("victim")
+
+
+def victim(make: Callable[[str], m.Message]) -> Callable[[Peer], bytes]:
+    """A node's frame about the victim job (by the key the server gave it)."""
+    return lambda peer: encode_bytes(make(peer.net.victim), b"R")
 
 
 def _other_controllers_job(net: Net) -> None:
@@ -661,7 +703,7 @@ HOSTILE: list[Row] = [
     Row("kill-before-auth", None, msg(m.Kill()), ("not-authenticated",)),
     Row("heartbeat-before-auth", None, msg(m.Heartbeat()), ("not-authenticated",)),
     Row("server-frame-from-peer", None, msg(m.Welcome("00" * 32, 1)), ("not-authenticated",)),
-    Row("unknown-role", None, lambda p: _auth_line(p, role="root"), ("bad-role",)),
+    Row("unknown-role", None, lambda p: _signed_line(p, role="root"), ("bad-role",)),
     Row("wrong-digest", None, lambda p: _auth_line(p, digest="00" * 32), ("auth-failed",)),
     Row("non-ascii-digest", None, lambda p: _auth_line(p, digest="\u00e9" * 64),
         ("auth-failed",)),
@@ -669,8 +711,10 @@ HOSTILE: list[Row] = [
         ("bad-field", "auth-failed")),
     Row("lone-surrogate-username", None, lambda p: _auth_line(p, username="\udfff"),
         ("bad-field", "auth-failed")),
-    Row("other-python", None, lambda p: _auth_line(p, python="3.99"), ("version-mismatch",)),
-    Row("other-protocol", None, lambda p: _auth_line(p, version=99), ("version-mismatch",)),
+    Row("other-python", None, lambda p: _signed_line(p, python="3.99"),
+        ("version-mismatch",)),
+    Row("other-protocol", None, lambda p: _signed_line(p, version=99), ("version-mismatch",)),
+    Row("slots-of-601-digits", None, lambda p: _auth_line(p, slots=10**600), ("bad-field",)),
     # after authentication
     Row("endless-header-after-auth", "controller", raw(b"A" * (MAX_HEADER_LENGTH + 1)),
         ("header-too-long",)),
@@ -687,6 +731,17 @@ HOSTILE: list[Row] = [
         raw(line({"t": "chunk", "len": -7, "job": "j", "seq": 0})), ("bad-length",)),
     Row("payload-on-payloadless-frame", "controller",
         raw(line({"t": "cancel", "len": 3, "job": "j"}) + b"abc"), ("unexpected-payload",)),
+    Row("seq-of-4300-digits", "controller",
+        raw(line({"t": "chunk", "len": 0, "job": "j", "seq": 10**4299})), ("bad-field",)),
+    Row("negative-seq", "controller", raw(line({"t": "chunk", "len": 0, "job": "j",
+                                                "seq": -1})), ("bad-field",)),
+    Row("job-id-with-escapes", "controller",
+        raw(line({"t": "submit", "len": 0, "job": "j\n\x1b[2J", "max_attempts": 3,
+                  "timeout": 0, "limit": 0, "total": 1})), ("bad-field",)),
+    Row("job-id-too-long", "controller", msg(submit("j" * 65)), ("bad-field",)),
+    Row("sizes-over-64-bits", "node",
+        raw(line({"t": "results", "len": 0, "job": "j", "seqs": [0], "sizes": [2**64],
+                  "statuses": ["ok"], "elapsed": [0.0]})), ("bad-field",)),
     Row("controller-sends-result", "controller", msg(m.Result("j", 0, m.OK, 0.0), b"R"),
         ("not-allowed",)),
     Row("controller-sends-task", "controller", msg(m.Task("j", 0, 0.0), b"T"),
@@ -700,13 +755,13 @@ HOSTILE: list[Row] = [
     Row("admin-sends-chunk", "admin", msg(m.Chunk("j", 0), b"A"), ("not-allowed",)),
     Row("admin-sends-result", "admin", msg(m.Result("j", 0, m.OK, 0.0), b"R"),
         ("not-allowed",)),
-    Row("result-for-chunk-never-given", "node", msg(m.Result("victim", 99, m.OK, 0.0), b"R"),
-        ("refused",), setup=_job_for_node),
+    Row("result-for-chunk-never-given", "node",
+        victim(lambda job: m.Result(job, 99, m.OK, 0.0)), ("refused",), setup=_job_for_node),
     Row("result-for-another-controllers-job", "node",
         msg(m.Result("not-yours", 0, m.OK, 0.0), b"R"), ("refused",),
         setup=_other_controllers_job),
-    Row("result-with-unknown-status", "node", msg(m.Result("victim", 0, "pwned", 0.0), b"R"),
-        ("refused",), setup=_job_for_node),
+    Row("result-with-unknown-status", "node",
+        victim(lambda job: m.Result(job, 0, "pwned", 0.0)), ("refused",), setup=_job_for_node),
 ]
 
 
@@ -728,3 +783,152 @@ def test_hostile_input_gets_error_frame_and_close(row: Row) -> None:
     bystander.send(m.StatusRequest())
     assert bystander.messages(m.Status) and not bystander.closed
     assert_still_serving(net)
+
+
+# --- authenticated peers that misbehave (issue 12) ------------------------------------------
+def _tasks(node: Peer) -> list[Frame]:
+    return [f for f in node.received() if isinstance(f.msg, (m.Task, m.Tasks))]
+
+
+def test_job_ids_cannot_be_squatted_by_another_controller() -> None:
+    """Another controller submitting a job id in use gets a job of its own: both run,
+    each owner gets only its own results, and nobody is refused."""
+    net = Net()
+    node = net.peer("node", slots=2)
+    owner, squatter = net.peer("controller"), net.peer("controller")
+    owner.send(submit("j"), b"F-OWNER")
+    squatter.send(submit("j"), b"F-SQUAT")
+    owner.send(m.Chunk("j", 0), b"MINE")
+    squatter.send(m.Chunk("j", 0), b"THEIRS")
+    got = {f.msg.job: f.payload for f in _tasks(node)}
+    assert got == {owner.key("j"): b"MINE", squatter.key("j"): b"THEIRS"}
+    node.send(m.Result(owner.key("j"), 0, m.OK, 0.0), b"FOR-OWNER")
+    assert owner.messages() == [m.Result("j", 0, m.OK, 0.0)]
+    assert owner.log[-1].payload == b"FOR-OWNER"
+    assert squatter.messages() == []
+    assert not any(isinstance(f.msg, m.ErrorFrame) for p in (owner, squatter) for f in p.log)
+
+
+def test_new_connection_with_a_live_session_takes_over() -> None:
+    """A controller's new connection with the session of one the server still holds
+    (half-open) drops the old one first, releasing its jobs as if it had left; the job
+    the controller submits again is accepted and runs."""
+    net = Net()
+    node = net.peer("node")
+    old = net.peer("controller")
+    old.send(submit("j"), b"F")
+    old.send(m.Chunk("j", 0), b"A")
+    assert _tasks(node)
+    new = net.peer("controller", session=old.proto.session)
+    assert old.closed and old.transport.disconnected and old.lost  # aborted
+    assert [f.msg for f in node.received()] == [m.Cancel(old.key("j"))]
+    new.send(submit("j"), b"F")
+    new.send(m.Chunk("j", 0), b"A")
+    assert [(f.msg.job, f.payload) for f in _tasks(node)] == [(new.key("j"), b"A")]
+    assert new.messages() == [] and not new.closed
+    assert list(net.factory.scheduler.jobs) == [new.key("j")]
+
+
+def test_a_session_is_taken_over_only_by_a_controller() -> None:
+    """Nodes and admins of one process share a session: they never replace a controller
+    or each other."""
+    net = Net()
+    ctl = net.peer("controller")
+    session = ctl.proto.session
+    a, b = net.peer("admin", session=session), net.peer("node", session=session)
+    c = net.peer("node", session=session)
+    assert not any(p.closed for p in (ctl, a, b, c))
+
+
+def test_refused_submit_and_chunk_are_told_to_the_controller() -> None:
+    """A controller's refused Submit or Chunk is answered with a JobFailed "refused" for
+    that job (seq -1: the job itself), the reason as its payload (it used to be only
+    logged, and the caller waited forever); the connection stays up."""
+    net = Net()
+    ctl = net.peer("controller")
+    ctl.send(submit("j"), b"F")
+    ctl.send(submit("j"), b"F")
+    ctl.send(m.Chunk("nope", 4), b"A")
+    ctl.send(m.Chunks("other", [1, 2], [1, 1]), b"AB")
+    got = [(f.msg, f.payload) for f in ctl.received()
+           if not isinstance(f.msg, (m.Heartbeat, m.Cluster))]
+    assert got == [(m.JobFailed("j", -1, "refused"), b"job j exists already"),
+                   (m.JobFailed("nope", 4, "refused"), b"chunk 4 for unknown job nope"),
+                   (m.JobFailed("other", 1, "refused"), b"chunk 1 for unknown job other")]
+    assert not ctl.closed
+    assert_still_serving(net)
+
+
+def test_status_shows_job_ids_and_owner_names_never_sessions() -> None:
+    """``achilles status`` shows the id the controller chose and its owner's name; the
+    session token and the server's key appear nowhere."""
+    net = Net()
+    net.peer("node")
+    ctl = net.peer("controller", name="alice")
+    ctl.send(submit("j"), b"F")
+    ctl.send(m.Chunk("j", 0), b"A")
+    admin = net.peer("admin")
+    admin.send(m.StatusRequest())
+    admin.received()
+    [status] = [f for f in admin.log if isinstance(f.msg, m.Status)]
+    doc = json.loads(status.payload)
+    assert [(j["id"], j["owner"]) for j in doc["jobs"]] == [("j", "alice")]
+    assert ctl.proto.session.encode() not in status.payload
+    assert ctl.key("j").encode() not in status.payload
+
+
+def test_node_claiming_too_many_slots_is_capped_with_a_warning(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A node advertising 10**9 slots counts as MAX_SLOTS, with a warning naming it."""
+    from achilles.core.scheduler import MAX_SLOTS
+    net = Net()
+    with caplog.at_level(logging.WARNING, logger="achilles.server"):
+        net.peer("node", slots=10**9, name="greedy")
+    assert net.factory.scheduler.nodes[net.peers[0].proto.peer_id].slots == MAX_SLOTS
+    assert net.factory.cluster == m.Cluster(1, MAX_SLOTS)
+    assert "node greedy claims 1000000000 slots: it is given work for 1024" in caplog.text
+
+
+def test_the_servers_ticker_takes_away_a_chunk_held_past_the_time_limit() -> None:
+    """With the factory's 1 s ticker running, a node that holds a chunk of a job with a
+    1 s limit past the 2 s grace, while heartbeating, is sent Cancel and the chunk runs
+    on another node."""
+    net = Net(heartbeat_timeout=30.0)
+    net.factory.startFactory()
+    try:
+        holder = net.peer("node", name="holder")
+        ctl = net.peer("controller")
+        ctl.send(m.Submit("j", 3, 1.0, 0, 1), b"F")
+        ctl.send(m.Chunk("j", 0), b"A")
+        assert _tasks(holder)
+        other = net.peer("node", name="other")
+        for _ in range(3):
+            net.advance(TICK)
+            holder.send(m.Heartbeat())
+        assert _tasks(other) == []
+        net.advance(TICK)
+        assert [f.msg for f in holder.received() if not isinstance(f.msg, m.Heartbeat)] \
+            == [m.Cancel(ctl.key("j"))]
+        assert [(f.msg.job, f.payload) for f in _tasks(other)] == [(ctl.key("j"), b"A")]
+        assert not holder.closed
+    finally:
+        net.factory.stopFactory()
+
+
+def test_peer_text_is_escaped_in_the_servers_log(caplog: pytest.LogCaptureFixture) -> None:
+    """An ErrorFrame's code and detail from a peer, and a node's failure text, reach the
+    log quoted, with control characters escaped (no forged lines, no terminal escapes)."""
+    net = Net()
+    node = net.peer("node")
+    ctl = net.peer("controller")
+    ctl.send(m.Submit("j", 1, 0.0, 0, 1), b"F")
+    ctl.send(m.Chunk("j", 0), b"A")
+    forged = "x\n2026-01-01 INFO achilles.server: all is well\x1b[2J"
+    with caplog.at_level(logging.INFO, logger="achilles.server"):
+        node.send(m.ErrorFrame(forged, forged))
+        node.send(m.Result(ctl.key("j"), 0, m.CRASHED, 0.0), forged.encode())
+    lines = [r.getMessage() for r in caplog.records]
+    assert any("reported" in t for t in lines) and any("failed" in t for t in lines)
+    for text in lines:
+        assert "\n" not in text and "\x1b" not in text, text
+    assert ctl.messages(m.JobFailed) == [m.JobFailed("j", 0, m.CRASHED)]

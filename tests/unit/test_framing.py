@@ -1,6 +1,7 @@
 """Sans-IO framing: round trips, every split of a byte stream, limits, malformed headers."""
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -12,6 +13,8 @@ from achilles.errors import ProtocolError
 from achilles.protocol import messages as m
 from achilles.protocol.framing import (
     BATCH_LIMIT,
+    INT_MAX,
+    INT_MIN,
     MAX_HEADER_LENGTH,
     Frame,
     FrameReader,
@@ -24,9 +27,11 @@ from achilles.protocol.framing import (
 # One sample of every frame type; payloads contain newlines so that a decoder which
 # looked for delimiters inside a payload would break.
 SAMPLES: list[tuple[m.Message, bytes]] = [
+    (m.Hello(), b""),
     (m.Challenge(nonce="ab" * 16, version=1, python="3.11"), b""),
     (m.AuthReply(role="node", username="achilles", nonce="cd" * 16, digest="ef" * 32,
-                 version=1, python="3.11", slots=4, name="n\u00f6de-1"), b""),
+                 version=1, python="3.11", slots=4, name="n\u00f6de-1",
+                 session="ab" * 16), b""),
     (m.Welcome(digest="01" * 32, peer_id=7), b""),
     (m.ErrorFrame(code="bad-json", detail="header is not JSON"), b""),
     (m.Heartbeat(), b""),
@@ -337,7 +342,7 @@ def _feed_in_pieces(data: bytes, cuts: list[int], **kwargs: object) -> list[Fram
     decoder = Decoder(**kwargs)  # type: ignore[arg-type]
     frames: list[Frame] = []
     bounds = sorted({0, len(data), *(c % (len(data) + 1) for c in cuts)})
-    for lo, hi in zip(bounds, bounds[1:]):
+    for lo, hi in itertools.pairwise(bounds):
         frames.extend(decoder.feed(data[lo:hi]))
     return frames
 
@@ -418,7 +423,7 @@ def test_split_and_runs_cut_batches() -> None:
     assert [len(r) for r in runs(list(range(10)) + [20] * 3 + [1], lambda x: x >= 10,
                                  limit=4)] == [4, 4, 2, 3, 1]
     assert list(runs([], lambda x: x)) == []
-    widest = m.Results("f" * 32, [2**63] * BATCH_LIMIT, [2**40] * BATCH_LIMIT,
+    widest = m.Results("f" * 96, [INT_MAX] * BATCH_LIMIT, [2**40] * BATCH_LIMIT,
                        [m.CANCELLED] * BATCH_LIMIT, [1.2345678901234567e-05] * BATCH_LIMIT)
     assert len(encode(widest, b"x")[0]) < MAX_HEADER_LENGTH
 
@@ -451,9 +456,90 @@ def test_list_field_text_is_json_dumps(value: list) -> None:
     (int, [1, 2, 3], True), (int, [1, True], False), (int, [1, 2.0], False),
     (str, ["ok", "error"], True), (str, ["ok", "é"], False), (str, ["ok", 1], False),
     (float, [0.5, 1.0], True), (float, [0.5, float("nan")], False), (float, [1], False),
-    (int, [], True), (int, (1, 2), False)])
+    (int, [], True), (int, (1, 2), False), (int, [0, INT_MAX], True),
+    (int, [0, INT_MAX + 1], False), (int, [INT_MIN - 1, 0], False)])
 def test_plain_list_fast_path(elem: type, value: object, plain: bool) -> None:
     """The fast check of a list field takes only a list of exactly its element type (ASCII
     text, finite floats); anything else goes to the item-by-item path."""
     from achilles.protocol.framing import _plain_list
     assert _plain_list(value, elem) is plain
+
+
+# --- numbers and texts from peers are bounded (issue 12) ---------------------------------
+def test_integers_in_headers_fit_in_64_bits() -> None:
+    """Any integer field takes exactly the signed 64-bit range: beyond it (a seq of 4,300
+    digits once broke ``achilles status`` for everyone) is bad-field, naming the field."""
+    chunk = {"t": "chunk", "len": 0, "job": "j"}
+    [frame] = decode_line({**chunk, "seq": INT_MAX})
+    assert frame.msg == m.Chunk("j", INT_MAX)
+    for seq in (INT_MAX + 1, 10**4299):
+        with pytest.raises(ProtocolError) as info:
+            decode_line({**chunk, "seq": seq})
+        assert info.value.code == "bad-field" and "'seq' is out of range" in info.value.detail
+    submit = {"t": "submit", "len": 0, "job": "j", "max_attempts": 3, "timeout": 0,
+              "total": 1, "isolated": 0}
+    [frame] = decode_line({**submit, "limit": INT_MIN})
+    assert frame.msg.limit == INT_MIN  # type: ignore[attr-defined]
+    assert error_code({**submit, "limit": INT_MIN - 1}) == "bad-field"
+    assert error_code({"t": "welcome", "digest": "00", "peer_id": 2**64}) == "bad-field"
+
+
+def test_integers_in_header_lists_fit_in_64_bits() -> None:
+    """List fields are bounded the same way, on the fast path and item by item."""
+    base = {"t": "chunks", "len": 2, "job": "j"}
+    for seqs, sizes in (([0, 2**63], [1, 1]), ([0, 1], [2**64, -(2**64)]),
+                        ([0, 2**63], [1, True])):
+        line = json.dumps({**base, "seqs": seqs, "sizes": sizes}).encode()
+        with pytest.raises(ProtocolError) as info:
+            decode_all(line + b"\nab")
+        assert info.value.code == "bad-field"
+
+
+@pytest.mark.parametrize("header", [
+    {"t": "chunk", "len": 0, "job": "j", "seq": -1},
+    {"t": "task", "len": 0, "job": "j", "seq": -1, "timeout": 0},
+    {"t": "result", "len": 0, "job": "j", "seq": -5, "status": "ok", "elapsed": 0},
+    {"t": "jobfailed", "len": 0, "job": "j", "seq": -2, "reason": "crashed"},
+    {"t": "tasks", "len": 0, "job": "j", "seqs": [0, -1], "sizes": [0, 0], "timeout": 0},
+    {"t": "submit", "len": 0, "job": "j", "max_attempts": 3, "timeout": 0, "limit": 0,
+     "total": -2, "isolated": 0},
+])
+def test_chunk_numbers_are_never_negative(header: dict[str, object]) -> None:
+    """A sequence number indexes a job's arguments: a negative one (or a total below -1,
+    which means unknown) is bad-field."""
+    assert error_code(header) == "bad-field"
+
+
+GOOD_IDS = ["j", "0", "3fa2b1c4d5e6f708192a3b4c5d6e7f80", "17-3fa2b1c4", "a.b_c-D", "x" * 64]
+BAD_IDS = ["", "j k", "j\n", "j\x1b[2J", "\u00e9t\u00e9", "a/b", "a\u202eb", "x" * 97]
+
+
+@pytest.mark.parametrize("job", GOOD_IDS)
+def test_safe_job_ids_are_accepted_in_every_frame(job: str) -> None:
+    """Job ids of the safe alphabet (a controller's uuid4 hex, the server's ``<owner>-<id>``
+    keys) pass in every frame that carries one."""
+    for msg in (m.Submit(job, 3, 0.0, 0, 1), m.Chunk(job, 0), m.Cancel(job), m.End(job),
+                m.Function(job), m.Task(job, 0, 0.0), m.Result(job, 0, m.OK, 0.0),
+                m.JobFailed(job, 0, m.CRASHED), m.Chunks(job, [0], [0])):
+        assert decode_all(encode_bytes(msg)) == [Frame(msg)]
+
+
+@pytest.mark.parametrize("job", BAD_IDS)
+def test_unsafe_job_ids_are_refused_in_every_frame(job: str) -> None:
+    """A job id with spaces, control characters, non-ASCII, a slash, or over 96
+    characters is bad-field wherever it comes (it would reach logs and status as is)."""
+    for msg in (m.Submit(job, 3, 0.0, 0, 1), m.Chunk(job, 0), m.Cancel(job), m.End(job),
+                m.Function(job), m.Task(job, 0, 0.0), m.Result(job, 0, m.OK, 0.0),
+                m.JobFailed(job, 0, m.CRASHED), m.Results(job, [0], [0], [m.OK], [0.0])):
+        with pytest.raises(ProtocolError) as info:
+            decode_all(encode_bytes(msg))
+        assert info.value.code == "bad-field", msg
+
+
+def test_a_new_jobs_id_is_at_most_64_characters() -> None:
+    """A controller's id for a new job is at most 64 characters (the server's key for it,
+    which nodes see, adds the owner's number)."""
+    assert decode_all(encode_bytes(m.Submit("x" * 64, 3, 0.0, 0, 1)))
+    assert decode_all(encode_bytes(m.Cancel("x" * 96)))
+    with pytest.raises(ProtocolError, match="at most 64"):
+        decode_all(encode_bytes(m.Submit("x" * 65, 3, 0.0, 0, 1)))

@@ -16,6 +16,7 @@ import os
 from typing import Any
 
 import pytest
+import wire
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.internet import task
@@ -28,7 +29,6 @@ from wire import Decoder, encode_bytes
 from achilles.config import Settings
 from achilles.errors import ProtocolError
 from achilles.net.connection import PYTHON
-from achilles.protocol import auth
 from achilles.protocol import messages as m
 from achilles.protocol.framing import MAX_HEADER_LENGTH, PREAUTH_MAX_HEADER_LENGTH, Frame
 from achilles.server import ServerFactory, ServerProtocol
@@ -81,7 +81,7 @@ _valid = st.one_of(
     st.builds(lambda n: (m.Welcome(digest="00" * 32, peer_id=n), b""), _seqs),
     st.builds(lambda r, u, n, d, v, py: (m.AuthReply(role=r, username=u, nonce=n, digest=d,
                                                      version=v, python=py, slots=1,
-                                                     name="x"), b""),
+                                                     name="x", session="ab" * 16), b""),
               st.sampled_from(list(m.ROLES) + ["root"]), _strs, _strs, _strs,
               st.sampled_from([m.PROTOCOL_VERSION, 0, 2]), st.sampled_from([PYTHON, "3.1"])),
 )
@@ -185,10 +185,8 @@ class Conn:
         return new
 
     def authenticate(self, role: str) -> None:
-        nonce = auth.make_nonce(os.urandom(auth.NONCE_BYTES))
-        digest = auth.peer_digest(SECRET, self.challenge.nonce, nonce, role, "fuzz")
-        self.proto.dataReceived(encode_bytes(m.AuthReply(
-            role, "fuzz", nonce, digest, m.PROTOCOL_VERSION, PYTHON, 1, f"fuzz-{role}")))
+        self.proto.dataReceived(encode_bytes(wire.auth_reply(
+            self.challenge.nonce, SECRET, role, "fuzz", f"fuzz-{role}")))
         assert any(isinstance(f.msg, m.Welcome) for f in self.read())
 
     def lose(self) -> None:

@@ -17,13 +17,13 @@ from achilles.core.job import (
     window_for,
 )
 from achilles.core.pace import MAX_PREFETCH, PREFETCH, QUEUED_WORK
-from achilles.protocol.messages import ERROR, OK
+from achilles.protocol.messages import CRASHED, ERROR, OK, TIMEOUT
 
 
 def filled(ordered: bool = True, window: int = 10, chunks: int = 4, per_chunk: int = 3) -> Job:
     job = Job(ordered=ordered, window=window)
     for i in range(chunks):
-        assert job.add(f"chunk{i}".encode(), per_chunk) == i
+        assert job.add(per_chunk) == i
     return job
 
 
@@ -36,9 +36,9 @@ def test_can_add_false_at_window_and_true_after_take() -> None:
     """Adding stops at `window` outstanding chunks and resumes once the caller takes one."""
     job = Job(ordered=True, window=2)
     assert job.can_add()
-    job.add(b"a", 1)
+    job.add(1)
     assert job.can_add()
-    job.add(b"b", 1)
+    job.add(1)
     assert not job.can_add()
     job.on_result(0, OK, res(0))
     assert not job.can_add()  # a result alone does not free the window: it is still owed
@@ -51,7 +51,7 @@ def test_window_is_at_least_one() -> None:
     """A window of zero or less still allows one chunk."""
     job = Job(ordered=False, window=0)
     assert job.window == 1 and job.can_add()
-    job.add(b"a", 1)
+    job.add(1)
     assert not job.can_add()
 
 
@@ -168,22 +168,23 @@ def test_empty_closed_job_is_finished() -> None:
     assert job.finished()
 
 
-def test_unfinished_lists_pending_payloads_for_resend() -> None:
-    """unfinished() lists, in seq order, the payloads of chunks without a result."""
-    job = filled(chunks=4)
+def test_failure_keeps_the_servers_reason() -> None:
+    """A chunk the server gave up on keeps the reason it gave (its last status there),
+    which is what the pool's exception is chosen by; other outcomes have none."""
+    job = filled(ordered=False, chunks=3)
+    assert job.on_failed(0, "ran past its time limit", TIMEOUT)
+    assert job.on_failed(1, "worker died", CRASHED)
     job.on_result(2, OK, res(2))
-    job.on_result(0, OK, res(0))
-    assert job.unfinished() == [(1, b"chunk1"), (3, b"chunk3")]
-    job.take()
-    assert job.unfinished() == [(1, b"chunk1"), (3, b"chunk3")]
+    assert sorted((o.seq, o.status, o.reason) for o in job.take()) == [
+        (0, FAILED, TIMEOUT), (1, FAILED, CRASHED), (2, OK, "")]
 
 
 def test_position_gives_argument_range_of_pending_chunk() -> None:
     """position(seq) is the [start, stop) range of a pending chunk's arguments, else None."""
     job = Job(ordered=True, window=10)
-    job.add(b"a", 5)
-    job.add(b"b", 2)
-    job.add(b"c", 4)
+    job.add(5)
+    job.add(2)
+    job.add(4)
     assert job.position(0) == (0, 5)
     assert job.position(1) == (5, 7)
     assert job.position(2) == (7, 11)
@@ -238,11 +239,11 @@ def test_window_widens_while_chunks_are_short() -> None:
 def test_default_chunksize_caps_the_bytes_of_a_chunk() -> None:
     """Large items get smaller chunks (about CHUNK_BYTES of arguments each, at least one
     item); small items keep multiprocessing's choice."""
-    MiB = 1024 * 1024
-    assert CHUNK_BYTES == 4 * MiB
-    assert default_chunksize(64, 2, item_bytes=4 * MiB) == 1  # W3: was 8, i.e. 32 MiB
-    assert default_chunksize(64, 2, item_bytes=10 * MiB) == 1
-    assert default_chunksize(64, 2, item_bytes=MiB) == 4
+    mib = 1024 * 1024
+    assert 4 * mib == CHUNK_BYTES
+    assert default_chunksize(64, 2, item_bytes=4 * mib) == 1  # W3: was 8, i.e. 32 MiB
+    assert default_chunksize(64, 2, item_bytes=10 * mib) == 1
+    assert default_chunksize(64, 2, item_bytes=mib) == 4
     assert default_chunksize(1_000_000, 2, item_bytes=30) == 125_000  # the cap is far off
     assert default_chunksize(64, 2, item_bytes=0) == default_chunksize(64, 2) == 8
 
@@ -306,3 +307,19 @@ def test_adaptive_chunker_ignores_empty_chunks() -> None:
 def test_window_for(slots: int, limit: int, expected: int) -> None:
     """window_for is three chunks per usable slot, at least four, capped by the job limit."""
     assert window_for(slots, limit) == expected
+
+
+def test_pool_chooses_the_exception_by_the_servers_reason() -> None:
+    """A chunk the server gave up on after a timeout raises multiprocessing's
+    TimeoutError, after crashes a ChunkFailedError naming its arguments: by the reason
+    the server gave, whatever the text says."""
+    from achilles.errors import ChunkFailedError
+    from achilles.pool.results import _exception
+    text = b"worker died (time limit of its own making)"
+    timed_out = _exception(Outcome(4, FAILED, b"ran past its time limit", 8, 2, reason=TIMEOUT))
+    crashed = _exception(Outcome(4, FAILED, text, 8, 2, reason=CRASHED))
+    assert isinstance(timed_out, multiprocessing.TimeoutError)
+    assert str(timed_out) == "chunk 4 (arguments 8 to 9) failed: ran past its time limit"
+    assert isinstance(crashed, ChunkFailedError)
+    assert not isinstance(crashed, multiprocessing.TimeoutError)
+    assert str(crashed).startswith("chunk 4 (arguments 8 to 9) failed: worker died")
