@@ -29,8 +29,15 @@ setup(
         # TLS is part of the default install now; the extra stays so that old
         # instructions (pip install "achilles[tls]") still work
         "tls": [],
-        "test": ["pytest>=7", "hypothesis>=6", "pytest-timeout>=2", "twisted[tls]>=22.10",
-                 "nbclient>=0.7", "nbformat>=5", "ipykernel>=6"],
+        "test": [
+            "pytest>=7",
+            "hypothesis>=6",
+            "pytest-timeout>=2",
+            "twisted[tls]>=22.10",
+            "nbclient>=0.7",
+            "nbformat>=5",
+            "ipykernel>=6",
+        ],
         # the checks .ci/run makes before the tests (pinned: a new rule must not fail CI)
         "lint": ["ruff==0.17.6", "mypy==2.4.1"],
     },

@@ -4,6 +4,7 @@
 
 Importing achilles starts nothing: the reactor thread starts with the first pool.
 """
+
 from typing import Any
 
 from achilles.errors import (
@@ -22,15 +23,24 @@ from achilles.errors import (
 # The pool (and with it twisted, dill and multiprocessing) loads on first use (PEP 562),
 # so that `import achilles.core.scheduler` or a worker's `import achilles.node.worker` do not
 # drag it in.
-_LAZY = {"Pool": "pool.pool", "AsyncResult": "pool.results", "IMapIterator": "pool.results",
-         "map": "oneshot", "imap": "oneshot", "imap_unordered": "oneshot",
-         "killCluster": "admin", "getClusterStatus": "admin", "genConfig": "config",
-         "TimeoutError": "errors"}
+_LAZY = {
+    "Pool": "pool.pool",
+    "AsyncResult": "pool.results",
+    "IMapIterator": "pool.results",
+    "map": "oneshot",
+    "imap": "oneshot",
+    "imap_unordered": "oneshot",
+    "killCluster": "admin",
+    "getClusterStatus": "admin",
+    "genConfig": "config",
+    "TimeoutError": "errors",
+}
 
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
         import importlib
+
         value = getattr(importlib.import_module(f"achilles.{_LAZY[name]}"), name)
         globals()[name] = value
         return value
@@ -40,9 +50,25 @@ def __getattr__(name: str) -> Any:
 __version__ = "0.1.0"
 
 __all__ = [
-    "Pool", "AsyncResult", "IMapIterator", "map", "imap", "imap_unordered", "killCluster",
-    "getClusterStatus", "genConfig", "AchillesError", "AuthenticationError",
-    "ChunkFailedError", "ConfigError", "ConnectionLostError",
-    "ProtocolError", "RemoteError", "RemoteTraceback", "SerializationError", "TimeoutError",
-    "VersionMismatchError", "__version__",
+    "AchillesError",
+    "AsyncResult",
+    "AuthenticationError",
+    "ChunkFailedError",
+    "ConfigError",
+    "ConnectionLostError",
+    "IMapIterator",
+    "Pool",
+    "ProtocolError",
+    "RemoteError",
+    "RemoteTraceback",
+    "SerializationError",
+    "TimeoutError",
+    "VersionMismatchError",
+    "__version__",
+    "genConfig",
+    "getClusterStatus",
+    "imap",
+    "imap_unordered",
+    "killCluster",
+    "map",
 ]

@@ -1,4 +1,5 @@
 """``python -m achilles ...``; guarded, because forkserver workers import __main__."""
+
 import sys
 
 from achilles.cli import main

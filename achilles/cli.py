@@ -1,6 +1,7 @@
 """Command line: ``achilles server|node|kill|status|secret`` (and the
 ``achilles-server`` / ``achilles-node`` scripts). Errors go to stderr with a non-zero
 exit code."""
+
 from __future__ import annotations
 
 import argparse
@@ -16,34 +17,50 @@ from achilles.errors import AchillesError
 
 def _common(p: argparse.ArgumentParser, secret: bool = True) -> None:
     p.add_argument("--host", help="server address (ACHILLES_HOST; default 127.0.0.1)")
-    p.add_argument("--tls-ca", dest="tls_ca", help="PEM CA certificate to verify the server "
-                                                   "with; turns TLS on (ACHILLES_TLS_CA)")
-    p.add_argument("--tls", choices=("auto", "on", "off"),
-                   help="TLS: auto (default: TLS unless on loopback), on, or off (plain "
-                        "TCP; a server then accepts it from other machines too) "
-                        "(ACHILLES_TLS)")
+    p.add_argument(
+        "--tls-ca",
+        dest="tls_ca",
+        help="PEM CA certificate to verify the server with; turns TLS on (ACHILLES_TLS_CA)",
+    )
+    p.add_argument(
+        "--tls",
+        choices=("auto", "on", "off"),
+        help="TLS: auto (default: TLS unless on loopback), on, or off (plain "
+        "TCP; a server then accepts it from other machines too) "
+        "(ACHILLES_TLS)",
+    )
     p.add_argument("--port", type=int, help="server port (ACHILLES_PORT; default 9999)")
     p.add_argument("--username", help="name to log in as (ACHILLES_USERNAME)")
     if secret:
-        p.add_argument("--secret-key", dest="secret_key",
-                       help="cluster secret (prefer ACHILLES_SECRET_KEY or .env: a "
-                            "command line is visible to every user in `ps`)")
+        p.add_argument(
+            "--secret-key",
+            dest="secret_key",
+            help="cluster secret (prefer ACHILLES_SECRET_KEY or .env: a "
+            "command line is visible to every user in `ps`)",
+        )
     p.add_argument("--log-level", dest="log_level", help="DEBUG, INFO, WARNING, ERROR")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="achilles", description=(
-        "Distributed multiprocessing.Pool: run a server, nodes, or manage a cluster."))
+    parser = argparse.ArgumentParser(
+        prog="achilles",
+        description=("Distributed multiprocessing.Pool: run a server, nodes, or manage a cluster."),
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("server", help="run the server nodes and controllers connect to")
     _common(p)
-    p.add_argument("--tls-cert", dest="tls_cert", help="PEM certificate: serve TLS "
-                                                       "(ACHILLES_TLS_CERT)")
+    p.add_argument(
+        "--tls-cert", dest="tls_cert", help="PEM certificate: serve TLS (ACHILLES_TLS_CERT)"
+    )
     p.add_argument("--tls-key", dest="tls_key", help="PEM private key (ACHILLES_TLS_KEY)")
-    p.add_argument("--insecure-loopback", dest="insecure", action="store_true", default=None,
-                   help="run without a secret, on a loopback address only")
-    p = sub.add_parser("node", help="run a node: all cores of this machine work for the "
-                                    "cluster")
+    p.add_argument(
+        "--insecure-loopback",
+        dest="insecure",
+        action="store_true",
+        default=None,
+        help="run without a secret, on a loopback address only",
+    )
+    p = sub.add_parser("node", help="run a node: all cores of this machine work for the cluster")
     _common(p)
     p.add_argument("--processes", type=int, help="worker processes (default: all cores)")
     p = sub.add_parser("kill", help="stop every node of the cluster")
@@ -57,18 +74,34 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
-    keys = ("host", "port", "username", "secret_key", "processes", "log_level", "tls_ca",
-            "tls_cert", "tls_key", "insecure", "tls")
+    keys = (
+        "host",
+        "port",
+        "username",
+        "secret_key",
+        "processes",
+        "log_level",
+        "tls_ca",
+        "tls_cert",
+        "tls_key",
+        "insecure",
+        "tls",
+    )
     if getattr(args, "secret_key", None):
-        print("achilles: warning: a secret on the command line is visible to every user of "
-              "this machine (ps); use ACHILLES_SECRET_KEY or a .env file", file=sys.stderr)
+        print(
+            "achilles: warning: a secret on the command line is visible to every user of "
+            "this machine (ps); use ACHILLES_SECRET_KEY or a .env file",
+            file=sys.stderr,
+        )
     return resolve(**{k: getattr(args, k, None) for k in keys}, **extra)
 
 
 def _logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
 
 
 def _listening(port: Any) -> None:
@@ -79,14 +112,18 @@ def _listening(port: Any) -> None:
 def cmd_server(args: argparse.Namespace) -> int:
     sys.setswitchinterval(0.0005)
     from achilles.net.reactor import reactor as global_reactor
+
     reactor = global_reactor()
 
     from achilles import server
+
     settings = _settings(args)
     if not settings.secret_key and not settings.insecure:
-        raise AchillesError("the server needs a secret: set ACHILLES_SECRET_KEY (or write "
-                            ".env with achilles.genConfig); or, for a loopback-only test "
-                            "server, pass --insecure-loopback")
+        raise AchillesError(
+            "the server needs a secret: set ACHILLES_SECRET_KEY (or write "
+            ".env with achilles.genConfig); or, for a loopback-only test "
+            "server, pass --insecure-loopback"
+        )
     _logging(settings.log_level)
     _listening(server.listen(settings, reactor))
     reactor.run()
@@ -97,12 +134,14 @@ def _early_worker_start() -> None:
     """Start the pool's fork server first: it loads in parallel with Twisted."""
     sys.setswitchinterval(0.0005)  # reactor and pool threads hand work over quickly
     from achilles.node import worker as _worker
+
     _worker.context()
 
 
 def cmd_node(args: argparse.Namespace) -> int:
     _early_worker_start()
     from achilles import node
+
     settings = _settings(args)
     _logging(settings.log_level)
     if settings.processes is not None and settings.processes < 1:
@@ -112,19 +151,27 @@ def cmd_node(args: argparse.Namespace) -> int:
 
 def _admin_args(args: argparse.Namespace) -> dict[str, Any]:
     s = _settings(args)
-    return dict(host=s.host, port=s.port, username=s.username, secret_key=s.secret_key,
-                tls_ca=s.tls_ca, tls=s.tls)
+    return dict(
+        host=s.host,
+        port=s.port,
+        username=s.username,
+        secret_key=s.secret_key,
+        tls_ca=s.tls_ca,
+        tls=s.tls,
+    )
 
 
 def cmd_secret(args: argparse.Namespace) -> int:
     """A new secret: 32 random bytes, URL-safe (about 256 bits)."""
     import secrets
+
     print(secrets.token_urlsafe(32))
     return 0
 
 
 def cmd_kill(args: argparse.Namespace) -> int:
     from achilles.pool import killCluster
+
     n = killCluster(command_verified=args.yes, **_admin_args(args))
     print(f"told {n} node(s) to stop")
     return 0
@@ -138,32 +185,46 @@ def _cell(text: Any, width: int) -> str:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from achilles.pool import getClusterStatus
+
     status = getClusterStatus(**_admin_args(args))
     if args.json:
         print(json.dumps(status, indent=2))
         return 0
-    print(f"{len(status['nodes'])} node(s), {status['controllers']} controller(s), "
-          f"{len(status['jobs'])} job(s)")
+    print(
+        f"{len(status['nodes'])} node(s), {status['controllers']} controller(s), "
+        f"{len(status['jobs'])} job(s)"
+    )
     print(f"{'NODE':<32} {'SLOTS':>5} {'BUSY':>5} {'DONE':>8} {'HEARTBEAT':>10}  STATE")
     for n in status["nodes"]:
         seen = n.get("last_seen_age")
-        print(f"{_cell(n['name'], 64):<32} {n['slots']:>5} {n['inflight']:>5} {n['done']:>8} "
-              f"{'-' if seen is None else f'{seen:.1f}s ago':>10}  "
-              f"{'leaving' if n['draining'] else 'ready'}")
+        print(
+            f"{_cell(n['name'], 64):<32} {n['slots']:>5} {n['inflight']:>5} {n['done']:>8} "
+            f"{'-' if seen is None else f'{seen:.1f}s ago':>10}  "
+            f"{'leaving' if n['draining'] else 'ready'}"
+        )
     if status["jobs"]:
-        print(f"{'JOB':<10} {'OWNER':<24} {'PROGRESS':>14} {'CHUNKS/S':>9} {'FLIGHT':>6} "
-              f"{'RETRIES':>7}")
+        print(
+            f"{'JOB':<10} {'OWNER':<24} {'PROGRESS':>14} {'CHUNKS/S':>9} {'FLIGHT':>6} "
+            f"{'RETRIES':>7}"
+        )
         for j in status["jobs"]:
             total = j["total"] if j["total"] is not None else f"{j['added']}+"
             progress = f"{j['done']}/{total}"
             failed = f"  {j['failed']} failed" if j["failed"] else ""
-            print(f"{_cell(j['id'], 8):<10} {_cell(j['owner'], 24):<24} {progress:>14} "
-                  f"{j['chunks_per_s']:>9.1f} {j['inflight']:>6} {j['retries']:>7}{failed}")
+            print(
+                f"{_cell(j['id'], 8):<10} {_cell(j['owner'], 24):<24} {progress:>14} "
+                f"{j['chunks_per_s']:>9.1f} {j['inflight']:>6} {j['retries']:>7}{failed}"
+            )
     return 0
 
 
-COMMANDS = {"server": cmd_server, "node": cmd_node, "kill": cmd_kill,
-            "status": cmd_status, "secret": cmd_secret}
+COMMANDS = {
+    "server": cmd_server,
+    "node": cmd_node,
+    "kill": cmd_kill,
+    "status": cmd_status,
+    "secret": cmd_secret,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

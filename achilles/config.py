@@ -4,6 +4,7 @@
 (``~/.config/achilles/.env``; python-dotenv's ``dotenv_values``, which never changes
 ``os.environ``). ``.env.example`` at the top of the repository lists every key.
 """
+
 from __future__ import annotations
 
 import os
@@ -49,6 +50,8 @@ class Settings:
 
 
 _ENV = {f.name: "ACHILLES_" + f.name.upper() for f in fields(Settings)}
+
+
 def _flag(value: Any) -> bool:
     if isinstance(value, bool):
         return value
@@ -60,10 +63,18 @@ def _flag(value: Any) -> bool:
     raise ValueError(value)
 
 
-_CONVERT: dict[str, Any] = {"port": int, "processes": int, "heartbeat_interval": float,
-                            "heartbeat_timeout": float, "reconnect_timeout": float,
-                            "max_payload": int, "max_attempts": int, "max_connections": int,
-                            "handshake_timeout": float, "insecure": _flag}
+_CONVERT: dict[str, Any] = {
+    "port": int,
+    "processes": int,
+    "heartbeat_interval": float,
+    "heartbeat_timeout": float,
+    "reconnect_timeout": float,
+    "max_payload": int,
+    "max_attempts": int,
+    "max_connections": int,
+    "handshake_timeout": float,
+    "insecure": _flag,
+}
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 TLS_MODES = ("auto", "on", "off")
 #: keys whose presence means "a cluster is configured" (else Pool() runs a local one)
@@ -73,8 +84,7 @@ CLUSTER_KEYS = ("host", "port", "secret_key")
 def user_config_dir() -> str:
     """Where a per-user ``.env`` may live: ``$XDG_CONFIG_HOME/achilles`` (or
     ``~/.config/achilles``)."""
-    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"),
-                                                             ".config")
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
     return os.path.join(base, "achilles")
 
 
@@ -82,15 +92,22 @@ def _dotenv(path: str | None) -> dict[str, str]:
     """The ``.env`` of the working directory, else the user's (see user_config_dir);
     one that another user could have written is ignored, with a warning (see
     :func:`distrust`)."""
-    candidates = [path] if path else [os.path.join(os.getcwd(), ".env"),
-                                      os.path.join(user_config_dir(), ".env")]
+    candidates = (
+        [path]
+        if path
+        else [os.path.join(os.getcwd(), ".env"), os.path.join(user_config_dir(), ".env")]
+    )
     for candidate in candidates:
         if os.path.isfile(candidate):
             why = distrust(candidate)
             if why:
-                warnings.warn(f"ignoring {candidate}: {why}. A .env decides where Pool() "
-                              f"sends your code and data; fix its owner and mode (chmod "
-                              f"600) if it is yours", InsecureConfigWarning, stacklevel=4)
+                warnings.warn(
+                    f"ignoring {candidate}: {why}. A .env decides where Pool() "
+                    f"sends your code and data; fix its owner and mode (chmod "
+                    f"600) if it is yours",
+                    InsecureConfigWarning,
+                    stacklevel=4,
+                )
                 continue
             return {k: v for k, v in dotenv_values(candidate).items() if v is not None}
     return {}
@@ -155,8 +172,10 @@ def resolve(env_file: str | None = None, **explicit: Any) -> Settings:
         if name == "tls":
             values[name] = str(value).strip().lower()
         if name == "username" and not re.fullmatch(NAME_PATTERN, str(value)):
-            raise ConfigError(f"{source} must be 1-64 letters, digits or ._@:+- (starting "
-                              f"with a letter or digit), got {str(value)[:80]!r}")
+            raise ConfigError(
+                f"{source} must be 1-64 letters, digits or ._@:+- (starting "
+                f"with a letter or digit), got {str(value)[:80]!r}"
+            )
     return Settings(**values)
 
 
@@ -173,13 +192,18 @@ def require_secret(settings: Settings, who: str) -> str:
     if not settings.secret_key:
         raise ConfigError(
             f"{who} needs the cluster secret: pass --secret-key / secret_key=, set "
-            f"ACHILLES_SECRET_KEY, or write it to .env with achilles.genConfig()")
+            f"ACHILLES_SECRET_KEY, or write it to .env with achilles.genConfig()"
+        )
     return settings.secret_key
 
 
-def genConfig(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,  # noqa: N802 (seed name)
-              username: str | None = None, secret_key: str | None = None,
-              path: str = ".env") -> str:
+def genConfig(
+    host: str = DEFAULT_HOST,
+    port: int = DEFAULT_PORT,
+    username: str | None = None,
+    secret_key: str | None = None,
+    path: str = ".env",
+) -> str:
     """Write the cluster's address (and credentials) to a ``.env`` file; return its path.
 
     Servers, nodes and controllers started in that directory then need no arguments.
@@ -188,12 +212,18 @@ def genConfig(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,  # noqa: N802 
     resolve(host=host, port=port, username=username, secret_key=secret_key)  # validate
     path = os.path.abspath(path)
     if os.path.islink(path):
-        raise ConfigError(f"{path} is a symbolic link: genConfig does not follow it (it "
-                          f"would change the file it points to); remove it first")
+        raise ConfigError(
+            f"{path} is a symbolic link: genConfig does not follow it (it "
+            f"would change the file it points to); remove it first"
+        )
     private = secret_key is not None or not os.path.exists(path)
     _private_file(path, chmod=private)
-    for name, value in (("host", host), ("port", port), ("username", username),
-                        ("secret_key", secret_key)):
+    for name, value in (
+        ("host", host),
+        ("port", port),
+        ("username", username),
+        ("secret_key", secret_key),
+    ):
         if value is not None:
             set_key(path, _ENV[name], str(value), quote_mode="never")
     if private:  # set_key rewrites the file; it holds the secret: its owner's only

@@ -4,6 +4,7 @@ Everything we raise derives from :class:`AchillesError`; where a stdlib exceptio
 says the same thing (a timeout, a broken pool) we also derive from it, so code written
 for ``multiprocessing`` keeps catching what it used to catch.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -52,8 +53,13 @@ class ChunkFailedError(AchillesError):
     the input (``None`` when unknown).
     """
 
-    def __init__(self, message: str, seq: int | None = None, start: int | None = None,
-                 stop: int | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        seq: int | None = None,
+        start: int | None = None,
+        stop: int | None = None,
+    ) -> None:
         super().__init__(message)
         self.seq = seq
         self.start = start
@@ -146,8 +152,11 @@ def _rebuild_encoding_error(exc: str, value: str) -> BaseException:
     return err
 
 
-_LAZY = {"TimeoutError": _make_timeout_error, "RemoteTraceback": _make_remote_traceback,
-         "ResultEncodingError": _make_result_encoding_error}
+_LAZY = {
+    "TimeoutError": _make_timeout_error,
+    "RemoteTraceback": _make_remote_traceback,
+    "ResultEncodingError": _make_result_encoding_error,
+}
 
 
 def __getattr__(name: str) -> Any:

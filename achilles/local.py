@@ -16,6 +16,7 @@ In-process rather than a child process running the server and the node, because:
 Nothing is left behind when the caller dies: the fork server exits when this process
 does, and a worker exits when its task pipe's writer (this process) is gone.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -36,6 +37,7 @@ _live: weakref.WeakSet[LocalCluster] = weakref.WeakSet()
 class LocalCluster:
     def __init__(self, processes: int, max_attempts: int = 3) -> None:
         from achilles.node import worker as _worker
+
         self.secret = secrets.token_hex(16)
         self.processes = processes
         self._node: Any = None
@@ -43,28 +45,37 @@ class LocalCluster:
         self._factory: Any = None
         _worker.context()  # the fork server: the slow part, here and not in the reactor
         try:
-            self.port = _reactor.call_blocking(self._start, _reactor.ensure_started(),
-                                               timeout=START_TIMEOUT)
+            self.port = _reactor.call_blocking(
+                self._start, _reactor.ensure_started(), timeout=START_TIMEOUT
+            )
         except Exception as exc:
             self.stop()
-            raise AchillesError(f"the embedded achilles cluster did not start: {exc}") \
-                from exc
+            raise AchillesError(f"the embedded achilles cluster did not start: {exc}") from exc
         _live.add(self)
-        self.settings = Settings(host="127.0.0.1", port=self.port, secret_key=self.secret,
-                                 processes=processes, max_attempts=max_attempts)
+        self.settings = Settings(
+            host="127.0.0.1",
+            port=self.port,
+            secret_key=self.secret,
+            processes=processes,
+            max_attempts=max_attempts,
+        )
 
     def _start(self, reactor: Any) -> int:
         """In the reactor thread: listen, then start the node, which connects to it."""
         from achilles import node, server
         from achilles.net import memlink as _memlink
-        settings = Settings(host="127.0.0.1", port=0, secret_key=self.secret,
-                            processes=self.processes)
+
+        settings = Settings(
+            host="127.0.0.1", port=0, secret_key=self.secret, processes=self.processes
+        )
         self._listener = server.listen(settings, reactor)
         self._factory = self._listener.factory
         port: int = self._listener.getHost().port
         _memlink.register("127.0.0.1", port, self._factory)  # our node and controllers
-        self._node = node.Node(Settings(host="127.0.0.1", port=port, secret_key=self.secret,
-                                        processes=self.processes), reactor)
+        self._node = node.Node(
+            Settings(host="127.0.0.1", port=port, secret_key=self.secret, processes=self.processes),
+            reactor,
+        )
         self._node.start()
         return port
 
@@ -78,12 +89,14 @@ class LocalCluster:
     def pids(self) -> list[int]:
         """The processes doing the work: the fork server and the node's workers."""
         from achilles.compat import multiprocess as compat
+
         server = compat.forkserver_pid()
         return ([server] if server else []) + self.worker_pids()
 
     def _stop(self) -> None:
         """In the reactor thread: kill the workers, stop listening, drop the peers."""
         from achilles.net import memlink as _memlink
+
         if self._node is not None:
             self._node.stop()
         if self._listener is not None:
@@ -132,9 +145,11 @@ def _after_fork_in_child() -> None:
     _orphans.extend(_live)
     _live = weakref.WeakSet()
     from achilles.net import memlink as _memlink
+
     _memlink._servers.clear()
     if "multiprocess.forkserver" in sys.modules:  # (then compat is loaded too, as a rule)
         from achilles.compat import multiprocess as compat
+
         compat.forget_forkserver()
 
 

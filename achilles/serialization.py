@@ -14,6 +14,7 @@
 
 Pure functions, no I/O; the server never calls any of this.
 """
+
 from __future__ import annotations
 
 import functools
@@ -64,8 +65,11 @@ def _local_module(name: str | None) -> types.ModuleType | None:
         if local:
             real = os.path.realpath(path)
             parts = real.split(os.sep)
-            local = not ("site-packages" in parts or "dist-packages" in parts
-                         or real.startswith(_stdlib_roots()))
+            local = not (
+                "site-packages" in parts
+                or "dist-packages" in parts
+                or real.startswith(_stdlib_roots())
+            )
         _is_local[key] = local
     return module if local else None
 
@@ -75,8 +79,11 @@ _CODE = (types.ModuleType, type, types.FunctionType)
 
 def _names(values: Any) -> set[str]:
     """Modules that these values are, or come from."""
-    return {str(getattr(v, "__module__", None) or getattr(v, "__name__", ""))
-            for v in values if isinstance(v, _CODE)}
+    return {
+        str(getattr(v, "__module__", None) or getattr(v, "__name__", ""))
+        for v in values
+        if isinstance(v, _CODE)
+    }
 
 
 def _refs(objects: list[Any]) -> set[str]:
@@ -90,8 +97,7 @@ def _refs(objects: list[Any]) -> set[str]:
             continue
         names.add(getattr(obj, "__module__", None) or "")
         globs = getattr(obj, "__globals__", None)
-        if globs is not None and id(globs) not in scanned \
-                and globs.get("__name__") == "__main__":
+        if globs is not None and id(globs) not in scanned and globs.get("__name__") == "__main__":
             scanned.add(id(globs))
             names |= _names(globs.values())
     return names
@@ -151,9 +157,16 @@ def _local_sources(objects: list[Any]) -> dict[str, str]:
 
 def _main_namespace() -> dict[str, Any]:
     main = sys.modules.get("__main__")
-    return {name: obj for name, obj in vars(main).items()
+    return (
+        {
+            name: obj
+            for name, obj in vars(main).items()
             if isinstance(obj, (type, types.FunctionType))
-            and getattr(obj, "__module__", None) == "__main__"} if main else {}
+            and getattr(obj, "__module__", None) == "__main__"
+        }
+        if main
+        else {}
+    )
 
 
 class _MainPickler(dill.Pickler):
@@ -185,8 +198,9 @@ def _namespace_key(namespace: dict[str, Any]) -> tuple[Any, ...]:
     return tuple(sorted((name, id(obj)) for name, obj in namespace.items()))
 
 
-def _main_bundle(namespace: dict[str, Any] | None = None,
-                 key: tuple[Any, ...] | None = None) -> tuple[bytes, dict[int, str]]:
+def _main_bundle(
+    namespace: dict[str, Any] | None = None, key: tuple[Any, ...] | None = None
+) -> tuple[bytes, dict[int, str]]:
     """The caller's ``__main__`` classes and functions, by value (dill), for resolving
     references in arguments and results on the nodes. Pickling them costs milliseconds,
     so the bytes are kept while the namespace holds the same objects."""
@@ -199,7 +213,7 @@ def _main_bundle(namespace: dict[str, Any] | None = None,
         return cached
     keep = {}
     for name, obj in namespace.items():  # each alone: one class that will not pickle
-        try:                             # must not stop a job that does not use it
+        try:  # must not stop a job that does not use it
             dill.dumps(obj, recurse=True)
             keep[name] = obj
         except Exception:
@@ -215,10 +229,14 @@ def _from_main(obj: Any) -> bool:
     return getattr(obj, "__module__", None) == "__main__"
 
 
-def dumps_function(fn: Callable[..., Any], mode: str = "map",
-                   initializer: Callable[..., Any] | None = None,
-                   initargs: tuple[Any, ...] = (), pool_id: str = "",
-                   maxtasks: int | None = None) -> bytes:
+def dumps_function(
+    fn: Callable[..., Any],
+    mode: str = "map",
+    initializer: Callable[..., Any] | None = None,
+    initargs: tuple[Any, ...] = (),
+    pool_id: str = "",
+    maxtasks: int | None = None,
+) -> bytes:
     """Serialise a job's code once: ``mode`` is ``map``, ``star`` or ``apply``.
 
     Functions that pickle by reference (module-level functions of installed or local
@@ -236,11 +254,17 @@ def dumps_function(fn: Callable[..., Any], mode: str = "map",
     main_key = _namespace_key(namespace)
     key = (id(fn), mode, id(initializer), id(initargs), pool_id, maxtasks, main_key)
     hit = _bundles.get(key)
-    if hit is not None and hit[0][0] is fn and hit[0][1] is initializer \
-            and hit[0][2] is initargs and _unchanged(hit[1]):
+    if (
+        hit is not None
+        and hit[0][0] is fn
+        and hit[0][1] is initializer
+        and hit[0][2] is initargs
+        and _unchanged(hit[1])
+    ):
         return hit[2]
-    data, sources = _dumps_function(fn, mode, initializer, initargs, pool_id, maxtasks,
-                                    namespace, main_key)
+    data, sources = _dumps_function(
+        fn, mode, initializer, initargs, pool_id, maxtasks, namespace, main_key
+    )
     if len(_bundles) >= _MAX_BUNDLES:
         del _bundles[next(iter(_bundles))]
     _bundles[key] = ((fn, initializer, initargs), _stamps(sources), data)
@@ -275,16 +299,28 @@ def _unchanged(stamps: tuple[tuple[str, int, int], ...]) -> bool:
     return True
 
 
-def _dumps_function(fn: Callable[..., Any], mode: str, initializer: Callable[..., Any] | None,
-                    initargs: tuple[Any, ...], pool_id: str, maxtasks: int | None,
-                    namespace: dict[str, Any],
-                    main_key: tuple[Any, ...]) -> tuple[bytes, dict[str, str]]:
+def _dumps_function(
+    fn: Callable[..., Any],
+    mode: str,
+    initializer: Callable[..., Any] | None,
+    initargs: tuple[Any, ...],
+    pool_id: str,
+    maxtasks: int | None,
+    namespace: dict[str, Any],
+    main_key: tuple[Any, ...],
+) -> tuple[bytes, dict[str, str]]:
     name = getattr(fn, "__qualname__", fn)
     try:
         main, classes = _main_bundle(namespace, main_key)
         sources = _local_sources([fn, initializer, *namespace.values()])
-        parts = {"fn": fn, "mode": mode, "initializer": initializer,
-                 "initargs": tuple(initargs), "pool": pool_id, "maxtasks": maxtasks}
+        parts = {
+            "fn": fn,
+            "mode": mode,
+            "initializer": initializer,
+            "initargs": tuple(initargs),
+            "pool": pool_id,
+            "maxtasks": maxtasks,
+        }
         body = None
         if not _from_main(fn) and not _from_main(initializer):
             try:
@@ -297,8 +333,8 @@ def _dumps_function(fn: Callable[..., Any], mode: str, initializer: Callable[...
             body = b"D" + buf.getvalue()
     except Exception as exc:
         raise SerializationError(
-            f"cannot serialise function {name!r} with dill: "
-            f"{exc.__class__.__name__}: {exc}") from exc
+            f"cannot serialise function {name!r} with dill: {exc.__class__.__name__}: {exc}"
+        ) from exc
     # each shipped module's path on the caller's machine: its frames are named by it in
     # a node's tracebacks, whose lines come from the shipped source (see exec_module)
     paths = {name: getattr(_local_module(name), "__file__", None) for name in sources}
@@ -360,8 +396,7 @@ def loads_function(data: bytes) -> dict[str, Any]:
                 _FINDER.paths.setdefault(name, paths[name])
         if _FINDER not in sys.meta_path:
             sys.meta_path.append(_FINDER)
-    namespace: dict[str, Any] = _load_cached("M", main, lambda: dill.loads(main)) \
-        if main else {}
+    namespace: dict[str, Any] = _load_cached("M", main, lambda: dill.loads(main)) if main else {}
 
     def load_body() -> dict[str, Any]:
         stream = io.BytesIO(body)
@@ -389,8 +424,10 @@ class _ResultPickler(pickle.Pickler):
     """Pickles the caller's ``__main__`` classes and functions back by reference."""
 
     def reducer_override(self, obj: Any) -> Any:
-        if isinstance(obj, (type, types.FunctionType)) \
-                and getattr(obj, "__module__", None) == "__main__":
+        if (
+            isinstance(obj, (type, types.FunctionType))
+            and getattr(obj, "__module__", None) == "__main__"
+        ):
             return _main_global, (obj.__qualname__,)
         return NotImplemented
 
@@ -440,9 +477,11 @@ def dumps_chunk(items: Any, by_reference: bool = False) -> bytes:
         except Exception as exc:
             # pickle's own exception, as multiprocessing raises it (same type), with
             # what we tried in a note
-            first.add_note(f"achilles: cannot pickle the "
-                           f"{'results' if by_reference else 'arguments'} of a chunk "
-                           f"(with pickle, nor with dill: {exc.__class__.__name__}: {exc})")
+            first.add_note(
+                f"achilles: cannot pickle the "
+                f"{'results' if by_reference else 'arguments'} of a chunk "
+                f"(with pickle, nor with dill: {exc.__class__.__name__}: {exc})"
+            )
             raise first from exc
 
 

@@ -28,6 +28,7 @@ Why each piece is the way it is:
 This module is not imported by ``import achilles``; import it when you need it. It does
 not depend on pytest.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -43,9 +44,19 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-__all__ = ["HOST", "Cluster", "Proc", "WaitFailed", "empty_config_home", "group_members",
-           "isolated_env", "leftover_processes", "start_cluster", "stop_process",
-           "wait_until"]
+__all__ = [
+    "HOST",
+    "Cluster",
+    "Proc",
+    "WaitFailed",
+    "empty_config_home",
+    "group_members",
+    "isolated_env",
+    "leftover_processes",
+    "start_cluster",
+    "stop_process",
+    "wait_until",
+]
 
 #: the only address the harness binds or connects to
 HOST = "127.0.0.1"
@@ -61,8 +72,13 @@ class WaitFailed(AssertionError):
     """
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02,
-               what: str = "condition", alive: Callable[[], bool] | None = None) -> Any:
+def wait_until(
+    predicate: Callable[[], Any],
+    timeout: float = 10.0,
+    interval: float = 0.02,
+    what: str = "condition",
+    alive: Callable[[], bool] | None = None,
+) -> Any:
     """Poll ``predicate`` until it returns something truthy, and return that.
 
     Raises:
@@ -122,12 +138,14 @@ def proc_table() -> dict[int, tuple[int, int, str]]:
 
 def group_members(pgid: int) -> list[int]:
     """Live (not zombie) processes of process group ``pgid``, read from /proc."""
-    return [pid for pid, (_, group, state) in proc_table().items()
-            if state != "Z" and group == pgid]
+    return [
+        pid for pid, (_, group, state) in proc_table().items() if state != "Z" and group == pgid
+    ]
 
 
-def stop_process(pid: int, timeout: float = 5.0,
-                 popen: subprocess.Popen[Any] | None = None) -> bool:
+def stop_process(
+    pid: int, timeout: float = 5.0, popen: subprocess.Popen[Any] | None = None
+) -> bool:
     """Stop the session led by ``pid``: SIGTERM, a wait, then SIGKILL to its group.
 
     Pass ``popen`` for a child of this process, so that it is also reaped. Returns
@@ -176,9 +194,14 @@ class Proc:
     ``env`` defaults to :func:`isolated_env`; ``log`` to a new temporary file.
     """
 
-    def __init__(self, args: list[str], env: Mapping[str, str] | None = None,
-                 cwd: str | os.PathLike[str] | None = None, name: str = "proc",
-                 log: str | None = None) -> None:
+    def __init__(
+        self,
+        args: list[str],
+        env: Mapping[str, str] | None = None,
+        cwd: str | os.PathLike[str] | None = None,
+        name: str = "proc",
+        log: str | None = None,
+    ) -> None:
         self.name = name
         if log is None:
             fd, log = tempfile.mkstemp(prefix=f"achilles-{name}-", suffix=".log")
@@ -186,9 +209,14 @@ class Proc:
         self.log = log
         with open(log, "wb") as out:
             self.popen = subprocess.Popen(
-                args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env=dict(env) if env is not None else isolated_env(), cwd=cwd,
-                start_new_session=True)
+                args,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=dict(env) if env is not None else isolated_env(),
+                cwd=cwd,
+                start_new_session=True,
+            )
         self.pid = self.popen.pid
         _started.append(self)
 
@@ -250,10 +278,16 @@ class Cluster:
         on_start: called with each process as soon as it is started.
     """
 
-    def __init__(self, workdir: str | None = None, *, log_dir: str | None = None,
-                 log_level: str = "INFO", keep_pythonpath: bool = True,
-                 env: Mapping[str, str] | None = None,
-                 on_start: Callable[[Proc], None] | None = None) -> None:
+    def __init__(
+        self,
+        workdir: str | None = None,
+        *,
+        log_dir: str | None = None,
+        log_level: str = "INFO",
+        keep_pythonpath: bool = True,
+        env: Mapping[str, str] | None = None,
+        on_start: Callable[[Proc], None] | None = None,
+    ) -> None:
         self.secret = secrets.token_hex(16)
         self._tmp: str | None = None
         if workdir is None:
@@ -278,8 +312,9 @@ class Cluster:
         env = isolated_env()
         if not self.keep_pythonpath:
             env.pop("PYTHONPATH", None)
-        env.update(ACHILLES_SECRET_KEY=self.secret, PYTHONUNBUFFERED="1",
-                   ACHILLES_LOG_LEVEL=self.log_level)
+        env.update(
+            ACHILLES_SECRET_KEY=self.secret, PYTHONUNBUFFERED="1", ACHILLES_LOG_LEVEL=self.log_level
+        )
         env.update(self.extra_env)
         env.update(extra)
         return env
@@ -290,8 +325,13 @@ class Cluster:
         if self.log_dir:
             fd, log = tempfile.mkstemp(prefix=f"{name}-", suffix=".log", dir=self.log_dir)
             os.close(fd)
-        proc = Proc([sys.executable, "-m", "achilles", role, "--host", HOST, *options],
-                    env=self.env(**env), cwd=self.workdir, name=name, log=log)
+        proc = Proc(
+            [sys.executable, "-m", "achilles", role, "--host", HOST, *options],
+            env=self.env(**env),
+            cwd=self.workdir,
+            name=name,
+            log=log,
+        )
         if self.on_start is not None:
             self.on_start(proc)
         return proc
@@ -300,20 +340,33 @@ class Cluster:
         """Start the server (port 0: a free one) and wait for its ``listening on`` line."""
         server = self._spawn("server", "server", ["--port", str(port)], env)
         self.server = server
-        match = wait_until(lambda: _LISTENING.search(server.output()), timeout,
-                           what="the server's port", alive=server.alive)
+        match = wait_until(
+            lambda: _LISTENING.search(server.output()),
+            timeout,
+            what="the server's port",
+            alive=server.alive,
+        )
         self.port = int(match.group(1))
         return server
 
-    def start_node(self, processes: int = 1, wait: bool = True, timeout: float = 20.0,
-                   **env: str) -> Proc:
+    def start_node(
+        self, processes: int = 1, wait: bool = True, timeout: float = 20.0, **env: str
+    ) -> Proc:
         """Start a node of ``processes`` workers; with ``wait``, until the server lists it."""
-        node = self._spawn("node", f"node{len(self.nodes)}",
-                           ["--port", str(self.port), "--processes", str(processes)], env)
+        node = self._spawn(
+            "node",
+            f"node{len(self.nodes)}",
+            ["--port", str(self.port), "--processes", str(processes)],
+            env,
+        )
         self.nodes.append(node)
         if wait:
-            wait_until(lambda: node.pid in self.node_pids(), timeout,
-                       what=f"{node.name} to register", alive=node.alive)
+            wait_until(
+                lambda: node.pid in self.node_pids(),
+                timeout,
+                what=f"{node.name} to register",
+                alive=node.alive,
+            )
         return node
 
     def start(self, nodes: int = 2, processes: int = 1, timeout: float = 60.0) -> Cluster:
@@ -327,6 +380,7 @@ class Cluster:
     def status(self) -> dict[str, Any]:
         """What ``achilles.getClusterStatus`` says about this cluster."""
         from achilles import getClusterStatus
+
         return getClusterStatus(host=HOST, port=self.port, secret_key=self.secret)
 
     def node_count(self) -> int:
@@ -340,9 +394,13 @@ class Cluster:
     def wait_nodes(self, timeout: float = 60.0) -> None:
         """Wait until exactly the live nodes started here are registered (no stale ones)."""
         want = {n.pid for n in self.nodes if n.alive()}
-        wait_until(lambda: self.node_pids() == want, timeout, 0.1,
-                   f"{len(want)} node(s) to be registered",
-                   alive=lambda: self.server is not None and self.server.alive())
+        wait_until(
+            lambda: self.node_pids() == want,
+            timeout,
+            0.1,
+            f"{len(want)} node(s) to be registered",
+            alive=lambda: self.server is not None and self.server.alive(),
+        )
 
     def kwargs(self) -> dict[str, Any]:
         """``host``, ``port`` and ``secret_key`` for ``achilles.Pool(**kwargs)``."""

@@ -1,4 +1,5 @@
 """``python -m benchmarks`` (from the repository root): run the benchmark suite."""
+
 import sys
 
 from benchmarks.runner import main

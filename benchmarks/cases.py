@@ -6,6 +6,7 @@ rewrites the child's JSON file after every case: a child killed at its time limi
 still reports what it finished. Results are checked after the clock stops; a wrong
 result is an error of its case, never a time.
 """
+
 from __future__ import annotations
 
 import json
@@ -48,8 +49,15 @@ class Recorder:
     def __init__(self, path: str, skip: list[str]) -> None:
         self.path = path
         self.skip = set(skip)
-        self.data: dict[str, Any] = {"figures": {}, "errors": {}, "memory": {}, "notes": [],
-                                     "done": [], "current": None, "finished": False}
+        self.data: dict[str, Any] = {
+            "figures": {},
+            "errors": {},
+            "memory": {},
+            "notes": [],
+            "done": [],
+            "current": None,
+            "finished": False,
+        }
         self.flush()
 
     def flush(self) -> None:
@@ -74,8 +82,9 @@ class Recorder:
         except WrongResult as exc:
             self.data["errors"][case] = f"wrong result: {exc}"
         except Exception as exc:  # every failure is a finding
-            self.data["errors"][case] = (f"{type(exc).__name__}: {exc}\n"
-                                         + traceback.format_exc(limit=8)[-1500:])
+            self.data["errors"][case] = (
+                f"{type(exc).__name__}: {exc}\n" + traceback.format_exc(limit=8)[-1500:]
+            )
         self.data["done"].append(case)
         self.data["current"] = None
         self.flush()
@@ -109,6 +118,7 @@ def run_s(system: System, params: dict[str, Any], rec: Recorder) -> None:
             check(r == trivial(1), f"apply(trivial, (1,)) returned {r!r}")
             times.append(dt)
         rec.figure("S.s", times)
+
     for name in rec.cases(["startup"]):
         rec.run(name, case)
     if isinstance(system, AchillesCliSystem):
@@ -124,6 +134,7 @@ def _start_and_call(system: System, fn: Callable[[int], int]) -> tuple[PoolAdapt
 def run_w1(pool: PoolAdapter, params: dict[str, Any], rec: Recorder) -> None:
     """W1: map(square, range(n)) with the default chunking and chunksize=10000."""
     from benchmarks.workloads import square
+
     n = params["w1_items"]
     expected = [x * x for x in range(n)]
 
@@ -131,12 +142,16 @@ def run_w1(pool: PoolAdapter, params: dict[str, Any], rec: Recorder) -> None:
         times = []
         for _ in range(params["reps"]):
             dt, r = timed(lambda: pool.map(square, range(n), chunksize))
-            check(r == expected, f"map(square, range({n}), chunksize={chunksize}) "
-                                 f"differs from the squares (len {len(r)})")
+            check(
+                r == expected,
+                f"map(square, range({n}), chunksize={chunksize}) "
+                f"differs from the squares (len {len(r)})",
+            )
             del r
             times.append(dt)
         rec.figure(f"W1.{label}.s", times)
         rec.figure(f"W1.{label}.items_per_s", [n / t for t in times])
+
     for name in rec.cases(["default", "cs10000"]):
         rec.run(name, partial(case, name, None if name == "default" else 10_000))
 
@@ -144,6 +159,7 @@ def run_w1(pool: PoolAdapter, params: dict[str, Any], rec: Recorder) -> None:
 def run_w2(pool: PoolAdapter, params: dict[str, Any], rec: Recorder) -> None:
     """W2: map of ~10 ms CPU tasks, chunksize 1 and default; wall and efficiency."""
     from benchmarks.workloads import burn
+
     iters, checksum, serial = params["w2_iters"], params["w2_checksum"], params["w2_serial_s"]
     tasks = [(i, iters) for i in range(params["w2_tasks"])]
     expected = [(i, checksum) for i in range(params["w2_tasks"])]
@@ -157,6 +173,7 @@ def run_w2(pool: PoolAdapter, params: dict[str, Any], rec: Recorder) -> None:
             times.append(dt)
         rec.figure(f"W2.{label}.s", times)
         rec.figure(f"W2.{label}.eff", [ideal / t for t in times])
+
     for name in rec.cases(["cs1", "default"]):
         rec.run(name, partial(case, name, 1 if name == "cs1" else None))
 
@@ -164,6 +181,7 @@ def run_w2(pool: PoolAdapter, params: dict[str, Any], rec: Recorder) -> None:
 def run_w3(pool: PoolAdapter, params: dict[str, Any], rec: Recorder) -> None:
     """W3: map over large bytes arguments, one way (len) and both ways (echo)."""
     from benchmarks.workloads import blob, echo, length
+
     size = params["w3_mib"] * MiB
     args = [blob(i, size) for i in range(params["w3_args"])]
     total_mib = len(args) * size / MiB
@@ -176,12 +194,15 @@ def run_w3(pool: PoolAdapter, params: dict[str, Any], rec: Recorder) -> None:
                 check(r == [size] * len(args), f"len results {r[:3]}... not all {size}")
             else:
                 dt, r = timed(lambda: pool.map(echo, args))
-                check(len(r) == len(args) and all(a == b for a, b in zip(r, args)),
-                      "echo did not return every argument unchanged and in order")
+                check(
+                    len(r) == len(args) and all(a == b for a, b in zip(r, args)),
+                    "echo did not return every argument unchanged and in order",
+                )
             del r
             times.append(dt)
         rec.figure(f"W3.{label}.s", times)
         rec.figure(f"W3.{label}.mib_s", [total_mib / t for t in times])
+
     for name in rec.cases(["len", "echo"]):
         rec.run(name, partial(case, name))
 
@@ -189,6 +210,7 @@ def run_w3(pool: PoolAdapter, params: dict[str, Any], rec: Recorder) -> None:
 def run_w4(pool: PoolAdapter, params: dict[str, Any], rec: Recorder) -> None:
     """W4: latency of sequential apply(trivial, (1,)) calls, p50 / p90 / mean."""
     from benchmarks.workloads import trivial
+
     calls = params["w4_calls"]
 
     def case() -> None:
@@ -207,14 +229,17 @@ def run_w4(pool: PoolAdapter, params: dict[str, Any], rec: Recorder) -> None:
         rec.figure("W4.p50_us", p50s)
         rec.figure("W4.p90_us", p90s)
         rec.figure("W4.mean_us", means)
+
     for name in rec.cases(["apply"]):
         rec.run(name, case)
 
 
-def _w5_once(pool: PoolAdapter, n: int, cs: int, expected: tuple[int, int],
-             resettable: bool) -> tuple[bool, dict[str, float]]:
+def _w5_once(
+    pool: PoolAdapter, n: int, cs: int, expected: tuple[int, int], resettable: bool
+) -> tuple[bool, dict[str, float]]:
     """One W5 repetition: its figures, and whether the peak RSS could still be reset."""
     from benchmarks.workloads import Pulled, small_ints, square
+
     pulled = Pulled()
     gen = small_ints(n, pulled)
     resettable = reset_peak_rss() and resettable
@@ -231,16 +256,24 @@ def _w5_once(pool: PoolAdapter, n: int, cs: int, expected: tuple[int, int],
     wall = time.perf_counter() - t0
     peak = self_mib("VmHWM")
     del it, gen
-    check((k, w) == expected and pulled.count == n,
-          f"got {k} results (weighted sum {'ok' if w == expected[1] else 'wrong'}), "
-          f"input pulled {pulled.count} of {n}")
-    return resettable, {"s": wall, "first_s": first, "pulled_at_first": at_first,
-                        "peak_rss_mib": peak, "rss_growth_mib": peak - before}
+    check(
+        (k, w) == expected and pulled.count == n,
+        f"got {k} results (weighted sum {'ok' if w == expected[1] else 'wrong'}), "
+        f"input pulled {pulled.count} of {n}",
+    )
+    return resettable, {
+        "s": wall,
+        "first_s": first,
+        "pulled_at_first": at_first,
+        "peak_rss_mib": peak,
+        "rss_growth_mib": peak - before,
+    }
 
 
 def run_w5(pool: PoolAdapter, params: dict[str, Any], rec: Recorder) -> None:
     """W5: imap over a lazy generator: wall, first result, input pulled, caller RSS."""
     from benchmarks.workloads import w5_expected
+
     n, cs = params["w5_items"], params["w5_chunksize"]
     expected = w5_expected(n)
 
@@ -257,8 +290,11 @@ def run_w5(pool: PoolAdapter, params: dict[str, Any], rec: Recorder) -> None:
         for key in ("peak_rss_mib", "rss_growth_mib"):
             rec.figure(f"W5.{key}", reps[key])
         if not resettable:
-            rec.note("VmHWM could not be reset: W5 peak is the lifetime peak, growth is "
-                     "the rise of the lifetime peak")
+            rec.note(
+                "VmHWM could not be reset: W5 peak is the lifetime peak, growth is "
+                "the rise of the lifetime peak"
+            )
+
     for name in rec.cases(["imap"]):
         rec.run(name, case)
 
@@ -266,6 +302,7 @@ def run_w5(pool: PoolAdapter, params: dict[str, Any], rec: Recorder) -> None:
 def run_w6(system: System, pool: PoolAdapter, params: dict[str, Any], rec: Recorder) -> None:
     """W6: routing of one-item chunks through the server as nodes are added."""
     from benchmarks.workloads import noop
+
     assert isinstance(system, AchillesCliSystem)
     cluster = system.cluster
     assert cluster.server is not None
@@ -290,15 +327,23 @@ def run_w6(system: System, pool: PoolAdapter, params: dict[str, Any], rec: Recor
         rec.figure(f"W6.{nodes}.server_us_per_chunk", us_stat)
         rec.figure(f"W6.{nodes}.server_us_per_chunk_sched", us_sched)
         rec.data["memory"][f"W6 {nodes} nodes"] = system.memory(pool)
+
     for name in rec.cases([f"{n}nodes" for n in params["w6_nodes"]]):
         rec.run(name, partial(case, int(name[:-5])))
 
 
-def _w7_once(pool: PoolAdapter, cluster: Cluster, tasks: list[tuple[int, int]],
-             expected: list[tuple[int, int]], kill: bool, kill_at: list[float]) -> float:
+def _w7_once(
+    pool: PoolAdapter,
+    cluster: Cluster,
+    tasks: list[tuple[int, int]],
+    expected: list[tuple[int, int]],
+    kill: bool,
+    kill_at: list[float],
+) -> float:
     """W2 (chunksize 1) through ``imap_unordered``; with ``kill``, the last node is
     SIGKILLed when half of the results are in. Returns the wall time."""
     from benchmarks.workloads import burn
+
     ntasks = len(tasks)
     results = []
     victim = cluster.nodes[-1]
@@ -310,8 +355,10 @@ def _w7_once(pool: PoolAdapter, cluster: Cluster, tasks: list[tuple[int, int]],
             victim.kill_group()  # SIGKILL the node and its workers, as a machine dies
     wall = time.perf_counter() - t0
     check(not kill or not victim.alive(), "the node to kill was still alive")
-    check(sorted(results) == expected,
-          f"{len(results)} results, {len(set(results))} distinct, of {ntasks} tasks")
+    check(
+        sorted(results) == expected,
+        f"{len(results)} results, {len(set(results))} distinct, of {ntasks} tasks",
+    )
     return wall
 
 
@@ -344,6 +391,7 @@ def run_w7(system: System, pool: PoolAdapter, params: dict[str, Any], rec: Recor
         rec.figure("W7.killed_s", killed)
         rec.figure("W7.ratio", ratios)
         rec.figure("W7.kill_at_s", kill_at)
+
     for name in rec.cases(["kill"]):
         rec.run(name, case)
 
@@ -351,16 +399,23 @@ def run_w7(system: System, pool: PoolAdapter, params: dict[str, Any], rec: Recor
 def warm_up(pool: PoolAdapter) -> None:
     """One apply and one small map, so that no case pays for a cold pool."""
     from benchmarks.workloads import square, trivial
+
     check(pool.apply(trivial, (1,)) == 2, "warm-up apply")
     check(pool.map(square, range(1000)) == [x * x for x in range(1000)], "warm-up map")
 
 
 WORKLOAD_RUNNERS: dict[str, Callable[[PoolAdapter, dict[str, Any], Recorder], None]] = {
-    "W1": run_w1, "W2": run_w2, "W3": run_w3, "W4": run_w4, "W5": run_w5}
+    "W1": run_w1,
+    "W2": run_w2,
+    "W3": run_w3,
+    "W4": run_w4,
+    "W5": run_w5,
+}
 
 
-def _run_workload(system: System, workload: str, params: dict[str, Any], rec: Recorder,
-                  pools: list[PoolAdapter]) -> None:
+def _run_workload(
+    system: System, workload: str, params: dict[str, Any], rec: Recorder, pools: list[PoolAdapter]
+) -> None:
     """Set the system up and run the workload's cases; the pool made goes to ``pools``."""
     system.setup(nodes=1 if workload == "W6" else 2)
     rec.data["current"] = None
@@ -379,7 +434,8 @@ def _run_workload(system: System, workload: str, params: dict[str, Any], rec: Re
         rec.data["memory"].update(system.memory(pool))
     rec.data["memory"]["caller"] = {
         "rss_mib": round(self_mib("VmRSS"), 1),
-        "peak_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+        "peak_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
 
 
 def _teardown(system: System, pool: PoolAdapter | None, rec: Recorder) -> None:
@@ -415,8 +471,9 @@ def child_main(spec_path: str) -> int:
     try:
         _run_workload(system, spec["workload"], spec["params"], rec, pools)
     except Exception as exc:  # recorded: the runner reports it
-        rec.data["errors"]["setup"] = (f"{type(exc).__name__}: {exc}\n"
-                                       + traceback.format_exc(limit=8)[-1500:])
+        rec.data["errors"]["setup"] = (
+            f"{type(exc).__name__}: {exc}\n" + traceback.format_exc(limit=8)[-1500:]
+        )
     finally:
         _teardown(system, pools[0] if pools else None, rec)
     return 0

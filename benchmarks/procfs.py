@@ -1,5 +1,6 @@
 """Readings from /proc for the benchmarks: memory (RSS, peak), CPU time of processes
 and of the whole machine, and the process table. Linux only, standard library only."""
+
 from __future__ import annotations
 
 import os

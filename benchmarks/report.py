@@ -1,6 +1,7 @@
 """The benchmarks' report: the table of figures with their ratios to mp, memory and
 outside load, the targets of the benchmark specification with their verdicts, and the
 JSON document of the whole run."""
+
 from __future__ import annotations
 
 import datetime
@@ -41,9 +42,11 @@ FIGURES: list[tuple[str, str, str, bool]] = [
     ("W5.rss_growth_mib", "W5 caller RSS growth", "MiB", True),
     ("W5.pulled_frac", "W5 input pulled at 1st result", "frac", False),
 ]
-W6_FIGS = [("chunks_per_s", "", "chunks/s"),
-           ("server_us_per_chunk", " server CPU (stat)", "us/chunk"),
-           ("server_us_per_chunk_sched", " server CPU (schedstat)", "us/chunk")]
+W6_FIGS = [
+    ("chunks_per_s", "", "chunks/s"),
+    ("server_us_per_chunk", " server CPU (stat)", "us/chunk"),
+    ("server_us_per_chunk_sched", " server CPU (schedstat)", "us/chunk"),
+]
 W7_FIGS: list[tuple[str, str, str, bool]] = [
     ("W7.undisturbed_s", "W7 W2 cs=1 via imap_unordered", "s", False),
     ("W7.killed_s", "W7 same, 1 of 2 nodes killed at 50%", "s", False),
@@ -75,8 +78,7 @@ def figure_rows(params: dict[str, Any]) -> list[tuple[str, str, str, bool]]:
     rows = list(FIGURES)
     for n in params["w6_nodes"]:
         for key, what, unit in W6_FIGS:
-            rows.append((f"W6.{n}.{key}", f"W6 {n} node{'s' if n > 1 else ''}{what}", unit,
-                         False))
+            rows.append((f"W6.{n}.{key}", f"W6 {n} node{'s' if n > 1 else ''}{what}", unit, False))
     return rows + W7_FIGS
 
 
@@ -89,8 +91,7 @@ def add_ratios(runs: list[dict[str, Any]], params: dict[str, Any]) -> None:
         for key, fig in run["figures"].items():
             fig["label"], fig["unit"] = meta.get(key, (key, ""))
             mp = ref["figures"].get(key, {}).get("median") if ref else None
-            fig["ratio_vs_mp"] = (fig["median"] / mp) if mp and fig["median"] is not None \
-                else None
+            fig["ratio_vs_mp"] = (fig["median"] / mp) if mp and fig["median"] is not None else None
 
 
 def render_table(runs: list[dict[str, Any]], systems: list[str], params: dict[str, Any]) -> str:
@@ -108,22 +109,35 @@ def render_table(runs: list[dict[str, Any]], systems: list[str], params: dict[st
         if any_value:
             lines.append([label, unit if unit != "frac" else "", *cells])
     widths = [max(len(str(row[i])) for row in [header, *lines]) for i in range(len(header))]
-    out = ["  ".join(h.ljust(w) for h, w in zip(header, widths)),
-           "  ".join("-" * w for w in widths)]
+    out = [
+        "  ".join(h.ljust(w) for h, w in zip(header, widths)),
+        "  ".join("-" * w for w in widths),
+    ]
     for row in lines:
-        out.append("  ".join([row[0].ljust(widths[0]), row[1].ljust(widths[1]),
-                              *(c.rjust(w) for c, w in zip(row[2:], widths[2:]))]))
+        out.append(
+            "  ".join(
+                [
+                    row[0].ljust(widths[0]),
+                    row[1].ljust(widths[1]),
+                    *(c.rjust(w) for c, w in zip(row[2:], widths[2:])),
+                ]
+            )
+        )
     return "\n".join(out)
 
 
-def _cell(run: dict[str, Any] | None, system: str, key: str, unit: str,
-          with_ratio: bool) -> tuple[str, bool]:
+def _cell(
+    run: dict[str, Any] | None, system: str, key: str, unit: str, with_ratio: bool
+) -> tuple[str, bool]:
     """One system's cell of a figure's row, and whether it shows anything."""
     if run is None:
         return "", False
     fig = run["figures"].get(key)
-    err = run["errors"].get(_case_of(key)) or run["errors"].get("setup") \
+    err = (
+        run["errors"].get(_case_of(key))
+        or run["errors"].get("setup")
         or (run["errors"].get("crash") if fig is None else None)
+    )
     if fig is None or fig.get("median") is None:
         if not err:
             return "", False
@@ -149,8 +163,10 @@ def _case_of(key: str) -> str:
 
 def render_memory(runs: list[dict[str, Any]], systems: list[str]) -> str:
     """Peak RSS of the caller and of the worker side, per run."""
-    lines = ["memory at the end of each workload, MiB: caller peak RSS | worker side "
-             "peak RSS (sum of VmHWM over the processes doing the work)"]
+    lines = [
+        "memory at the end of each workload, MiB: caller peak RSS | worker side "
+        "peak RSS (sum of VmHWM over the processes doing the work)"
+    ]
     for run in runs:
         if run["system"] not in systems or not run["memory"]:
             continue
@@ -160,8 +176,9 @@ def render_memory(runs: list[dict[str, Any]], systems: list[str]) -> str:
             parts.append(f"caller {fmt(mem['caller']['peak_mib'])}")
         for name, m in mem.items():
             if name != "caller" and isinstance(m, dict) and "peak_mib" in m:
-                parts.append(f"{name} {fmt(m['peak_mib'])} ({m['procs']} procs, now "
-                             f"{fmt(m['rss_mib'])})")
+                parts.append(
+                    f"{name} {fmt(m['peak_mib'])} ({m['procs']} procs, now {fmt(m['rss_mib'])})"
+                )
         lines.append(f"  {run['workload']:<3} {run['system']:<15} " + "; ".join(parts))
     return "\n".join(lines)
 
@@ -171,9 +188,11 @@ def render_load(runs: list[dict[str, Any]], systems: list[str]) -> str:
     by = {(r["system"], r["workload"]): r for r in runs}
     workloads = list(dict.fromkeys(r["workload"] for r in runs))
     width = max(len(s) for s in systems)
-    lines = ["outside load: cores used by other processes while each child ran "
-             f"(> {OTHER_LOAD_WARN} makes its figures unreliable)",
-             "  " + " " * (width + 2) + "  ".join(w.rjust(5) for w in workloads)]
+    lines = [
+        "outside load: cores used by other processes while each child ran "
+        f"(> {OTHER_LOAD_WARN} makes its figures unreliable)",
+        "  " + " " * (width + 2) + "  ".join(w.rjust(5) for w in workloads),
+    ]
     for s in systems:
         cells = [f"{by[(s, w)]['other_load_cores']:.2f}" if (s, w) in by else "" for w in workloads]
         lines.append(f"  {s:<{width}}  " + "  ".join(c.rjust(5) for c in cells))
@@ -185,16 +204,21 @@ TARGETS: list[tuple[str, str, str, float, float, set[str] | None]] = [
     ("W1 default: time <= 2.0x mp (stretch 1.3x)", "W1.default.s", "ratio_le", 2.0, 1.3, None),
     ("W1 cs=10000: time <= 2.0x mp (1.3x)", "W1.cs10000.s", "ratio_le", 2.0, 1.3, None),
     ("W2 cs=1: efficiency >= 0.90x mp (0.97x)", "W2.cs1.eff", "ratio_ge", 0.90, 0.97, None),
-    ("W2 default: efficiency >= 0.90x mp (0.97x)", "W2.default.eff", "ratio_ge", 0.90, 0.97,
-     None),
+    ("W2 default: efficiency >= 0.90x mp (0.97x)", "W2.default.eff", "ratio_ge", 0.90, 0.97, None),
     ("W3 len: MiB/s >= 0.5x mp (0.8x)", "W3.len.mib_s", "ratio_ge", 0.5, 0.8, None),
     ("W3 echo: MiB/s >= 0.5x mp (0.8x)", "W3.echo.mib_s", "ratio_ge", 0.5, 0.8, None),
     ("W4 p50 <= 1000 us (500 us)", "W4.p50_us", "le", 1000, 500, None),
     ("W5: time <= 2.0x mp (1.3x)", "W5.s", "ratio_le", 2.0, 1.3, None),
     ("W5: caller RSS growth <= 30 MiB", "W5.rss_growth_mib", "le", 30, 30, None),
     ("S embedded cluster <= 1.5 s (0.5 s)", "S.s", "le", 1.5, 0.5, {"achilles-local"}),
-    ("W6: server CPU <= 50 us/chunk at every node count (20)", "W6.*.server_us_per_chunk",
-     "le", 50, 20, {"achilles-cli"}),
+    (
+        "W6: server CPU <= 50 us/chunk at every node count (20)",
+        "W6.*.server_us_per_chunk",
+        "le",
+        50,
+        20,
+        {"achilles-cli"},
+    ),
     ("W7: killed <= 1.5x undisturbed (1.25x)", "W7.ratio", "le", 1.5, 1.25, {"achilles-cli"}),
 ]
 
@@ -209,13 +233,20 @@ def evaluate_targets(runs: list[dict[str, Any]], params: dict[str, Any]) -> list
             if key.split(".")[0] != run["workload"]:
                 continue
             value, label_x = _target_value(run, label, key, kind, params)
-            out.append({"target": label_x, "system": run["system"], "value": value,
-                        "verdict": _verdict(value, kind, target, stretch)})
+            out.append(
+                {
+                    "target": label_x,
+                    "system": run["system"],
+                    "value": value,
+                    "verdict": _verdict(value, kind, target, stretch),
+                }
+            )
     return out
 
 
-def _target_value(run: dict[str, Any], label: str, key: str, kind: str,
-                  params: dict[str, Any]) -> tuple[float | None, str]:
+def _target_value(
+    run: dict[str, Any], label: str, key: str, kind: str, params: dict[str, Any]
+) -> tuple[float | None, str]:
     """The value a target is judged on, and its label (W6: the worst node count, with
     the spread max/min)."""
     if "*" not in key:
@@ -236,16 +267,21 @@ def _verdict(value: float | None, kind: str, target: float, stretch: float) -> s
 
     def meets(limit: float) -> bool:
         return v <= limit if kind.endswith("le") else v >= limit
+
     return "stretch" if meets(stretch) else "target" if meets(target) else "MISSED"
 
 
 def machine_info() -> dict[str, Any]:
     """What the figures were measured on (machine, Python, achilles, git)."""
     info: dict[str, Any] = {
-        "nproc": os.cpu_count(), "affinity": len(os.sched_getaffinity(0)),
-        "python": sys.version.split()[0], "python_full": sys.version,
-        "implementation": platform.python_implementation(), "platform": platform.platform(),
-        "machine": platform.machine(), "hostname": platform.node(),
+        "nproc": os.cpu_count(),
+        "affinity": len(os.sched_getaffinity(0)),
+        "python": sys.version.split()[0],
+        "python_full": sys.version,
+        "implementation": platform.python_implementation(),
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "hostname": platform.node(),
     }
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
@@ -256,14 +292,20 @@ def machine_info() -> dict[str, Any]:
         pass
     try:
         import achilles
+
         info["achilles_version"] = achilles.__version__
     except Exception:  # achilles not importable: the rest still describes the machine
         pass
     try:
-        head = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True,
-                              text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--", "achilles"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        head = subprocess.run(
+            ["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", ROOT, "status", "--porcelain", "--", "achilles"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
         info["git_head"] = head
         info["achilles_tree_dirty"] = bool(dirty)
     except (OSError, subprocess.SubprocessError):
@@ -288,21 +330,38 @@ def tree_digest(path: str) -> str:
     return h.hexdigest()[:16]
 
 
-def summary(runs: list[dict[str, Any]], shown: list[str], params: dict[str, Any],
-            calib: dict[str, Any], quick: bool, started: datetime.datetime,
-            targets: list[dict[str, Any]], notes: list[str]) -> str:
+def summary(
+    runs: list[dict[str, Any]],
+    shown: list[str],
+    params: dict[str, Any],
+    calib: dict[str, Any],
+    quick: bool,
+    started: datetime.datetime,
+    targets: list[dict[str, Any]],
+    notes: list[str],
+) -> str:
     """The printed report: heading, table, memory, outside load, targets, failures, notes."""
-    lines = [f"achilles benchmarks, {started:%Y-%m-%d %H:%M %Z}, "
-             f"{'quick' if quick else 'full'} run: median of {params['reps']} "
-             f"(S: {params['reps']} fresh processes), {os.cpu_count()} cores, Python "
-             f"{platform.python_version()}; (x) = ratio to mp in this run"]
+    lines = [
+        f"achilles benchmarks, {started:%Y-%m-%d %H:%M %Z}, "
+        f"{'quick' if quick else 'full'} run: median of {params['reps']} "
+        f"(S: {params['reps']} fresh processes), {os.cpu_count()} cores, Python "
+        f"{platform.python_version()}; (x) = ratio to mp in this run"
+    ]
     if calib:
-        lines.append(f"W2: {params['w2_tasks']} tasks of {calib['w2_task_ms_measured']:.1f} ms "
-                     f"of CPU (median batch {calib['w2_task_ms_median']:.1f} ms), "
-                     f"serially {calib['w2_serial_s']:.2f} s; efficiency = "
-                     f"({calib['w2_serial_s']:.2f} s / {PROCESSES}) / wall")
-    lines += ["", render_table(runs, shown, params), "", render_memory(runs, shown), "",
-              render_load(runs, shown)]
+        lines.append(
+            f"W2: {params['w2_tasks']} tasks of {calib['w2_task_ms_measured']:.1f} ms "
+            f"of CPU (median batch {calib['w2_task_ms_median']:.1f} ms), "
+            f"serially {calib['w2_serial_s']:.2f} s; efficiency = "
+            f"({calib['w2_serial_s']:.2f} s / {PROCESSES}) / wall"
+        )
+    lines += [
+        "",
+        render_table(runs, shown, params),
+        "",
+        render_memory(runs, shown),
+        "",
+        render_load(runs, shown),
+    ]
     if targets:
         lines += ["", "targets (docs/benchmarks.md): stretch / target = met, MISSED = not met"]
         for t in targets:
@@ -323,19 +382,26 @@ def failures(runs: list[dict[str, Any]]) -> list[tuple[str, str, str, Any]]:
     return [(r["system"], r["workload"], k, v) for r in runs for k, v in r["errors"].items()]
 
 
-def run_notes(runs: list[dict[str, Any]], skipped: list[str],
-              digests: tuple[str, str]) -> list[str]:
+def run_notes(
+    runs: list[dict[str, Any]], skipped: list[str], digests: tuple[str, str]
+) -> list[str]:
     """Skipped systems, the children's notes, outside load, and sources changed meanwhile."""
     notes = skipped + [f"{r['workload']} {r['system']}: {n}" for r in runs for n in r["notes"]]
-    loaded = [f"{r['workload']} {r['system']} {r['other_load_cores']:.2f}" for r in runs
-              if r["other_load_cores"] > OTHER_LOAD_WARN]
+    loaded = [
+        f"{r['workload']} {r['system']} {r['other_load_cores']:.2f}"
+        for r in runs
+        if r["other_load_cores"] > OTHER_LOAD_WARN
+    ]
     if loaded:
-        notes.append(f"measured while other processes used more than {OTHER_LOAD_WARN} "
-                     f"core on average (CPU not used by the benchmark's own processes): "
-                     + ", ".join(loaded))
+        notes.append(
+            f"measured while other processes used more than {OTHER_LOAD_WARN} "
+            f"core on average (CPU not used by the benchmark's own processes): " + ", ".join(loaded)
+        )
     if digests[1] != digests[0]:
-        notes.append("the achilles/ sources changed during this run: the figures mix "
-                     "versions (each child imports achilles afresh)")
+        notes.append(
+            "the achilles/ sources changed during this run: the figures mix "
+            "versions (each child imports achilles afresh)"
+        )
     return notes
 
 

@@ -15,6 +15,7 @@ PID: SIGTERM to it, then SIGKILL to its process group. A child writes the PID of
 session it starts to a file its parent reads, so nothing survives a child killed at its
 time limit.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,19 +52,50 @@ SYSTEMS = ["mp", "achilles-local", "achilles-cli"]
 WORKLOADS = ["S", "W1", "W2", "W3", "W4", "W5", "W6", "W7"]
 ONLY_ON = {"W6": {"achilles-cli"}, "W7": {"achilles-cli"}}
 
-FULL = dict(reps=3, timeout=300.0, w1_items=1_000_000, w2_tasks=400, w2_task_ms=10.0,
-            w3_args=64, w3_mib=4, w4_calls=300, w5_items=2_000_000, w5_chunksize=10_000,
-            w6_nodes=[1, 2, 4, 8], w6_chunks=2000, w7_tasks=400)
-QUICK = dict(reps=1, timeout=60.0, w1_items=200_000, w2_tasks=100, w2_task_ms=10.0,
-             w3_args=16, w3_mib=4, w4_calls=50, w5_items=200_000, w5_chunksize=10_000,
-             w6_nodes=[1, 2], w6_chunks=200, w7_tasks=100)
+FULL = dict(
+    reps=3,
+    timeout=300.0,
+    w1_items=1_000_000,
+    w2_tasks=400,
+    w2_task_ms=10.0,
+    w3_args=64,
+    w3_mib=4,
+    w4_calls=300,
+    w5_items=2_000_000,
+    w5_chunksize=10_000,
+    w6_nodes=[1, 2, 4, 8],
+    w6_chunks=2000,
+    w7_tasks=400,
+)
+QUICK = dict(
+    reps=1,
+    timeout=60.0,
+    w1_items=200_000,
+    w2_tasks=100,
+    w2_task_ms=10.0,
+    w3_args=16,
+    w3_mib=4,
+    w4_calls=50,
+    w5_items=200_000,
+    w5_chunksize=10_000,
+    w6_nodes=[1, 2],
+    w6_chunks=200,
+    w7_tasks=100,
+)
 
 
 def cases_of(workload: str, params: dict[str, Any]) -> list[str]:
     """The cases of a workload, in the order a child runs them."""
-    return {"S": ["startup"], "W1": ["default", "cs10000"], "W2": ["cs1", "default"],
-            "W3": ["len", "echo"], "W4": ["apply"], "W5": ["imap"],
-            "W6": [f"{n}nodes" for n in params["w6_nodes"]], "W7": ["kill"]}[workload]
+    return {
+        "S": ["startup"],
+        "W1": ["default", "cs10000"],
+        "W2": ["cs1", "default"],
+        "W3": ["len", "echo"],
+        "W4": ["apply"],
+        "W5": ["imap"],
+        "W6": [f"{n}nodes" for n in params["w6_nodes"]],
+        "W7": ["kill"],
+    }[workload]
 
 
 def calibrate(params: dict[str, Any]) -> dict[str, Any]:
@@ -77,6 +109,7 @@ def calibrate(params: dict[str, Any]) -> dict[str, Any]:
     serial pass is kept in the JSON too.
     """
     from benchmarks.workloads import burn, calibrate_burn
+
     iters = calibrate_burn(params["w2_task_ms"] / 1000)
     checksum = burn((0, iters))[1]
     n = params["w2_tasks"]
@@ -90,10 +123,14 @@ def calibrate(params: dict[str, Any]) -> dict[str, Any]:
         per_task.append((time.process_time() - t0) / len(batch))
     elapsed = time.perf_counter() - t_all
     serial = min(per_task) * n
-    return {"w2_iters": iters, "w2_checksum": checksum, "w2_serial_s": serial,
-            "w2_serial_wall_s": elapsed, "w2_task_ms_measured": serial / n * 1000,
-            "w2_task_ms_median": statistics.median(per_task) * 1000}
-
+    return {
+        "w2_iters": iters,
+        "w2_checksum": checksum,
+        "w2_serial_s": serial,
+        "w2_serial_wall_s": elapsed,
+        "w2_task_ms_measured": serial / n * 1000,
+        "w2_task_ms_median": statistics.median(per_task) * 1000,
+    }
 
 
 def _tail(path: str, n: int = 2500) -> str:
@@ -105,15 +142,21 @@ def _tail(path: str, n: int = 2500) -> str:
         return ""
 
 
-
-def _write_spec(system: str, workload: str, params: dict[str, Any],
-                skip: list[str]) -> dict[str, Any]:
+def _write_spec(
+    system: str, workload: str, params: dict[str, Any], skip: list[str]
+) -> dict[str, Any]:
     """A fresh work directory with the child's spec file (and an empty cwd: no .env)."""
     workdir = tempfile.mkdtemp(prefix=f"achilles-bench-{system}-{workload}-")
     os.makedirs(os.path.join(workdir, "cwd"))
-    spec = {"system": system, "workload": workload, "params": params, "skip": skip,
-            "out": os.path.join(workdir, "out.json"),
-            "pidfile": os.path.join(workdir, "sessions"), "workdir": workdir}
+    spec = {
+        "system": system,
+        "workload": workload,
+        "params": params,
+        "skip": skip,
+        "out": os.path.join(workdir, "out.json"),
+        "pidfile": os.path.join(workdir, "sessions"),
+        "workdir": workdir,
+    }
     with open(os.path.join(workdir, "spec.json"), "w", encoding="utf-8") as f:
         json.dump(spec, f)
     return spec
@@ -121,12 +164,15 @@ def _write_spec(system: str, workload: str, params: dict[str, Any],
 
 def _child_env() -> dict[str, str]:
     """Nothing of achilles configured, and the repository importable."""
-    return isolated_env(PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join(
-        p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
+    return isolated_env(
+        PYTHONUNBUFFERED="1",
+        PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p),
+    )
 
 
-def _watch_child(spec: dict[str, Any], timeout: float,
-                 merged: dict[str, Any]) -> tuple[bool, int | None]:
+def _watch_child(
+    spec: dict[str, Any], timeout: float, merged: dict[str, Any]
+) -> tuple[bool, int | None]:
     """Run the child to its end or its time limit, then stop its session.
 
     Adds its wall time, its CPU time and the CPU time the rest of the machine used
@@ -139,8 +185,13 @@ def _watch_child(spec: dict[str, Any], timeout: float,
     with open(os.path.join(workdir, "child.log"), "wb") as out:
         child = subprocess.Popen(
             [sys.executable, "-m", "benchmarks", "--child", os.path.join(workdir, "spec.json")],
-            cwd=os.path.join(workdir, "cwd"), env=_child_env(), stdout=out,
-            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+            cwd=os.path.join(workdir, "cwd"),
+            env=_child_env(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
     tree = TreeCpu(child.pid)
     deadline = time.monotonic() + timeout
     while child.poll() is None and time.monotonic() < deadline:
@@ -170,8 +221,9 @@ def _stop_sessions(spec: dict[str, Any], timed_out: bool, merged: dict[str, Any]
         sessions = []
     leaked = [pid for pid in sessions if stop_process(pid) and not timed_out]
     if leaked:
-        merged["notes"].append(f"sessions still alive after the child exited (stopped "
-                               f"by the runner): {leaked}")
+        merged["notes"].append(
+            f"sessions still alive after the child exited (stopped by the runner): {leaked}"
+        )
 
 
 def _merge_output(spec: dict[str, Any], merged: dict[str, Any]) -> dict[str, Any]:
@@ -180,8 +232,15 @@ def _merge_output(spec: dict[str, Any], merged: dict[str, Any]) -> dict[str, Any
         with open(spec["out"], encoding="utf-8") as f:
             data = json.load(f)
     except (OSError, ValueError):
-        data = {"figures": {}, "errors": {}, "memory": {}, "notes": [], "done": [],
-                "current": None, "finished": False}
+        data = {
+            "figures": {},
+            "errors": {},
+            "memory": {},
+            "notes": [],
+            "done": [],
+            "current": None,
+            "finished": False,
+        }
     for key, fig in data["figures"].items():
         merged["figures"].setdefault(key, {"reps": []})["reps"].extend(fig["reps"])
     merged["errors"].update(data["errors"])
@@ -191,17 +250,25 @@ def _merge_output(spec: dict[str, Any], merged: dict[str, Any]) -> dict[str, Any
     return data
 
 
-def _judge(spec: dict[str, Any], data: dict[str, Any], timed_out: bool, code: int | None,
-           timeout: float, cases: list[str], skip: list[str],
-           merged: dict[str, Any]) -> list[str] | None:
+def _judge(
+    spec: dict[str, Any],
+    data: dict[str, Any],
+    timed_out: bool,
+    code: int | None,
+    timeout: float,
+    cases: list[str],
+    skip: list[str],
+    merged: dict[str, Any],
+) -> list[str] | None:
     """Record a timeout or a crash; return the cases to skip in a fresh child when the
     child hung in a case and some remain, else None."""
     log = os.path.join(spec["workdir"], "child.log")
     done = list(data.get("done", []))
     if timed_out:
         current = data.get("current") or ("setup" if not done else "between cases")
-        merged["errors"][current] = (f"timeout: the child was still in {current!r} "
-                                     f"after {timeout:g} s and was killed")
+        merged["errors"][current] = (
+            f"timeout: the child was still in {current!r} after {timeout:g} s and was killed"
+        )
         merged["log_tail"] = _tail(log)
         skip = skip + done + ([current] if current in cases else [])
         if current in cases and any(c not in skip for c in cases):
@@ -214,14 +281,22 @@ def _judge(spec: dict[str, Any], data: dict[str, Any], timed_out: bool, code: in
     return None
 
 
-def run_child(system: str, workload: str, params: dict[str, Any], timeout: float,
-              reps: int | None = None) -> dict[str, Any]:
+def run_child(
+    system: str, workload: str, params: dict[str, Any], timeout: float, reps: int | None = None
+) -> dict[str, Any]:
     """Run one (system, workload) in fresh children until every case is done or failed."""
     params = dict(params, reps=reps or params["reps"])
     cases = cases_of(workload, params)
-    merged: dict[str, Any] = {"system": system, "workload": workload, "figures": {},
-                              "errors": {}, "memory": {}, "notes": [], "attempts": 0,
-                              "child_wall_s": 0.0}
+    merged: dict[str, Any] = {
+        "system": system,
+        "workload": workload,
+        "figures": {},
+        "errors": {},
+        "memory": {},
+        "notes": [],
+        "attempts": 0,
+        "child_wall_s": 0.0,
+    }
     skip: list[str] | None = []
     while skip is not None:
         merged["attempts"] += 1
@@ -234,27 +309,41 @@ def run_child(system: str, workload: str, params: dict[str, Any], timeout: float
     merged["other_load_cores"] = merged["other_cpu_s"] / max(merged["child_wall_s"], 1e-9)
     for fig in merged["figures"].values():
         fig["median"] = statistics.median(fig["reps"]) if fig["reps"] else None
-    merged["status"] = ("timeout" if any(str(e).startswith("timeout") for e in
-                                         merged["errors"].values())
-                        else "error" if merged["errors"] else "ok")
+    merged["status"] = (
+        "timeout"
+        if any(str(e).startswith("timeout") for e in merged["errors"].values())
+        else "error"
+        if merged["errors"]
+        else "ok"
+    )
     return merged
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The command line of python -m benchmarks."""
-    p = argparse.ArgumentParser(prog="python -m benchmarks", description=(
-        "achilles benchmark suite: workloads S, W1-W7 of docs/benchmarks.md, each system in a "
-        "fresh child process, figures with ratios against multiprocessing.Pool(2)."))
-    p.add_argument("--quick", action="store_true",
-                   help="one repetition, smaller sizes (see README): under two minutes")
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description=(
+            "achilles benchmark suite: workloads S, W1-W7 of docs/benchmarks.md, each system in a "
+            "fresh child process, figures with ratios against multiprocessing.Pool(2)."
+        ),
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="one repetition, smaller sizes (see README): under two minutes",
+    )
     p.add_argument("--only", help=f"comma-separated workloads ({','.join(WORKLOADS)})")
-    p.add_argument("--systems", help=f"comma-separated systems ({','.join(SYSTEMS)}, "
-                                     f"{','.join(PEERS)})")
-    p.add_argument("--peers", action="store_true",
-                   help="also run loky, ray and dask where importable")
+    p.add_argument(
+        "--systems", help=f"comma-separated systems ({','.join(SYSTEMS)}, {','.join(PEERS)})"
+    )
+    p.add_argument(
+        "--peers", action="store_true", help="also run loky, ray and dask where importable"
+    )
     p.add_argument("--reps", type=int, help="repetitions per figure (default 3, quick 1)")
-    p.add_argument("--timeout", type=float,
-                   help="time limit of each child process, s (default 300, quick 60)")
+    p.add_argument(
+        "--timeout", type=float, help="time limit of each child process, s (default 300, quick 60)"
+    )
     p.add_argument("--w5-items", type=int, help="W5 input size (default 2000000)")
     p.add_argument("--out", help="JSON path (default benchmarks/results/<timestamp>.json)")
     p.add_argument("--child", help=argparse.SUPPRESS)
@@ -304,13 +393,20 @@ def _systems(args: argparse.Namespace) -> tuple[list[str], list[str]]:
 
 def _calibrate_w2(params: dict[str, Any]) -> dict[str, Any]:
     """Calibrate W2's tasks (W2 and W7 use them) and add the result to ``params``."""
-    print(f"calibrating W2: {params['w2_tasks']} tasks of ~{params['w2_task_ms']:g} ms ...",
-          file=sys.stderr, flush=True)
+    print(
+        f"calibrating W2: {params['w2_tasks']} tasks of ~{params['w2_task_ms']:g} ms ...",
+        file=sys.stderr,
+        flush=True,
+    )
     calib = calibrate(params)
     params.update(calib)
-    print(f"  {calib['w2_iters']} iterations per task, {params['w2_tasks']} tasks serially "
-          f"{calib['w2_serial_s']:.2f} s (ideal on {PROCESSES} workers "
-          f"{calib['w2_serial_s'] / PROCESSES:.2f} s)", file=sys.stderr, flush=True)
+    print(
+        f"  {calib['w2_iters']} iterations per task, {params['w2_tasks']} tasks serially "
+        f"{calib['w2_serial_s']:.2f} s (ideal on {PROCESSES} workers "
+        f"{calib['w2_serial_s'] / PROCESSES:.2f} s)",
+        file=sys.stderr,
+        flush=True,
+    )
     return calib
 
 
@@ -339,8 +435,9 @@ def _run_startup(system: str, params: dict[str, Any]) -> dict[str, Any]:
     return run
 
 
-def run_plan(workloads: list[str], systems: list[str],
-             params: dict[str, Any]) -> list[dict[str, Any]]:
+def run_plan(
+    workloads: list[str], systems: list[str], params: dict[str, Any]
+) -> list[dict[str, Any]]:
     """Every (workload, system) pair that applies, one after another, with progress."""
     plan = [(w, s) for w in workloads for s in systems if s in ONLY_ON.get(w, {s})]
     runs = []
@@ -349,9 +446,12 @@ def run_plan(workloads: list[str], systems: list[str],
         run = _run_startup(s, params) if w == "S" else run_child(s, w, params, params["timeout"])
         runs.append(run)
         errs = "; ".join(f"{k}: {str(v).splitlines()[0]}" for k, v in run["errors"].items())
-        print(f"{run['status']:<7} {run['child_wall_s']:6.1f} s  other load "
-              f"{run['other_load_cores']:.2f} cores" + (f"  {errs}" if errs else ""),
-              file=sys.stderr, flush=True)
+        print(
+            f"{run['status']:<7} {run['child_wall_s']:6.1f} s  other load "
+            f"{run['other_load_cores']:.2f} cores" + (f"  {errs}" if errs else ""),
+            file=sys.stderr,
+            flush=True,
+        )
     return runs
 
 
@@ -374,22 +474,44 @@ def main(argv: list[str] | None = None) -> int:
     targets = evaluate_targets(runs, params)
     shown = [s for s in systems if any(r["system"] == s for r in runs)]
     digest_after = tree_digest(os.path.join(ROOT, "achilles"))
-    table = summary(runs, shown, params, calib, args.quick, started, targets,
-                    run_notes(runs, skipped, (digest_before, digest_after)))
+    table = summary(
+        runs,
+        shown,
+        params,
+        calib,
+        args.quick,
+        started,
+        targets,
+        run_notes(runs, skipped, (digest_before, digest_after)),
+    )
     print(table)
 
     out = args.out or os.path.join(RESULTS_DIR, f"{started:%Y%m%d-%H%M%S}.json")
-    write_json(out, {
-        "date": started.isoformat(), "argv": sys.argv[1:] if argv is None else argv,
-        "mode": "quick" if args.quick else "full", "params": params, "systems": shown,
-        "workloads": workloads, "skipped": skipped, "machine": machine_info(),
-        "load_average": {"before": load_before, "after": os.getloadavg()},
-        "achilles_digest": {"before": digest_before, "after": digest_after},
-        "total_wall_s": time.perf_counter() - t_all, "calibration": calib, "runs": runs,
-        "targets": targets, "table": table,
-    })
-    print(f"\nresults: {os.path.relpath(out, os.getcwd())}  "
-          f"(total {time.perf_counter() - t_all:.0f} s)", file=sys.stderr)
+    write_json(
+        out,
+        {
+            "date": started.isoformat(),
+            "argv": sys.argv[1:] if argv is None else argv,
+            "mode": "quick" if args.quick else "full",
+            "params": params,
+            "systems": shown,
+            "workloads": workloads,
+            "skipped": skipped,
+            "machine": machine_info(),
+            "load_average": {"before": load_before, "after": os.getloadavg()},
+            "achilles_digest": {"before": digest_before, "after": digest_after},
+            "total_wall_s": time.perf_counter() - t_all,
+            "calibration": calib,
+            "runs": runs,
+            "targets": targets,
+            "table": table,
+        },
+    )
+    print(
+        f"\nresults: {os.path.relpath(out, os.getcwd())}  "
+        f"(total {time.perf_counter() - t_all:.0f} s)",
+        file=sys.stderr,
+    )
     return 1 if failures(runs) else 0
 
 

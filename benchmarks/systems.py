@@ -5,6 +5,7 @@ cluster), ``achilles-cli`` (a server and nodes started with the CLI, through
 :mod:`achilles.testing`), and the optional peers loky, Ray and Dask. A system starts,
 outside any timing, what its pools need, and stops it again.
 """
+
 from __future__ import annotations
 
 import os
@@ -50,8 +51,9 @@ class PoolAdapter:
     def imap(self, fn: Callable[..., Any], items: Any, chunksize: int = 1) -> Iterator[Any]:
         return self.pool.imap(fn, items, chunksize)
 
-    def imap_unordered(self, fn: Callable[..., Any], items: Any,
-                       chunksize: int = 1) -> Iterator[Any]:
+    def imap_unordered(
+        self, fn: Callable[..., Any], items: Any, chunksize: int = 1
+    ) -> Iterator[Any]:
         return self.pool.imap_unordered(fn, items, chunksize)
 
     def apply(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
@@ -94,10 +96,12 @@ class System:
 
 class MpSystem(System):
     """multiprocessing.Pool(2): the baseline of every ratio."""
+
     name = "mp"
 
     def new_pool(self) -> PoolAdapter:
         import multiprocessing
+
         return PoolAdapter(multiprocessing.Pool(PROCESSES))
 
     def memory(self, pool: PoolAdapter | None) -> dict[str, Any]:
@@ -108,21 +112,27 @@ class MpSystem(System):
 
 class AchillesLocalSystem(System):
     """achilles.Pool(2) with nothing configured: the embedded cluster."""
+
     name = "achilles-local"
 
     def setup(self, nodes: int = 2) -> None:
         """Refuse to run with anything configured: the pool would not be the embedded one."""
         from achilles.config import user_config_dir
+
         leftovers = sorted(k for k in os.environ if k.startswith("ACHILLES_"))
-        dotenvs = [p for p in (".env", os.path.join(user_config_dir(), ".env"))
-                   if os.path.exists(p)]
+        dotenvs = [
+            p for p in (".env", os.path.join(user_config_dir(), ".env")) if os.path.exists(p)
+        ]
         if leftovers or dotenvs:
-            raise RuntimeError(f"achilles-local must run with nothing configured; found "
-                               f"{leftovers or ''} {' '.join(dotenvs)}")
+            raise RuntimeError(
+                f"achilles-local must run with nothing configured; found "
+                f"{leftovers or ''} {' '.join(dotenvs)}"
+            )
         import achilles  # noqa: F401  (imported outside the timings)
 
     def new_pool(self) -> PoolAdapter:
         import achilles
+
         # The embedded server and node run in this process (its reactor thread); the
         # fork server and workers are in this child's process group, which the runner
         # stops.
@@ -149,14 +159,18 @@ class AchillesCliSystem(System):
 
     def __init__(self, workdir: str) -> None:
         super().__init__(workdir)
-        self.cluster = Cluster(os.path.join(workdir, "cluster-cwd"),
-                               log_dir=os.path.join(workdir, "cluster-logs"),
-                               log_level="WARNING", keep_pythonpath=False,
-                               on_start=lambda proc: register_session(proc.pid))
+        self.cluster = Cluster(
+            os.path.join(workdir, "cluster-cwd"),
+            log_dir=os.path.join(workdir, "cluster-logs"),
+            log_level="WARNING",
+            keep_pythonpath=False,
+            on_start=lambda proc: register_session(proc.pid),
+        )
         self.cluster_s = float("nan")
 
     def setup(self, nodes: int = 2) -> None:
         import achilles  # noqa: F401
+
         t0 = time.perf_counter()
         self.cluster.start_server(timeout=30.0)
         for _ in range(nodes):
@@ -166,6 +180,7 @@ class AchillesCliSystem(System):
 
     def new_pool(self) -> PoolAdapter:
         import achilles
+
         pool = achilles.Pool(**self.cluster.kwargs())
         return PoolAdapter(pool, pool.terminate)
 
@@ -193,10 +208,12 @@ class AchillesCliTlsSystem(AchillesCliSystem):
 
 class LokySystem(System):
     """loky's reusable executor of 2 workers."""
+
     name = "loky"
 
     def new_pool(self) -> PoolAdapter:
         from loky import get_reusable_executor
+
         ex = get_reusable_executor(max_workers=PROCESSES)
         return PoolAdapter(_ExecutorPool(ex), lambda: ex.shutdown(wait=True, kill_workers=True))
 
@@ -221,16 +238,19 @@ class _ExecutorPool:
 
 class RaySystem(System):
     """ray.util.multiprocessing.Pool(2)."""
+
     name = "ray"
 
     def new_pool(self) -> PoolAdapter:
         import ray
         from ray.util.multiprocessing import Pool
+
         pool = Pool(PROCESSES)
 
         def close() -> None:
             pool.terminate()
             ray.shutdown()
+
         return PoolAdapter(pool, close)
 
 
@@ -249,14 +269,16 @@ class _DaskPool:
         items = list(items)
         if chunksize is None:
             return self.client.gather(self.client.map(fn, items, pure=False))
-        batches = [items[i:i + chunksize] for i in range(0, len(items), chunksize)]
-        parts = self.client.gather(self.client.map(_batch, [fn] * len(batches), batches,
-                                                   pure=False))
+        batches = [items[i : i + chunksize] for i in range(0, len(items), chunksize)]
+        parts = self.client.gather(
+            self.client.map(_batch, [fn] * len(batches), batches, pure=False)
+        )
         return [x for part in parts for x in part]
 
     def imap(self, fn: Callable[..., Any], items: Any, chunksize: int = 1) -> Iterator[Any]:
         """Batches of ``chunksize`` with a window of 4 per worker, in order."""
         from collections import deque
+
         it = iter(items)
         window: deque[Any] = deque()
         while True:
@@ -277,20 +299,33 @@ class _DaskPool:
 
 class DaskSystem(System):
     """A Dask LocalCluster of 2 one-thread worker processes."""
+
     name = "dask"
 
     def new_pool(self) -> PoolAdapter:
         from distributed import Client, LocalCluster
-        cluster = LocalCluster(n_workers=PROCESSES, threads_per_worker=1, processes=True,
-                               dashboard_address=None)
+
+        cluster = LocalCluster(
+            n_workers=PROCESSES, threads_per_worker=1, processes=True, dashboard_address=None
+        )
         client = Client(cluster)
 
         def close() -> None:
             client.close()
             cluster.close()
+
         return PoolAdapter(_DaskPool(client), close)
 
 
 SYSTEM_CLASSES: dict[str, type[System]] = {
-    c.name: c for c in (MpSystem, AchillesLocalSystem, AchillesCliSystem,
-                        AchillesCliTlsSystem, LokySystem, RaySystem, DaskSystem)}
+    c.name: c
+    for c in (
+        MpSystem,
+        AchillesLocalSystem,
+        AchillesCliSystem,
+        AchillesCliTlsSystem,
+        LokySystem,
+        RaySystem,
+        DaskSystem,
+    )
+}

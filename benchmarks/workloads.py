@@ -4,6 +4,7 @@ Every system runs exactly these functions, imported from this module: the same b
 for ``multiprocessing.Pool``, achilles and the peers. Only the standard library is
 used here, so that achilles can ship this file by source to nodes that do not have it.
 """
+
 from __future__ import annotations
 
 import random

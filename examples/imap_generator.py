@@ -3,6 +3,7 @@
 The generator is read only as fast as results come back (a bounded window of chunks),
 and results are handled as they finish, in whatever order that is.
 """
+
 import hashlib
 
 from achilles import Pool

@@ -1,4 +1,5 @@
 """Estimate pi by throwing random darts, in batches spread across the cluster."""
+
 import random
 
 from achilles import Pool

@@ -4,6 +4,7 @@ With nothing configured, Pool() starts an embedded cluster on this machine; with
 ACHILLES_HOST / ACHILLES_PORT / ACHILLES_SECRET_KEY set (or a .env file), the same
 script runs on every node of that cluster.
 """
+
 from achilles import Pool  # was: from multiprocessing import Pool
 
 

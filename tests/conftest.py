@@ -6,6 +6,7 @@ stopped by a finalizer (SIGTERM, then SIGKILL to its process group), whatever th
 test's outcome. Here are the fixtures around it: a cluster's output is printed when
 its test failed, and the session fails if any process is left behind.
 """
+
 from __future__ import annotations
 
 import os
@@ -74,8 +75,10 @@ def cluster(request: Any, tmp_path_factory: Any) -> Cluster:
 @pytest.fixture
 def fresh_cluster(request: Any, tmp_path_factory: Any) -> Callable[..., Cluster]:
     """Factory for a cluster of a test's own (for tests that break it)."""
+
     def make(nodes: int = 2, processes: int = 1) -> Cluster:
         return _make_cluster(request, tmp_path_factory, nodes, processes)
+
     return make
 
 
@@ -101,5 +104,6 @@ def check_process_leak() -> Any:
 
 def run_python(code: str, timeout: float = 60, **kwargs: Any) -> subprocess.CompletedProcess:
     """Run a program in a fresh interpreter (crochet-style process-level tests)."""
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=timeout, **kwargs)
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, **kwargs
+    )

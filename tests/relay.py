@@ -5,6 +5,7 @@ its own (what an attacker on the network path would do to read the traffic), and
 rewrite the handshake's header lines (to try role escalation). One thread per
 connection direction; :meth:`Relay.close` stops them all (a fixture calls it).
 """
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,9 @@ Rewrite = Callable[[str, dict[str, Any]], dict[str, Any]]
 
 
 class Relay:
-    def __init__(self, server_port: int, terminate_tls: bool = False,
-                 rewrite: Rewrite | None = None) -> None:
+    def __init__(
+        self, server_port: int, terminate_tls: bool = False, rewrite: Rewrite | None = None
+    ) -> None:
         self.server_port = server_port
         self.rewrite = rewrite
         self.listener = socket.create_server(("127.0.0.1", 0))
@@ -113,6 +115,7 @@ def _tls_contexts() -> tuple[ssl.SSLContext, ssl.SSLContext]:
     """The attacker's own certificate to show clients, and a client side that accepts
     any server certificate."""
     from achilles.net.tls import _new_certificate
+
     pem = _new_certificate()
     fd, path = tempfile.mkstemp(suffix=".pem")
     with os.fdopen(fd, "wb") as f:

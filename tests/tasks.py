@@ -1,5 +1,6 @@
 """Task functions for the integration tests: a local module (not installed), so the
 nodes, which run in another directory, receive it by source."""
+
 from __future__ import annotations
 
 import os
@@ -77,6 +78,7 @@ def numbers(n: int):
 def exit_three(x: int) -> int:
     if x == 3:
         import sys
+
         sys.exit(3)
     return x
 
@@ -90,6 +92,7 @@ def hard_exit(x: int) -> int:
 def segfault(x: int) -> int:
     if x == 3:
         import faulthandler
+
         faulthandler._sigsegv()
     return x
 

@@ -1,6 +1,7 @@
 """Test helpers for the wire format: a frame as one ``bytes``, a reader that returns
 every frame of each feed at once, a peer's proof, and :class:`Raw`, a peer that speaks
 the protocol by hand over a plain socket (to attack a real server with)."""
+
 from __future__ import annotations
 
 import json
@@ -22,8 +23,7 @@ class Decoder(FrameReader):
     """A :class:`FrameReader` that returns every frame of each feed at once (payloads
     allowed unless told otherwise: it reads an authenticated stream)."""
 
-    def __init__(self, max_payload: int = MAX_PAYLOAD_LENGTH,
-                 allow_payload: bool = True) -> None:
+    def __init__(self, max_payload: int = MAX_PAYLOAD_LENGTH, allow_payload: bool = True) -> None:
         super().__init__(max_payload, allow_payload)
 
     def feed(self, data: bytes) -> list[Frame]:  # type: ignore[override]
@@ -36,12 +36,21 @@ class Decoder(FrameReader):
             frames.append(frame)
 
 
-def auth_reply(server_nonce: str, secret: str, role: str = "controller",
-               username: str = "achilles", name: str = "peer", slots: int = 1,
-               version: int | None = None, python: str | None = None,
-               server_python: str | None = None, binding: str = "",
-               digest: str | None = None, nonce: str | None = None,
-               session: str | None = None) -> Any:
+def auth_reply(
+    server_nonce: str,
+    secret: str,
+    role: str = "controller",
+    username: str = "achilles",
+    name: str = "peer",
+    slots: int = 1,
+    version: int | None = None,
+    python: str | None = None,
+    server_python: str | None = None,
+    binding: str = "",
+    digest: str | None = None,
+    nonce: str | None = None,
+    session: str | None = None,
+) -> Any:
     """A peer's AuthReply to a Challenge with ``server_nonce``, proven with ``secret``
     over the transcript it describes (or with the ``digest`` given). Its ``session`` is
     a new random one unless given: a controller with the session of another connection
@@ -51,12 +60,23 @@ def auth_reply(server_nonce: str, secret: str, role: str = "controller",
     from achilles.net.connection import PYTHON
     from achilles.protocol import auth
     from achilles.protocol.messages import PROTOCOL_VERSION, AuthReply
+
     version = PROTOCOL_VERSION if version is None else version
     python = PYTHON if python is None else python
     nonce = auth.make_nonce(os.urandom(auth.NONCE_BYTES)) if nonce is None else nonce
     session = auth.make_session(os.urandom(16)) if session is None else session
-    t = auth.Transcript(server_nonce, nonce, role, username, name, version, python,
-                        PYTHON if server_python is None else server_python, binding, session)
+    t = auth.Transcript(
+        server_nonce,
+        nonce,
+        role,
+        username,
+        name,
+        version,
+        python,
+        PYTHON if server_python is None else server_python,
+        binding,
+        session,
+    )
     proof = auth.peer_digest(secret, t) if digest is None else digest
     return AuthReply(role, username, nonce, proof, version, python, slots, name, session)
 
@@ -65,8 +85,19 @@ def transcript(server_nonce: str, reply: Any, binding: str = "") -> Any:
     """The transcript a server with ``server_nonce`` checks ``reply`` against."""
     from achilles.net.connection import PYTHON
     from achilles.protocol import auth
-    return auth.Transcript(server_nonce, reply.nonce, reply.role, reply.username, reply.name,
-                           reply.version, reply.python, PYTHON, binding, reply.session)
+
+    return auth.Transcript(
+        server_nonce,
+        reply.nonce,
+        reply.role,
+        reply.username,
+        reply.name,
+        reply.version,
+        reply.python,
+        PYTHON,
+        binding,
+        reply.session,
+    )
 
 
 class Raw:
@@ -127,22 +158,36 @@ class Raw:
         self.nonce = msg.nonce
         return msg
 
-    def auth_reply(self, secret: str, role: str = "controller", username: str = "achilles",
-                   name: str = "raw-socket", session: str | None = None,
-                   **changes: Any) -> bytes:
+    def auth_reply(
+        self,
+        secret: str,
+        role: str = "controller",
+        username: str = "achilles",
+        name: str = "raw-socket",
+        session: str | None = None,
+        **changes: Any,
+    ) -> bytes:
         """A header line answering the challenge, proven with ``secret``; ``changes``
         replace header fields after the proof (those outside the transcript, such as
         ``slots``, keep it valid)."""
         reply = auth_reply(self.nonce, secret, role, username, name=name, session=session)
-        header = {"t": "auth", "len": 0, "role": role, "username": username,
-                  "nonce": reply.nonce, "digest": reply.digest,
-                  "version": reply.version, "python": reply.python, "slots": 1,
-                  "name": name, "session": reply.session}
+        header = {
+            "t": "auth",
+            "len": 0,
+            "role": role,
+            "username": username,
+            "nonce": reply.nonce,
+            "digest": reply.digest,
+            "version": reply.version,
+            "python": reply.python,
+            "slots": 1,
+            "name": name,
+            "session": reply.session,
+        }
         header.update(changes)
         return json.dumps(header).encode() + b"\n"
 
-    def authenticate(self, secret: str, role: str = "controller",
-                     **reply: Any) -> m.Welcome:
+    def authenticate(self, secret: str, role: str = "controller", **reply: Any) -> m.Welcome:
         self.challenge()
         self.send(self.auth_reply(secret, role, **reply))
         msg = self.next_msg()

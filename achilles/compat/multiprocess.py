@@ -23,6 +23,7 @@
 No Twisted here: the fork server preloads this module, and every worker unpickles the
 process classes :func:`forkserver_context` makes.
 """
+
 from __future__ import annotations
 
 import io
@@ -181,6 +182,7 @@ def forkserver_context(drop: tuple[str, ...]) -> Any:
 def forkserver_pid() -> int | None:
     """The pid of this process's fork server, if it started one."""
     from multiprocess import forkserver
+
     return forkserver._forkserver._forkserver_pid
 
 

@@ -12,6 +12,7 @@ newest release those tests passed on).
   a forked child drops the parent's reactor and installs a fresh one
   (:mod:`achilles.net.reactor`).
 """
+
 from __future__ import annotations
 
 import socket
@@ -45,8 +46,11 @@ def nothing_buffered(transport: Any) -> bool:
     """Nothing waits in the transport's write buffer, and it is open. (Only the
     reactor's ``doWrite`` changes that buffer without our lock, and it only drains it:
     once it looks empty, everything written before is in the kernel.)"""
-    return not (transport._tempDataBuffer or transport.offset < len(transport.dataBuffer)) \
-        and bool(transport.connected) and not transport.disconnecting
+    return (
+        not (transport._tempDataBuffer or transport.offset < len(transport.dataBuffer))
+        and bool(transport.connected)
+        and not transport.disconnecting
+    )
 
 
 def forget_reactor() -> Any:
@@ -54,6 +58,7 @@ def forget_reactor() -> Any:
     it. The next ``from twisted.internet import reactor`` installs a fresh default one."""
     old = sys.modules.pop("twisted.internet.reactor", None)
     import twisted.internet
+
     if getattr(twisted.internet, "reactor", None) is old:
         del twisted.internet.reactor
     threadable.ioThread = None

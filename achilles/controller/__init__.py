@@ -4,6 +4,7 @@
 sent on it; :mod:`.handles` has the jobs as the pool's threads see them. The
 bookkeeping between them is the sans-IO :mod:`achilles.core.session`.
 """
+
 from achilles.controller.client import Controller, ControllerProtocol
 from achilles.controller.handles import ApplyHandle, Handle, JobHandle
 

@@ -12,6 +12,7 @@ Threads: everything runs in the reactor thread except ``send_call_now``, which a
 ``apply`` calls from its own thread. ``_lock`` serialises the session's ``handle``
 between the two; it is held for nothing else, so it nests with no other lock.
 """
+
 from __future__ import annotations
 
 import json
@@ -75,29 +76,36 @@ class Controller:
         self.settings = settings
         self.reactor = reactor
         self.session: ses.Session[Handle] = ses.Session(
-            f"{settings.host}:{settings.port}", settings.reconnect_timeout)
+            f"{settings.host}:{settings.port}", settings.reconnect_timeout
+        )
         self._lock = threading.Lock()
         self.proto: ControllerProtocol | None = None
         self.cluster = Cluster(0, 0)
         self._ready: list[defer.Deferred[Any]] = []
-        self._replies: dict[type, deque[defer.Deferred[Any]]] = {
-            Status: deque(), Killed: deque()}
+        self._replies: dict[type, deque[defer.Deferred[Any]]] = {Status: deque(), Killed: deque()}
         self._deadline: Any = None
         self._chunks_out: list[ses.QueueChunk] = []
         self.users = 0  # pools sharing this connection (see pool.connections)
         endpoint = client_endpoint(reactor, settings)
         cls = type("Proto", (ControllerProtocol,), {"role": role})
-        factory = ClientFactory(cls, self, secret=require_secret(settings, "a controller"),
-                                clock=reactor,
-                                username=settings.username,
-                                heartbeat_interval=settings.heartbeat_interval,
-                                heartbeat_timeout=settings.heartbeat_timeout,
-                                # the same on every reconnect: the server gives this
-                                # controller its jobs back (see AuthReply.session)
-                                session=auth.make_session(os.urandom(16)))
-        self.service = ClientService(endpoint, cast(IProtocolFactory, factory), clock=reactor,
-                                     retryPolicy=backoffPolicy(initialDelay=0.1, maxDelay=2.0,
-                                                               jitter=_JITTER.random))
+        factory = ClientFactory(
+            cls,
+            self,
+            secret=require_secret(settings, "a controller"),
+            clock=reactor,
+            username=settings.username,
+            heartbeat_interval=settings.heartbeat_interval,
+            heartbeat_timeout=settings.heartbeat_timeout,
+            # the same on every reconnect: the server gives this
+            # controller its jobs back (see AuthReply.session)
+            session=auth.make_session(os.urandom(16)),
+        )
+        self.service = ClientService(
+            endpoint,
+            cast(IProtocolFactory, factory),
+            clock=reactor,
+            retryPolicy=backoffPolicy(initialDelay=0.1, maxDelay=2.0, jitter=_JITTER.random),
+        )
         self._run(ses.Started())  # the deadline runs before the first attempt can end
         self.service.startService()
         reactor.addSystemEventTrigger("before", "shutdown", self._run, ses.Closing())
@@ -138,8 +146,7 @@ class Controller:
             for d in waiting:
                 d.errback(ins.error)
         elif isinstance(ins, ses.StartDeadline):
-            self._deadline = self.reactor.callLater(ins.delay, self._run,
-                                                    ses.DeadlinePassed())
+            self._deadline = self.reactor.callLater(ins.delay, self._run, ses.DeadlinePassed())
         elif isinstance(ins, ses.CancelDeadline):
             if self._deadline is not None and self._deadline.active():
                 self._deadline.cancel()
@@ -172,8 +179,13 @@ class Controller:
     def refused(self, err: ErrorFrame, proven: bool = True) -> None:
         """The server refused us: retry if it only said "not now" (or has not proved
         itself), else give up."""
-        self._run(ses.Refused(err.detail, err.code in TRANSIENT_REFUSALS or not proven,
-                              unproven_auth=err.code == "auth-failed" and not proven))
+        self._run(
+            ses.Refused(
+                err.detail,
+                err.code in TRANSIENT_REFUSALS or not proven,
+                unproven_auth=err.code == "auth-failed" and not proven,
+            )
+        )
 
     def when_ready(self) -> defer.Deferred[Any]:
         """Fires once authenticated (at once if already)."""
@@ -220,7 +232,8 @@ class Controller:
             if proto is None or not self.session.holds(handle.id):
                 return False
             out = self.session.handle(
-                ses.CallMade(handle, handle.submit_frame(), handle.function, seq, payload))
+                ses.CallMade(handle, handle.submit_frame(), handle.function, seq, payload)
+            )
         [send] = out  # connected, and the job held: the chunk's frame, nothing else
         assert isinstance(send, ses.Send)
         return proto.send_now(send.msg, send.payload)
@@ -259,11 +272,13 @@ class Controller:
     # -- admin ------------------------------------------------------------------------
     def request(self, msg: Message, reply: type) -> defer.Deferred[Any]:
         """Send ``msg`` once connected; fires with the next ``reply`` frame's value."""
+
         def send(_: Any) -> defer.Deferred[Any]:
             d: defer.Deferred[Any] = defer.Deferred()
             self._replies[reply].append(d)
             self._send(msg)
             return d
+
         return self.when_ready().addCallback(send)
 
     def status(self) -> defer.Deferred[Any]:
@@ -286,15 +301,17 @@ class Controller:
 
     def _on_results(self, msg: Results, payload: bytes) -> None:
         job = msg.job
-        for seq, piece, status, elapsed in zip(msg.seqs, split(payload, msg.sizes),
-                                               msg.statuses, msg.elapsed):
+        for seq, piece, status, elapsed in zip(
+            msg.seqs, split(payload, msg.sizes), msg.statuses, msg.elapsed
+        ):
             if not self.session.holds(job):
                 break  # the job ended (or failed) on an earlier item
             self._run(ses.ResultReceived(job, seq, status, piece, elapsed))
 
     def _on_job_failed(self, msg: JobFailed, payload: bytes) -> None:
-        self._run(ses.FailureReceived(msg.job, msg.seq, msg.reason,
-                                      payload.decode("utf-8", "replace")))
+        self._run(
+            ses.FailureReceived(msg.job, msg.seq, msg.reason, payload.decode("utf-8", "replace"))
+        )
 
     def _on_cluster(self, msg: Cluster, payload: bytes) -> None:
         self.cluster = msg
@@ -315,8 +332,11 @@ class Controller:
 
 #: frame type -> handler
 _HANDLERS: dict[type, Callable[[Controller, Any, bytes], None]] = {
-    Result: Controller._on_result, Results: Controller._on_results,
-    JobFailed: Controller._on_job_failed, Cluster: Controller._on_cluster,
-    Status: Controller._on_status, Killed: Controller._on_killed,
+    Result: Controller._on_result,
+    Results: Controller._on_results,
+    JobFailed: Controller._on_job_failed,
+    Cluster: Controller._on_cluster,
+    Status: Controller._on_status,
+    Killed: Controller._on_killed,
     ErrorFrame: Controller._on_error,
 }

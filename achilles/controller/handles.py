@@ -7,6 +7,7 @@ share). The reactor thread delivers outcomes into them; the pool's threads feed 
 and wait on ``cond``. What the server still owes them, and what to send again after a
 reconnect, is the controller's session (:mod:`achilles.core.session`), not theirs.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -54,16 +55,25 @@ class Handle(Protocol):
 
 
 def _submit(handle: JobHandle | ApplyHandle, total: int, isolated: bool) -> Submit:
-    return Submit(handle.id, handle.max_attempts, handle.timeout, handle.limit, total,
-                  int(isolated))
+    return Submit(
+        handle.id, handle.max_attempts, handle.timeout, handle.limit, total, int(isolated)
+    )
 
 
 class JobHandle:
     """One ``map``/``imap`` job, shared by the reactor thread and the pool's threads
     (under ``cond``)."""
 
-    def __init__(self, function: bytes, ordered: bool, window: int, max_attempts: int = 3,
-                 timeout: float = 0.0, limit: int = 0, total: int = -1) -> None:
+    def __init__(
+        self,
+        function: bytes,
+        ordered: bool,
+        window: int,
+        max_attempts: int = 3,
+        timeout: float = 0.0,
+        limit: int = 0,
+        total: int = -1,
+    ) -> None:
         self.id = uuid.uuid4().hex
         self.function = function
         self.max_attempts = max_attempts
@@ -123,8 +133,10 @@ class JobHandle:
         with self.cond:
             self.core.lift_window()
             self.cond.notify_all()
-            self.cond.wait_for(lambda: gone() or self.core.complete() or self.cancelled
-                               or self.error is not None, timeout)
+            self.cond.wait_for(
+                lambda: gone() or self.core.complete() or self.cancelled or self.error is not None,
+                timeout,
+            )
         return False
 
 
@@ -142,8 +154,9 @@ class ApplyHandle:
 
     total = -1
 
-    def __init__(self, function: bytes, max_attempts: int = 3, timeout: float = 0.0,
-                 limit: int = 0) -> None:
+    def __init__(
+        self, function: bytes, max_attempts: int = 3, timeout: float = 0.0, limit: int = 0
+    ) -> None:
         self.id = uuid.uuid4().hex
         self.function = function
         self.max_attempts = max_attempts

@@ -8,6 +8,7 @@ ten-million-item generator out of memory, and keeps a slow ``imap`` consumer fro
 making anyone buffer without bound. The wire side (holding each chunk's bytes until
 its result, sending them again after a reconnect) is :mod:`achilles.core.session`.
 """
+
 from __future__ import annotations
 
 import enum
@@ -21,6 +22,7 @@ from achilles.protocol.messages import ChunkStatus
 class OutcomeStatus(enum.Enum):
     """How a chunk ended, as the caller sees it: a node's OK or ERROR, or one of these
     two that no node reported (plain text values, as ``ChunkStatus``)."""
+
     OK = ChunkStatus.OK.value  #: its results
     ERROR = ChunkStatus.ERROR.value  #: a task raised
     FAILED = "failed"  #: the server gave up on it (attempts exhausted)
@@ -154,8 +156,7 @@ class Job:
         info = self.pending.pop(seq, None)
         if info is None:
             return False
-        self._ready[seq] = Outcome(seq, status, payload, info.start, info.count,
-                                   reason=reason)
+        self._ready[seq] = Outcome(seq, status, payload, info.start, info.count, reason=reason)
         return True
 
     def on_failed(self, seq: int, detail: str, reason: str = "") -> bool:

@@ -20,6 +20,7 @@ with code 0 after freeing its slot: that is no death.
 Time comes in as a number (``time.monotonic`` of the node, which is the clock the
 workers write their start times with).
 """
+
 from __future__ import annotations
 
 import signal
@@ -61,6 +62,7 @@ def describe_exit(code: int | None) -> str:
 @dataclass(frozen=True, slots=True)
 class FunctionArrived:
     """Connection (Function frame): a job's code, before its first chunk here."""
+
     job: str
     bundle: bytes
 
@@ -68,6 +70,7 @@ class FunctionArrived:
 @dataclass(frozen=True, slots=True)
 class ChunksArrived:
     """Connection (Task or Tasks frame): one or more chunks of a job, to run."""
+
     job: str
     seqs: Sequence[int]
     payloads: Sequence[bytes]
@@ -78,6 +81,7 @@ class ChunksArrived:
 class ResultsRead:
     """Executor (a pool's result pipe): outcomes the workers of pool ``generation``
     wrote, in the order they wrote them."""
+
     generation: int
     results: Sequence[Outcome]
 
@@ -88,6 +92,7 @@ class WorkersDied:
     ``generation`` exited. ``exits`` is (pid, exit code) each (negative: a signal);
     ``slot_pids`` the pids the slot table holds and ``busy`` its busy slots, both read
     after the exits were seen. Time limits are checked too, at ``now``."""
+
     generation: int
     now: float
     exits: Sequence[tuple[int, int | None]]
@@ -99,6 +104,7 @@ class WorkersDied:
 class Tick:
     """Executor, every WATCH_INTERVAL: the current pool's busy slots, to check time
     limits at ``now``."""
+
     now: float
     busy: Sequence[Busy]
 
@@ -107,6 +113,7 @@ class Tick:
 class PoolRestarted:
     """Executor, having carried out RestartPool: pool ``generation`` is dead, and
     ``results`` are the outcomes its workers had written before it went (none is lost)."""
+
     generation: int
     results: Sequence[Outcome]
 
@@ -114,6 +121,7 @@ class PoolRestarted:
 @dataclass(frozen=True, slots=True)
 class JobCancelled:
     """Connection (Cancel frame): drop a job's code and chunks, stop its running ones."""
+
     job: str
 
 
@@ -127,8 +135,17 @@ class Closing:
     """Node, stopping: stop everything; nothing is sent or reported after this."""
 
 
-Event = (FunctionArrived | ChunksArrived | ResultsRead | WorkersDied | Tick | PoolRestarted
-         | JobCancelled | AllCancelled | Closing)
+Event = (
+    FunctionArrived
+    | ChunksArrived
+    | ResultsRead
+    | WorkersDied
+    | Tick
+    | PoolRestarted
+    | JobCancelled
+    | AllCancelled
+    | Closing
+)
 
 
 # --- instructions --------------------------------------------------------------------
@@ -136,6 +153,7 @@ Event = (FunctionArrived | ChunksArrived | ResultsRead | WorkersDied | Tick | Po
 class StoreFunction:
     """Keep a job's code for its chunks: as bytes, or if ``spool``, in a file the workers
     read (a large bundle would otherwise be copied through the pipe with every chunk)."""
+
     job: str
     number: int
     bundle: bytes
@@ -145,12 +163,14 @@ class StoreFunction:
 @dataclass(frozen=True, slots=True)
 class DropFunction:
     """Forget a job's code (and remove its spooled file, if any)."""
+
     job: str
 
 
 @dataclass(slots=True)  # not frozen: one per chunk (see HOT)
 class SendToPool:
     """Write this chunk to the current pool's task pipe, with its job's code."""
+
     job: str
     seq: int
     number: int  # the job's number: the slot table names jobs by number
@@ -160,6 +180,7 @@ class SendToPool:
 @dataclass(slots=True)  # not frozen: one per chunk (see HOT)
 class Report:
     """Send a chunk's outcome to the server (held until the next Flush)."""
+
     job: str
     seq: int
     status: str
@@ -177,6 +198,7 @@ class RestartPool:
     """Read what the current pool's result pipe holds, kill that pool, start pool
     ``generation``, then feed PoolRestarted. ``reason`` (empty for a cancellation) is
     what to log."""
+
     generation: int
     reason: str
 
@@ -186,13 +208,13 @@ class Shutdown:
     """Stop watching, kill the pool's workers, remove the spooled code."""
 
 
-Instruction = (StoreFunction | DropFunction | SendToPool | Report | Flush | RestartPool
-               | Shutdown)
+Instruction = StoreFunction | DropFunction | SendToPool | Report | Flush | RestartPool | Shutdown
 
 
 @dataclass(slots=True, eq=False)
 class Item:
     """A chunk this node holds, waiting or running."""
+
     job: str
     seq: int
     payload: bytes
@@ -243,14 +265,16 @@ class NodeWork:
         else:
             self.last_number += 1
             self.job_numbers[ev.job] = self.last_number
-        self._out.append(StoreFunction(ev.job, self.job_numbers[ev.job], ev.bundle,
-                                       len(ev.bundle) > SPOOL_ABOVE))
+        self._out.append(
+            StoreFunction(ev.job, self.job_numbers[ev.job], ev.bundle, len(ev.bundle) > SPOOL_ABOVE)
+        )
 
     def _on_chunks_arrived(self, ev: ChunksArrived) -> None:
         # no check for a chunk already held: the server tracks what each node holds and
         # never sends it twice (validate() checks it in the tests)
-        self.waiting.extend(Item(ev.job, seq, payload, ev.timeout)
-                            for seq, payload in zip(ev.seqs, ev.payloads))
+        self.waiting.extend(
+            Item(ev.job, seq, payload, ev.timeout) for seq, payload in zip(ev.seqs, ev.payloads)
+        )
         self._fill()
 
     def _on_job_cancelled(self, ev: JobCancelled) -> None:
@@ -317,8 +341,7 @@ class NodeWork:
                 self.pace.observe(elapsed)
             self._report(job, seq, status, payload, elapsed)
 
-    def _report(self, job: str, seq: int, status: str, payload: bytes,
-                elapsed: float) -> None:
+    def _report(self, job: str, seq: int, status: str, payload: bytes, elapsed: float) -> None:
         self._out.append(Report(job, seq, status, payload, elapsed))
         self._reported = True
 
@@ -328,8 +351,7 @@ class NodeWork:
             return  # a pool already replaced
         pids = set(ev.slot_pids)
         # exit code 0 and no slot: it retired (maxtasksperchild) between chunks
-        dead = {pid: describe_exit(code) for pid, code in ev.exits
-                if code != 0 or pid in pids}
+        dead = {pid: describe_exit(code) for pid, code in ev.exits if code != 0 or pid in pids}
         self._check(ev.now, dead, ev.busy)
 
     def _on_tick(self, ev: Tick) -> None:
@@ -347,15 +369,22 @@ class NodeWork:
             if item is None:
                 continue
             if pid in dead:
-                self._blamed[key] = (CRASHED, (
-                    f"worker pid {pid} died ({dead[pid]}) running chunk {seq} of job "
-                    f"{item.job} on node {self.name}").encode())
+                self._blamed[key] = (
+                    CRASHED,
+                    (
+                        f"worker pid {pid} died ({dead[pid]}) running chunk {seq} of job "
+                        f"{item.job} on node {self.name}"
+                    ).encode(),
+                )
             elif item.timeout > 0 and now - started > item.timeout:
                 dead[pid] = "time limit"
-                self._blamed[key] = (TIMEOUT, (
-                    f"chunk {seq} of job {item.job} ran past its time limit of "
-                    f"{item.timeout:g} s on node {self.name}; its worker was killed"
-                ).encode())
+                self._blamed[key] = (
+                    TIMEOUT,
+                    (
+                        f"chunk {seq} of job {item.job} ran past its time limit of "
+                        f"{item.timeout:g} s on node {self.name}; its worker was killed"
+                    ).encode(),
+                )
         if dead:
             self._restart(", ".join(f"worker {pid} {why}" for pid, why in dead.items()))
 
@@ -381,10 +410,16 @@ class NodeWork:
             if blame is not None:
                 self._report(item.job, item.seq, blame[0], blame[1], 0.0)
             elif item.reruns >= MAX_LOCAL_RERUNS:
-                self._report(item.job, item.seq, CRASHED, (
-                    f"chunk {item.seq} of job {item.job} was running on node {self.name} "
-                    f"when its pool had to be restarted, {item.reruns + 1} times").encode(),
-                    0.0)
+                self._report(
+                    item.job,
+                    item.seq,
+                    CRASHED,
+                    (
+                        f"chunk {item.seq} of job {item.job} was running on node {self.name} "
+                        f"when its pool had to be restarted, {item.reruns + 1} times"
+                    ).encode(),
+                    0.0,
+                )
             else:
                 item.reruns += 1
                 self.waiting.appendleft(item)
@@ -405,8 +440,9 @@ class NodeWork:
         keys = [(i.job, i.seq) for i in self.waiting]
         assert len(set(keys)) == len(keys), "a chunk waits twice"
         assert all(i.gen == 0 or i.reruns for i in self.waiting), "a sent chunk waits"
-        assert not any(k in self.running and not self.running[k].cancelled for k in keys), \
+        assert not any(k in self.running and not self.running[k].cancelled for k in keys), (
             "a chunk both waits and runs"
+        )
         numbers = list(self.job_numbers.values())
         assert len(set(numbers)) == len(numbers), "two jobs share a number"
         assert all(0 < n <= self.last_number for n in numbers), "a job number from nowhere"

@@ -3,6 +3,7 @@
 One rule serves three places: the server (chunks per slot it gives a node), a node
 (chunks per worker it puts in its pool) and the controller (a job's window).
 """
+
 from __future__ import annotations
 
 #: chunks per slot queued ahead while chunks are long

@@ -32,6 +32,7 @@ Execution is at least once: a chunk on a lost node runs again elsewhere. Results
 forwarded once per chunk; a late result of a job the node was told to drop is dropped
 here, and one for a chunk the node was never given gets the node refused.
 """
+
 from __future__ import annotations
 
 from collections import deque
@@ -106,7 +107,6 @@ class NodeState:
         return 0 if self.draining else self.slots * self.pace.depth
 
 
-
 @dataclass
 class JobState:
     id: str  # the key (see job_key)
@@ -134,7 +134,6 @@ class JobState:
 
     def eligible(self) -> bool:
         return bool(self.queue) and (self.limit <= 0 or len(self.inflight) < self.limit)
-
 
 
 class Scheduler:
@@ -168,8 +167,9 @@ class Scheduler:
             job = self.jobs.get(job_id)
             if job is not None and job.inflight.get(seq) == node.id:
                 del job.inflight[seq]
-                self._retry(job, seq, CRASHED,
-                            f"node {node.name} was lost ({ev.reason}) while running it")
+                self._retry(
+                    job, seq, CRASHED, f"node {node.name} was lost ({ev.reason}) while running it"
+                )
         for job in self.jobs.values():
             job.shunned.discard(node.id)
         self._cluster_changed()
@@ -191,9 +191,18 @@ class Scheduler:
         if key in self.jobs:
             self._out.append(Refuse(ev.owner, f"job {ev.job} exists already", job=ev.job))
             return
-        self.jobs[key] = JobState(key, ev.job, ev.owner, ev.function, max(1, ev.max_attempts),
-                                  ev.timeout, ev.limit, self._now, total=ev.total,
-                                  isolated=ev.isolated)
+        self.jobs[key] = JobState(
+            key,
+            ev.job,
+            ev.owner,
+            ev.function,
+            max(1, ev.max_attempts),
+            ev.timeout,
+            ev.limit,
+            self._now,
+            total=ev.total,
+            isolated=ev.isolated,
+        )
 
     def _on_chunk_added(self, ev: ChunkAdded) -> None:
         self._add_chunk(self._owned(ev.job, ev.seq, ev.owner), ev.seq, ev.payload)
@@ -211,8 +220,9 @@ class Scheduler:
         none of that name."""
         job = self.jobs.get(job_key(owner, name))
         if job is None:
-            self._out.append(Refuse(owner, f"chunk {seq} for unknown job {name}", job=name,
-                                    seq=seq))
+            self._out.append(
+                Refuse(owner, f"chunk {seq} for unknown job {name}", job=name, seq=seq)
+            )
         return job
 
     @staticmethod
@@ -263,14 +273,14 @@ class Scheduler:
         self._dispatch()
 
     def _on_results_received(self, ev: ResultsReceived) -> None:
-        for seq, status, payload, elapsed in zip(ev.seqs, ev.statuses, ev.payloads,
-                                                 ev.elapsed):
+        for seq, status, payload, elapsed in zip(ev.seqs, ev.statuses, ev.payloads, ev.elapsed):
             if not self._take_result(ev.node, ev.job, seq, status, payload, elapsed):
                 break
         self._dispatch()
 
-    def _take_result(self, node_id: int, job_id: str, seq: int, status: str,
-                     payload: bytes, elapsed: float) -> bool:
+    def _take_result(
+        self, node_id: int, job_id: str, seq: int, status: str, payload: bytes, elapsed: float
+    ) -> bool:
         """One chunk's outcome; False if the node was refused (read no more from it)."""
         node = self.nodes.get(node_id)
         if node is None:
@@ -281,13 +291,16 @@ class Scheduler:
                 return True  # from before the job was dropped here: a harmless race
             # Only a misbehaving node reports a chunk it does not hold: a node that lost
             # a chunk to a requeue was disconnected or told to drop its job first.
-            self._out.append(Refuse(node_id, f"result for chunk {seq} of job "
-                                             f"{job_id}, which it was not given",
-                                    close=True))
+            self._out.append(
+                Refuse(
+                    node_id,
+                    f"result for chunk {seq} of job {job_id}, which it was not given",
+                    close=True,
+                )
+            )
             return False
         if status not in STATUSES:  # leave the chunk in flight: it is not lost
-            self._out.append(Refuse(node_id, f"unknown result status {status[:32]!r}",
-                                    close=True))
+            self._out.append(Refuse(node_id, f"unknown result status {status[:32]!r}", close=True))
             return False
         del job.inflight[seq]
         del node.inflight[(job_id, seq)]
@@ -295,16 +308,22 @@ class Scheduler:
             self._done(node, job, seq, status, payload, elapsed)
         elif status in (CRASHED, TIMEOUT):
             self._restart_clocks(node)  # the node restarted its pool: it reruns the rest
-            self._retry(job, seq, status,
-                        payload.decode("utf-8", "replace").replace(job.id, job.name))
+            self._retry(
+                job, seq, status, payload.decode("utf-8", "replace").replace(job.id, job.name)
+            )
         else:  # CANCELLED, for a live job: not ours to believe (the loop of issue 12)
             job.shunned.add(node.id)
-            self._retry(job, seq, CRASHED, f"node {node.name} answered {CANCELLED!r} for "
-                                           f"it, though its job was live")
+            self._retry(
+                job,
+                seq,
+                CRASHED,
+                f"node {node.name} answered {CANCELLED!r} for it, though its job was live",
+            )
         return True
 
-    def _done(self, node: NodeState, job: JobState, seq: int, status: str,
-              payload: bytes, elapsed: float) -> None:
+    def _done(
+        self, node: NodeState, job: JobState, seq: int, status: str, payload: bytes, elapsed: float
+    ) -> None:
         """A chunk ran (and returned or raised): pass its result on."""
         node.done += 1
         if status == OK:
@@ -325,8 +344,15 @@ class Scheduler:
             if job.isolated:
                 del job.attempts[seq]
             job.failures += 1
-            self._out.append(FailJob(job.owner, job.name, seq, status,
-                                     f"{detail} (attempt {attempts} of {job.max_attempts})"))
+            self._out.append(
+                FailJob(
+                    job.owner,
+                    job.name,
+                    seq,
+                    status,
+                    f"{detail} (attempt {attempts} of {job.max_attempts})",
+                )
+            )
             return
         job.retries += 1
         job.queue.appendleft(seq)
@@ -361,10 +387,16 @@ class Scheduler:
             del node.inflight[(job_id, seq)]
             del job.inflight[seq]
             if seq in late:
-                self._retry(job, seq, TIMEOUT, (
-                    f"node {node.name} held chunk {seq} of job {job.name} past its time "
-                    f"limit of {job.timeout:g} s (and {grace:g} s of grace) without an "
-                    f"answer; taken away"))
+                self._retry(
+                    job,
+                    seq,
+                    TIMEOUT,
+                    (
+                        f"node {node.name} held chunk {seq} of job {job.name} past its time "
+                        f"limit of {job.timeout:g} s (and {grace:g} s of grace) without an "
+                        f"answer; taken away"
+                    ),
+                )
             else:
                 job.queue.appendleft(seq)
         job.shunned.add(node.id)
@@ -379,9 +411,14 @@ class Scheduler:
     def _pick_job(self, blocked: set[str]) -> JobState | None:
         best: JobState | None = None
         for job in self.jobs.values():
-            if job.eligible() and job.id not in blocked and (
-                    best is None or (len(job.inflight), job.last_pick)
-                    < (len(best.inflight), best.last_pick)):
+            if (
+                job.eligible()
+                and job.id not in blocked
+                and (
+                    best is None
+                    or (len(job.inflight), job.last_pick) < (len(best.inflight), best.last_pick)
+                )
+            ):
                 best = job
         return best
 
@@ -415,8 +452,7 @@ class Scheduler:
             job.last_pick = self._picks
             job.inflight[seq] = node.id
             # its clock starts now if the node can be running it already (see NodeState)
-            node.inflight[(job.id, seq)] = self._now if len(node.inflight) < node.slots \
-                else -1.0
+            node.inflight[(job.id, seq)] = self._now if len(node.inflight) < node.slots else -1.0
             if job.id not in node.functions:
                 node.functions.add(job.id)
                 self._out.append(SendFunction(node.id, job.id, job.function))
@@ -431,38 +467,66 @@ class Scheduler:
             queued, flying = set(job.queue), set(job.inflight)
             _require(len(queued) == len(job.queue), f"job {job.id}: a chunk queued twice")
             _require(not queued & flying, f"job {job.id}: a chunk both queued and in flight")
-            _require(set(job.payloads) == queued | flying,
-                     f"job {job.id}: payloads kept for {sorted(job.payloads)}, but queued "
-                     f"{sorted(queued)} and in flight {sorted(flying)}")
-            _require(job.limit <= 0 or len(flying) <= job.limit,
-                     f"job {job.id}: {len(flying)} in flight over its limit {job.limit}")
+            _require(
+                set(job.payloads) == queued | flying,
+                f"job {job.id}: payloads kept for {sorted(job.payloads)}, but queued "
+                f"{sorted(queued)} and in flight {sorted(flying)}",
+            )
+            _require(
+                job.limit <= 0 or len(flying) <= job.limit,
+                f"job {job.id}: {len(flying)} in flight over its limit {job.limit}",
+            )
             for seq, node_id in job.inflight.items():
                 node = self.nodes.get(node_id)
-                _require(node is not None and (job.id, seq) in node.inflight,
-                         f"job {job.id}: chunk {seq} in flight on node {node_id}, which "
-                         f"does not hold it")
+                _require(
+                    node is not None and (job.id, seq) in node.inflight,
+                    f"job {job.id}: chunk {seq} in flight on node {node_id}, which "
+                    f"does not hold it",
+                )
         for node in self.nodes.values():
             for job_id, seq in node.inflight:
                 held = self.jobs.get(job_id)
-                _require(held is not None and held.inflight.get(seq) == node.id,
-                         f"node {node.id}: holds chunk {seq} of job {job_id}, which is "
-                         f"not in flight there")
-            _require(node.functions >= {j for j, _ in node.inflight},
-                     f"node {node.id}: runs chunks of a job whose function it was not sent")
+                _require(
+                    held is not None and held.inflight.get(seq) == node.id,
+                    f"node {node.id}: holds chunk {seq} of job {job_id}, which is "
+                    f"not in flight there",
+                )
+            _require(
+                node.functions >= {j for j, _ in node.inflight},
+                f"node {node.id}: runs chunks of a job whose function it was not sent",
+            )
 
     # -- status ----------------------------------------------------------------------
     def snapshot(self) -> dict[str, Any]:
         """A JSON-able view of the cluster for ``achilles status``."""
         return {
-            "nodes": [{"id": n.id, "name": n.name, "slots": n.slots,
-                       "inflight": len(n.inflight), "done": n.done,
-                       "draining": n.draining} for n in self.nodes.values()],
-            "jobs": [{"id": j.name, "owner": j.owner, "done": j.done,
-                      "total": j.total if j.total >= 0 else None, "added": j.added,
-                      "queued": len(j.queue), "inflight": len(j.inflight),
-                      "retries": j.retries, "age": round(self._now - j.submitted, 3),
-                      "chunks_per_s": round(j.done / max(self._now - j.submitted, 1e-9), 2),
-                      "failed": j.failures} for j in self.jobs.values()],
+            "nodes": [
+                {
+                    "id": n.id,
+                    "name": n.name,
+                    "slots": n.slots,
+                    "inflight": len(n.inflight),
+                    "done": n.done,
+                    "draining": n.draining,
+                }
+                for n in self.nodes.values()
+            ],
+            "jobs": [
+                {
+                    "id": j.name,
+                    "owner": j.owner,
+                    "done": j.done,
+                    "total": j.total if j.total >= 0 else None,
+                    "added": j.added,
+                    "queued": len(j.queue),
+                    "inflight": len(j.inflight),
+                    "retries": j.retries,
+                    "age": round(self._now - j.submitted, 3),
+                    "chunks_per_s": round(j.done / max(self._now - j.submitted, 1e-9), 2),
+                    "failed": j.failures,
+                }
+                for j in self.jobs.values()
+            ],
         }
 
 

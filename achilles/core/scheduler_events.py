@@ -5,6 +5,7 @@ A job has two names: the id its controller chose (``job`` in what comes from or 
 a controller) and the scheduler's key for it, ``<owner>-<id>`` (``job`` in what comes
 from or goes to a node; see ``scheduler.job_key``), so that two controllers may choose
 the same id."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 class NodeJoined:
     """Shell: a node authenticated; it has ``slots`` worker processes (so it says: the
     scheduler believes at most MAX_SLOTS)."""
+
     node: int
     slots: int
     name: str
@@ -27,6 +29,7 @@ class NodeJoined:
 @dataclass(frozen=True)
 class NodeLost:
     """Shell: a node's connection closed or went silent; its chunks are requeued."""
+
     node: int
     reason: str
 
@@ -34,12 +37,14 @@ class NodeLost:
 @dataclass(frozen=True)
 class NodeDraining:
     """Node (Drain frame): it is leaving; give it no more work."""
+
     node: int
 
 
 @dataclass(frozen=True)
 class JobSubmitted:
     """Controller ``owner`` (Submit frame): a new job and its function bundle."""
+
     job: str
     owner: int
     function: bytes
@@ -53,6 +58,7 @@ class JobSubmitted:
 @dataclass(slots=True)  # not frozen: one per chunk (see HOT)
 class ChunkAdded:
     """Controller ``owner`` (Chunk frame): one chunk of its job's arguments, to queue."""
+
     job: str
     seq: int
     payload: bytes
@@ -62,6 +68,7 @@ class ChunkAdded:
 @dataclass(slots=True)  # not frozen: one per chunk (see HOT)
 class ChunksAdded:
     """Several chunks of one job at once (a batch frame): queued, then dispatched."""
+
     job: str
     seqs: list[int]
     payloads: list[bytes]
@@ -71,6 +78,7 @@ class ChunksAdded:
 @dataclass(slots=True)  # not frozen: one per chunk (see HOT)
 class ResultReceived:
     """Node (Result frame): the outcome of one chunk it was given (``job``: the key)."""
+
     node: int
     job: str
     seq: int
@@ -82,6 +90,7 @@ class ResultReceived:
 @dataclass(slots=True)  # not frozen: one per chunk (see HOT)
 class ResultsReceived:
     """Several results of one job from one node (a batch frame)."""
+
     node: int
     job: str
     seqs: list[int]
@@ -93,6 +102,7 @@ class ResultsReceived:
 @dataclass(frozen=True)
 class JobCancelled:
     """Controller (Cancel frame): drop its job and everything of it the nodes hold."""
+
     job: str
     owner: int
 
@@ -100,6 +110,7 @@ class JobCancelled:
 @dataclass(frozen=True)
 class JobEnded:
     """Controller (End frame): it has every result of its job; forget the job."""
+
     job: str
     owner: int
 
@@ -107,6 +118,7 @@ class JobEnded:
 @dataclass(frozen=True)
 class OwnerLost:
     """Shell: a controller's connection closed; its jobs are dropped."""
+
     owner: int
 
 
@@ -116,14 +128,27 @@ class Tick:
     time limit (plus a grace) while still sending heartbeats."""
 
 
-Event = (NodeJoined | NodeLost | NodeDraining | JobSubmitted | ChunkAdded | ChunksAdded
-         | ResultReceived | ResultsReceived | JobCancelled | JobEnded | OwnerLost | Tick)
+Event = (
+    NodeJoined
+    | NodeLost
+    | NodeDraining
+    | JobSubmitted
+    | ChunkAdded
+    | ChunksAdded
+    | ResultReceived
+    | ResultsReceived
+    | JobCancelled
+    | JobEnded
+    | OwnerLost
+    | Tick
+)
 
 
 # --- instructions --------------------------------------------------------------------
 @dataclass(frozen=True)
 class SendFunction:
     """Send a job's function bundle to a node, before its first task of that job."""
+
     node: int
     job: str
     payload: bytes
@@ -132,6 +157,7 @@ class SendFunction:
 @dataclass(slots=True)  # not frozen: one per chunk (see HOT)
 class SendTask:
     """Send one chunk to a node to run (the shell batches these per node and job)."""
+
     node: int
     job: str
     seq: int
@@ -143,6 +169,7 @@ class SendTask:
 class CancelOnNode:
     """Tell the node to drop the job: its queued chunks, running ones, its function (its
     results for the job that are on their way are dropped here)."""
+
     node: int
     job: str
 
@@ -151,6 +178,7 @@ class CancelOnNode:
 class ForwardResult:
     """Pass a chunk's result (or its raised exception) to the job's controller (``job``:
     the id it chose)."""
+
     owner: int
     job: str
     seq: int
@@ -162,6 +190,7 @@ class ForwardResult:
 @dataclass(frozen=True)
 class FailJob:
     """Tell the controller a chunk failed for good (attempts exhausted); the job goes on."""
+
     owner: int
     job: str
     seq: int
@@ -172,6 +201,7 @@ class FailJob:
 @dataclass(frozen=True)
 class ClusterChanged:
     """Tell every controller the cluster's new size (live nodes, their slots)."""
+
     nodes: int
     slots: int
 
@@ -182,6 +212,7 @@ class Refuse:
     (an ErrorFrame "refused"), so that a controller learns that its submit or chunk was
     not taken; ``close`` if it can only be a misbehaving peer (not a race), and drop its
     connection."""
+
     peer: int
     reason: str
     close: bool = False
@@ -189,5 +220,6 @@ class Refuse:
     seq: int = -1  # and the chunk (-1: the job itself)
 
 
-Instruction = (SendFunction | SendTask | CancelOnNode | ForwardResult | FailJob | ClusterChanged
-               | Refuse)
+Instruction = (
+    SendFunction | SendTask | CancelOnNode | ForwardResult | FailJob | ClusterChanged | Refuse
+)

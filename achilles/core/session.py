@@ -18,6 +18,7 @@ handles), which instructions hand back.
 An apply job (``CallMade``) is opened by its first call, and after a failure by the
 next call: each call is one chunk of it, settled once.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -52,6 +53,7 @@ class Disconnected:
 @dataclass(frozen=True, slots=True)
 class Refused:
     """The server refused this controller (final unless ``transient``)."""
+
     detail: str
     transient: bool  # not now, or not proven by the server: it retries
     #: "auth-failed" from a server that did not prove it knows the secret (a wrong
@@ -72,6 +74,7 @@ class Closing:
 @dataclass(frozen=True, slots=True)
 class JobOpened(Generic[H]):
     """A job to submit, and to submit again after every reconnect."""
+
     owner: H
     submit: Submit
     function: bytes
@@ -80,6 +83,7 @@ class JobOpened(Generic[H]):
 @dataclass(slots=True)  # not frozen: one per chunk (see HOT)
 class ChunkMade:
     """A job's feeder made chunk ``seq``: held until its outcome, sent when connected."""
+
     job: str
     seq: int
     payload: bytes
@@ -88,6 +92,7 @@ class ChunkMade:
 @dataclass(slots=True)  # not frozen: one per call (see HOT)
 class CallMade(Generic[H]):
     """An apply call (one chunk of its job); the job is opened first if not held."""
+
     owner: H
     submit: Submit
     function: bytes
@@ -98,6 +103,7 @@ class CallMade(Generic[H]):
 @dataclass(slots=True)  # not frozen: one per chunk (see HOT)
 class ResultReceived:
     """A Result (or one item of Results) from the server."""
+
     job: str
     seq: int
     status: str
@@ -108,6 +114,7 @@ class ResultReceived:
 @dataclass(frozen=True, slots=True)
 class FailureReceived:
     """JobFailed: the server gave up on (or refused) chunk ``seq``, or the job (-1)."""
+
     job: str
     seq: int
     reason: str
@@ -117,31 +124,48 @@ class FailureReceived:
 @dataclass(frozen=True, slots=True)
 class JobEnded:
     """The caller has every outcome of the job: End it, and forget it."""
+
     job: str
 
 
 @dataclass(frozen=True, slots=True)
 class JobCancelled:
     """The caller gave up on the job: Cancel it, and forget it."""
+
     job: str
 
 
 @dataclass(frozen=True, slots=True)
 class CallAbandoned:
     """The caller stopped waiting for an apply call: it is not sent again."""
+
     job: str
     seq: int
 
 
-Event = (Started | Connected | Disconnected | Refused | DeadlinePassed | Closing
-         | JobOpened[H] | ChunkMade | CallMade[H] | ResultReceived | FailureReceived
-         | JobEnded | JobCancelled | CallAbandoned)
+Event = (
+    Started
+    | Connected
+    | Disconnected
+    | Refused
+    | DeadlinePassed
+    | Closing
+    | JobOpened[H]
+    | ChunkMade
+    | CallMade[H]
+    | ResultReceived
+    | FailureReceived
+    | JobEnded
+    | JobCancelled
+    | CallAbandoned
+)
 
 
 # --- instructions -------------------------------------------------------------------------
 @dataclass(slots=True)  # not frozen: one per apply call (see HOT)
 class Send:
     """Write a frame now (after the chunks queued in this reactor turn)."""
+
     msg: Message
     payload: bytes = b""
 
@@ -149,6 +173,7 @@ class Send:
 @dataclass(slots=True)  # not frozen: one per chunk (see HOT)
 class QueueChunk:
     """Send a feeder's chunk at the end of this reactor turn (the shell batches them)."""
+
     job: str
     seq: int
     payload: bytes
@@ -157,6 +182,7 @@ class QueueChunk:
 @dataclass(slots=True)  # not frozen: one per chunk (see HOT)
 class Deliver(Generic[H]):
     """Hand a chunk's outcome to its job's owner (once)."""
+
     owner: H
     seq: int
     status: str
@@ -167,6 +193,7 @@ class Deliver(Generic[H]):
 @dataclass(frozen=True, slots=True)
 class DeliverFailure(Generic[H]):
     """Tell the owner the server gave up on chunk ``seq`` (once)."""
+
     owner: H
     seq: int
     reason: str
@@ -176,6 +203,7 @@ class DeliverFailure(Generic[H]):
 @dataclass(frozen=True, slots=True)
 class FailJob(Generic[H]):
     """The job cannot go on: the server is unreachable or refused us."""
+
     owner: H
     error: BaseException
 
@@ -188,12 +216,14 @@ class Ready:
 @dataclass(frozen=True, slots=True)
 class FailWaiters:
     """Fail those waiting for the connection."""
+
     error: BaseException
 
 
 @dataclass(frozen=True, slots=True)
 class StartDeadline:
     """Start the reconnect deadline: DeadlinePassed after ``delay`` seconds."""
+
     delay: float
 
 
@@ -210,17 +240,30 @@ class StopReconnecting:
 @dataclass(frozen=True, slots=True)
 class Warn:
     """Log a warning."""
+
     text: str
 
 
-Instruction = (Send | QueueChunk | Deliver[H] | DeliverFailure[H] | FailJob[H] | Ready
-               | FailWaiters | StartDeadline | CancelDeadline | StopReconnecting | Warn)
+Instruction = (
+    Send
+    | QueueChunk
+    | Deliver[H]
+    | DeliverFailure[H]
+    | FailJob[H]
+    | Ready
+    | FailWaiters
+    | StartDeadline
+    | CancelDeadline
+    | StopReconnecting
+    | Warn
+)
 
 
 # --- the session --------------------------------------------------------------------------
 @dataclass(slots=True)
 class HeldJob(Generic[H]):
     """A job the session holds: how to submit it, and its chunks still without outcome."""
+
     owner: H
     submit: Submit
     function: bytes
@@ -302,24 +345,35 @@ class Session(Generic[H]):
             self.unproven_refusals += 1
             if self.unproven_refusals >= UNPROVEN_AUTH_LIMIT:
                 self._out.append(StopReconnecting())
-                self._fail_all(AuthenticationError(
-                    f"the achilles server at {self.where} refused this controller "
-                    f"{self.unproven_refusals} times: {ev.detail} (the refusals carried no "
-                    f"proof that it knows the secret either)"), final=True)
+                self._fail_all(
+                    AuthenticationError(
+                        f"the achilles server at {self.where} refused this controller "
+                        f"{self.unproven_refusals} times: {ev.detail} (the refusals carried no "
+                        f"proof that it knows the secret either)"
+                    ),
+                    final=True,
+                )
                 return
         if ev.transient:
             self._out.append(Warn(f"the achilles server is busy ({ev.detail}); retrying"))
             return
         self._out.append(StopReconnecting())
-        self._fail_all(AuthenticationError(
-            f"the achilles server at {self.where} refused this controller: {ev.detail}"),
-            final=True)
+        self._fail_all(
+            AuthenticationError(
+                f"the achilles server at {self.where} refused this controller: {ev.detail}"
+            ),
+            final=True,
+        )
 
     def _on_deadline_passed(self, ev: DeadlinePassed) -> None:
         self.deadline = False
-        self._fail_all(ConnectionLostError(
-            f"cannot reach the achilles server at {self.where} "
-            f"(tried for {self.reconnect_timeout:g} s)"), final=False)
+        self._fail_all(
+            ConnectionLostError(
+                f"cannot reach the achilles server at {self.where} "
+                f"(tried for {self.reconnect_timeout:g} s)"
+            ),
+            final=False,
+        )
 
     def _on_closing(self, ev: Closing) -> None:
         self.closing = True
@@ -392,8 +446,14 @@ class Session(Generic[H]):
         job = self.jobs.get(ev.job)
         if job is not None and ev.seq < 0:  # the server refused the job itself
             del self.jobs[ev.job]
-            self._out.append(FailJob(job.owner, AchillesError(
-                f"the achilles server at {self.where} refused job {ev.job}: {ev.detail}")))
+            self._out.append(
+                FailJob(
+                    job.owner,
+                    AchillesError(
+                        f"the achilles server at {self.where} refused job {ev.job}: {ev.detail}"
+                    ),
+                )
+            )
             return
         if job is None or job.unfinished.pop(ev.seq, None) is None:
             return

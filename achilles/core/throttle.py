@@ -2,6 +2,7 @@
 longer wait; counted, and reported once per interval rather than once per attempt
 (before this, one client made about 2,650 online guesses a second, each a log line).
 Sans-IO: time comes in as a number."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

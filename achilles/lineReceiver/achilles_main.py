@@ -23,6 +23,7 @@ generator function (called with no arguments); it is read lazily, in this proces
 ``callback`` is applied in this process to each result before it is returned, as the
 seed's controller did.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -78,7 +79,8 @@ def _flat(first: Any, it: Iterator[Any], per_packet: int, layout: _Layout) -> It
             if not isinstance(packet, list):
                 raise TypeError(
                     f"argument {n} is a {type(packet).__name__}, not a list: the first "
-                    f"argument is a list, so every argument must be one (a packet)")
+                    f"argument is a list, so every argument must be one (a packet)"
+                )
             layout.add(n, start, len(packet))
             start += len(packet)
             yield from packet
@@ -92,15 +94,17 @@ def _flat(first: Any, it: Iterator[Any], per_packet: int, layout: _Layout) -> It
         yield from packet
 
 
-def _packet(layout: _Layout, k: int, values: list[Any],
-            callback: Callable[[Any], Any] | None) -> Packet:
+def _packet(
+    layout: _Layout, k: int, values: list[Any], callback: Callable[[Any], Any] | None
+) -> Packet:
     if callback is not None:
         values = [callback(v) for v in values]
     return {"ARGS_COUNTER": layout.counters[k], "RESULT": values}
 
 
-def _in_order(results: Iterable[Any], layout: _Layout,
-              callback: Callable[[Any], Any] | None) -> Iterator[Packet]:
+def _in_order(
+    results: Iterable[Any], layout: _Layout, callback: Callable[[Any], Any] | None
+) -> Iterator[Packet]:
     """Cut the pool's ordered results into packets, each yielded once complete."""
     k, buf = 0, []  # type: int, list[Any]
     for value in results:
@@ -116,8 +120,9 @@ def _in_order(results: Iterable[Any], layout: _Layout,
         buf = []
 
 
-def _as_completed(pairs: Iterable[tuple[int, Any]], layout: _Layout,
-                  callback: Callable[[Any], Any] | None) -> Iterator[Packet]:
+def _as_completed(
+    pairs: Iterable[tuple[int, Any]], layout: _Layout, callback: Callable[[Any], Any] | None
+) -> Iterator[Packet]:
     """Assemble ``(flat index, result)`` pairs into packets, yielded as they complete."""
     partial: dict[int, dict[int, Any]] = {}
     for index, value in pairs:
@@ -138,6 +143,7 @@ def _indexed(func: Callable[[Any], Any]) -> Callable[[tuple[int, Any]], tuple[in
     @functools.wraps(func)
     def run(item: tuple[int, Any]) -> tuple[int, Any]:
         return item[0], func(item[1])
+
     return run
 
 
@@ -148,8 +154,14 @@ def _slots_per_node(conn: dict[str, Any]) -> int:
     return max((n["slots"] for n in nodes), default=0) or os.cpu_count() or 1
 
 
-def _packets(func: Callable[[Any], Any], args: Any, callback: Callable[[Any], Any] | None,
-             chunksize: int, conn: dict[str, Any], mode: str) -> Iterator[Packet]:
+def _packets(
+    func: Callable[[Any], Any],
+    args: Any,
+    callback: Callable[[Any], Any] | None,
+    chunksize: int,
+    conn: dict[str, Any],
+    mode: str,
+) -> Iterator[Packet]:
     if not isinstance(chunksize, int) or chunksize < 1:
         raise ValueError(f"chunksize must be an int of at least 1, not {chunksize!r}")
     first, it = _peek(args)
@@ -166,14 +178,21 @@ def _packets(func: Callable[[Any], Any], args: Any, callback: Callable[[Any], An
         elif mode == "imap":
             yield from _in_order(pool.imap(func, flat, size), layout, callback)
         else:
-            yield from _as_completed(pool.imap_unordered(_indexed(func), enumerate(flat), size),
-                                     layout, callback)
+            yield from _as_completed(
+                pool.imap_unordered(_indexed(func), enumerate(flat), size), layout, callback
+            )
 
 
-def map(func: Callable[[Any], Any], args: Any,
-        callback: Callable[[Any], Any] | None = None, chunksize: int = 1,
-        host: str | None = None, port: int | None = None, username: str | None = None,
-        secret_key: str | None = None) -> list[list[Any]]:
+def map(
+    func: Callable[[Any], Any],
+    args: Any,
+    callback: Callable[[Any], Any] | None = None,
+    chunksize: int = 1,
+    host: str | None = None,
+    port: int | None = None,
+    username: str | None = None,
+    secret_key: str | None = None,
+) -> list[list[Any]]:
     """Apply ``func`` to every argument on the cluster; return the list of packets' results.
 
     Example (a node with 8 workers): ``map(square, range(1, 11))`` returns
@@ -183,35 +202,59 @@ def map(func: Callable[[Any], Any], args: Any,
     return [p["RESULT"] for p in _packets(func, args, callback, chunksize, conn, "map")]
 
 
-def imap(func: Callable[[Any], Any], args: Any, callback: Callable[[Any], Any] | None = None,
-         chunksize: int = 1, host: str | None = None, port: int | None = None,
-         username: str | None = None, secret_key: str | None = None) -> Iterator[Packet]:
+def imap(
+    func: Callable[[Any], Any],
+    args: Any,
+    callback: Callable[[Any], Any] | None = None,
+    chunksize: int = 1,
+    host: str | None = None,
+    port: int | None = None,
+    username: str | None = None,
+    secret_key: str | None = None,
+) -> Iterator[Packet]:
     """Yield ``{'ARGS_COUNTER': i, 'RESULT': [...]}`` packets in input order."""
     conn = dict(host=host, port=port, username=username, secret_key=secret_key)
     return _packets(func, args, callback, chunksize, conn, "imap")
 
 
-def imap_unordered(func: Callable[[Any], Any], args: Any,
-                   callback: Callable[[Any], Any] | None = None, chunksize: int = 1,
-                   host: str | None = None, port: int | None = None,
-                   username: str | None = None,
-                   secret_key: str | None = None) -> Iterator[Packet]:
+def imap_unordered(
+    func: Callable[[Any], Any],
+    args: Any,
+    callback: Callable[[Any], Any] | None = None,
+    chunksize: int = 1,
+    host: str | None = None,
+    port: int | None = None,
+    username: str | None = None,
+    secret_key: str | None = None,
+) -> Iterator[Packet]:
     """Yield ``{'ARGS_COUNTER': i, 'RESULT': [...]}`` packets as they complete."""
     conn = dict(host=host, port=port, username=username, secret_key=secret_key)
     return _packets(func, args, callback, chunksize, conn, "imap_unordered")
 
 
-def killCluster(command_verified: bool = False, host: str | None = None,
-                port: int | None = None, username: str | None = None,
-                secret_key: str | None = None) -> int:
+def killCluster(
+    command_verified: bool = False,
+    host: str | None = None,
+    port: int | None = None,
+    username: str | None = None,
+    secret_key: str | None = None,
+) -> int:
     """Stop every node (asks first unless ``command_verified=True``); return how many."""
-    return _kill_cluster(host=host, port=port, username=username, secret_key=secret_key,
-                         command_verified=command_verified)
+    return _kill_cluster(
+        host=host,
+        port=port,
+        username=username,
+        secret_key=secret_key,
+        command_verified=command_verified,
+    )
 
 
-def getClusterStatus(host: str | None = None, port: int | None = None,
-                     username: str | None = None,
-                     secret_key: str | None = None) -> dict[str, Any]:
+def getClusterStatus(
+    host: str | None = None,
+    port: int | None = None,
+    username: str | None = None,
+    secret_key: str | None = None,
+) -> dict[str, Any]:
     """The cluster's nodes and jobs, as :func:`achilles.getClusterStatus` returns them."""
     return _get_cluster_status(host=host, port=port, username=username, secret_key=secret_key)
 

@@ -1,4 +1,5 @@
 """The seed's ``runAchillesNode`` and ``genConfig``: an :class:`achilles.node.Node`, blocking."""
+
 from __future__ import annotations
 
 import threading
@@ -15,10 +16,15 @@ class _GreetingNode(Node):
 
     def connected(self, proto: Any) -> None:
         super().connected(proto)
-        print(f"GREETING: Welcome! This node ({self.name}, {self.processes} worker(s)) "
-              f"is connection {proto.peer_id} of the achilles_server.\n", flush=True)
-        print(f"Connected to achilles_server running at "
-              f"{self.settings.host}:{self.settings.port}", flush=True)
+        print(
+            f"GREETING: Welcome! This node ({self.name}, {self.processes} worker(s)) "
+            f"is connection {proto.peer_id} of the achilles_server.\n",
+            flush=True,
+        )
+        print(
+            f"Connected to achilles_server running at {self.settings.host}:{self.settings.port}",
+            flush=True,
+        )
         print(f"CLIENT_ID: {proto.peer_id}", flush=True)
 
 
@@ -39,10 +45,10 @@ def runAchillesNode(host: str | None = None, port: int | None = None) -> int:
     if not settings.secret_key:
         raise _no_secret("runAchillesNode", argument=False)
     from achilles.net.reactor import reactor as global_reactor
+
     reactor = global_reactor()
     _logging(settings.log_level)
-    node = _GreetingNode(settings, reactor,
-                         on_stop=lambda code: reactor.callLater(0, reactor.stop))
+    node = _GreetingNode(settings, reactor, on_stop=lambda code: reactor.callLater(0, reactor.stop))
     reactor.callWhenRunning(node.start)
     reactor.addSystemEventTrigger("before", "shutdown", node.executor.close)
     reactor.run(installSignalHandlers=threading.current_thread() is threading.main_thread())

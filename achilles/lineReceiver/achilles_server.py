@@ -1,4 +1,5 @@
 """The seed's ``runAchillesServer`` and ``genConfig``: :func:`achilles.server.listen`, blocking."""
+
 from __future__ import annotations
 
 import logging
@@ -15,17 +16,24 @@ def _no_secret(who: str, argument: bool = True) -> ConfigError:
     return ConfigError(
         f"{who} needs the cluster secret (nodes and controllers prove they hold it): "
         f"{ways} ACHILLES_SECRET_KEY, or write it to .env in the working directory with "
-        f"genConfig(host, port, username, secret_key)")
+        f"genConfig(host, port, username, secret_key)"
+    )
 
 
 def _logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
 
 
-def runAchillesServer(host: str | None = None, port: int | None = None,
-                      username: str | None = None, secret_key: str | None = None) -> None:
+def runAchillesServer(
+    host: str | None = None,
+    port: int | None = None,
+    username: str | None = None,
+    secret_key: str | None = None,
+) -> None:
     """Run a server until the process is interrupted (SIGINT/SIGTERM).
 
     Settings: arguments > ``ACHILLES_*`` environment > ``.env`` in the working directory
@@ -40,9 +48,11 @@ def runAchillesServer(host: str | None = None, port: int | None = None,
     if not settings.secret_key:
         raise _no_secret("runAchillesServer")
     from achilles.net.reactor import reactor as global_reactor
+
     reactor = global_reactor()
 
     from achilles import server
+
     _logging(settings.log_level)
     bound = server.listen(settings, reactor).getHost()
     print(f"ALERT: achilles_server initiated at {bound.host}:{bound.port}", flush=True)
@@ -50,16 +60,22 @@ def runAchillesServer(host: str | None = None, port: int | None = None,
     reactor.run(installSignalHandlers=threading.current_thread() is threading.main_thread())
 
 
-def genConfig(host: str | None = None, port: int | None = None,
-              username: str | None = None, secret_key: str | None = None) -> str:
+def genConfig(
+    host: str | None = None,
+    port: int | None = None,
+    username: str | None = None,
+    secret_key: str | None = None,
+) -> str:
     """Write the given settings to ``.env`` in the working directory; return its path.
 
     ``runAchillesServer()``, ``runAchillesNode()`` and ``map`` started in that directory
     then need no arguments. Settings passed as None are left as they are in the file.
     """
     path = _gen_config(host, port, username, secret_key)  # type: ignore[arg-type]
-    print(f"Successfully generated .env configuration file at {path}. "
-          f"Use genConfig() to overwrite.", flush=True)
+    print(
+        f"Successfully generated .env configuration file at {path}. Use genConfig() to overwrite.",
+        flush=True,
+    )
     return path
 
 

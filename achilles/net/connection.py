@@ -5,6 +5,7 @@ through the sans-IO :class:`~achilles.protocol.framing.FrameReader`; a protocol 
 from a peer becomes an error frame and a close, never an exception in the reactor.
 :class:`ClientProtocol` adds the peer side of the handshake (nodes, controllers, admin).
 """
+
 from __future__ import annotations
 
 import logging
@@ -67,6 +68,7 @@ class FramedProtocol(protocol.Protocol):
     between line and raw mode, which is quadratic in the number of frames that arrive
     in one read (a node's burst of small results). The FrameReader is linear.
     """
+
     max_payload = MAX_PAYLOAD_LENGTH  # the server raises or lowers it from its settings
     peer_desc = "peer"
     #: Twisted types it as ``ITransport | None``, which models neither the TCP, TLS and
@@ -242,9 +244,16 @@ class ClientProtocol(FramedProtocol):
     role = "controller"
     peer_desc = "server"
 
-    def __init__(self, secret: str, clock: Any, username: str = "achilles", slots: int = 0,
-                 heartbeat_interval: float = 5.0, heartbeat_timeout: float = 30.0,
-                 session: str = "") -> None:
+    def __init__(
+        self,
+        secret: str,
+        clock: Any,
+        username: str = "achilles",
+        slots: int = 0,
+        heartbeat_interval: float = 5.0,
+        heartbeat_timeout: float = 30.0,
+        session: str = "",
+    ) -> None:
         self.secret = secret
         #: the owner's session token, the same on every reconnect (see AuthReply)
         self.session = session or _PROCESS_SESSION
@@ -261,8 +270,7 @@ class ClientProtocol(FramedProtocol):
         self.send(Hello())
         self._keepalive = task.LoopingCall(self._keepalive_tick)
         self._keepalive.clock = self.clock
-        self._keepalive.start(min(self.heartbeat_interval, self.heartbeat_timeout / 3),
-                              now=False)
+        self._keepalive.start(min(self.heartbeat_interval, self.heartbeat_timeout / 3), now=False)
 
     def _keepalive_tick(self) -> None:
         """Send our heartbeat; drop a server that has gone silent (no FIN may ever come,
@@ -290,8 +298,9 @@ class ClientProtocol(FramedProtocol):
         elif isinstance(msg, Welcome) and self._transcript is not None:
             t = self._transcript
             try:
-                auth.verify(auth.server_digest(self.secret, t, msg.peer_id), msg.digest,
-                            "the server")
+                auth.verify(
+                    auth.server_digest(self.secret, t, msg.peer_id), msg.digest, "the server"
+                )
             except AuthenticationError as exc:
                 log.error("%s; retrying", exc)
                 self.refused(ErrorFrame("bad-server", str(exc)), False)
@@ -308,15 +317,38 @@ class ClientProtocol(FramedProtocol):
         A version mismatch is left to the server to refuse (with its proof)."""
         auth.check_nonce(msg.nonce, "the server's")
         if msg.version != PROTOCOL_VERSION:
-            log.error("the server speaks achilles protocol %d, this side %d; retrying",
-                      msg.version, PROTOCOL_VERSION)
+            log.error(
+                "the server speaks achilles protocol %d, this side %d; retrying",
+                msg.version,
+                PROTOCOL_VERSION,
+            )
         nonce = auth.make_nonce(os.urandom(auth.NONCE_BYTES))
         name = node_name()
         t = self._transcript = auth.Transcript(
-            msg.nonce, nonce, self.role, self.username, name, PROTOCOL_VERSION, PYTHON,
-            msg.python, tls.peer_fingerprint(self.transport), self.session)
-        self.send(AuthReply(self.role, self.username, nonce, auth.peer_digest(self.secret, t),
-                            PROTOCOL_VERSION, PYTHON, self.slots, name, self.session))
+            msg.nonce,
+            nonce,
+            self.role,
+            self.username,
+            name,
+            PROTOCOL_VERSION,
+            PYTHON,
+            msg.python,
+            tls.peer_fingerprint(self.transport),
+            self.session,
+        )
+        self.send(
+            AuthReply(
+                self.role,
+                self.username,
+                nonce,
+                auth.peer_digest(self.secret, t),
+                PROTOCOL_VERSION,
+                PYTHON,
+                self.slots,
+                name,
+                self.session,
+            )
+        )
 
     def _refused(self, err: ErrorFrame) -> None:
         """A refusal is final only if the server proved it knows the secret."""
@@ -324,13 +356,18 @@ class ClientProtocol(FramedProtocol):
         proven = t is not None and bool(err.proof)
         if proven and t is not None:
             try:
-                auth.verify(auth.refusal_digest(self.secret, t, err.code), err.proof,
-                            "the server's refusal")
+                auth.verify(
+                    auth.refusal_digest(self.secret, t, err.code), err.proof, "the server's refusal"
+                )
             except AuthenticationError:
                 proven = False
         if not proven:
-            log.warning("refused by %s (%s: %s), which did not prove it knows the secret; "
-                        "retrying", self.peer_desc, err.code, err.detail[:200])
+            log.warning(
+                "refused by %s (%s: %s), which did not prove it knows the secret; retrying",
+                self.peer_desc,
+                err.code,
+                err.detail[:200],
+            )
         self.refused(err, proven)
         self.transport.loseConnection()
 
@@ -371,12 +408,16 @@ def client_endpoint(reactor: Any, settings: Any) -> Any:
     :mod:`achilles.net.tls`); in memory if the server is this process's own embedded one
     (see :mod:`achilles.net.memlink`)."""
     from twisted.internet import endpoints
+
     memory = _memlink.endpoint_for(reactor, settings.host, settings.port)
     if memory is not None and not settings.tls_ca:
         return memory
     plain = endpoints.TCP4ClientEndpoint(reactor, settings.host, settings.port, timeout=10)
-    use_tls = settings.tls == "on" or bool(settings.tls_ca) or (
-        settings.tls == "auto" and not tls.is_loopback(settings.host))
+    use_tls = (
+        settings.tls == "on"
+        or bool(settings.tls_ca)
+        or (settings.tls == "auto" and not tls.is_loopback(settings.host))
+    )
     if not use_tls:
         return plain
     return endpoints.wrapClientTLS(tls.client_options(settings), plain)  # type: ignore[arg-type]

@@ -9,6 +9,7 @@ to the other side's ``dataReceived`` on the reactor's next turn, as the very byt
 objects written (large payloads are never joined or copied). Everything above the
 transport is unchanged: the handshake, the framing, the limits.
 """
+
 from __future__ import annotations
 
 import itertools

@@ -7,6 +7,7 @@ callers go through :func:`call_blocking`, which refuses to run in the reactor th
 (it would deadlock), takes a timeout, cancels the operation when it expires, and is
 released with :class:`ReactorStopped` if the reactor goes away.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -30,6 +31,7 @@ _stopped = False
 
 def reactor() -> Any:
     from twisted.internet import reactor as r
+
     return r
 
 
@@ -41,8 +43,12 @@ def ensure_started() -> Any:
         if _stopped:
             raise ReactorStopped("the achilles reactor thread has stopped (interpreter exit)")
         if _thread is None and not r.running:
-            _thread = threading.Thread(target=r.run, kwargs={"installSignalHandlers": False},
-                                       daemon=True, name="achilles-reactor")
+            _thread = threading.Thread(
+                target=r.run,
+                kwargs={"installSignalHandlers": False},
+                daemon=True,
+                name="achilles-reactor",
+            )
             _thread.start()
             atexit.register(shutdown)
         return r
@@ -76,8 +82,9 @@ def call_soon(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
     ensure_started().callFromThread(fn, *args, **kwargs)
 
 
-def call_blocking(fn: Callable[..., Any], *args: Any, timeout: float | None = None,
-                  **kwargs: Any) -> Any:
+def call_blocking(
+    fn: Callable[..., Any], *args: Any, timeout: float | None = None, **kwargs: Any
+) -> Any:
     """Run ``fn`` in the reactor thread and wait for its (Deferred) result.
 
     Raises:
@@ -148,6 +155,7 @@ def _after_fork_in_child() -> None:
     if shell is not None:
         shell._corked = None  # a read of the parent's that was being handled
     from twisted.internet import default
+
     default.install()
 
 

@@ -13,6 +13,7 @@ one port that speaks both TLS and plain TCP.
   handed to TLS, a ``{`` (our Hello frame) to plain TCP, which is accepted from
   loopback peers, and from others only where the server was told to (with a warning).
 """
+
 from __future__ import annotations
 
 import datetime
@@ -44,15 +45,19 @@ def _new_certificate() -> bytes:
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "achilles server")])
     now = datetime.datetime.now(datetime.UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(days=1))
-            .not_valid_after(now + datetime.timedelta(days=3650))
-            .sign(key, hashes.SHA256()))
-    return key.private_bytes(serialization.Encoding.PEM,
-                             serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption()) \
-        + cert.public_bytes(serialization.Encoding.PEM)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=3650))
+        .sign(key, hashes.SHA256())
+    )
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ) + cert.public_bytes(serialization.Encoding.PEM)
 
 
 def _own_certificate(config_dir: str) -> bytes:
@@ -71,8 +76,11 @@ def _own_certificate(config_dir: str) -> bytes:
             os.makedirs(config_dir, mode=0o700, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=config_dir, prefix=".server-tls-")
         except OSError as exc:
-            log.warning("cannot keep the server's TLS certificate in %s (%s); using a new "
-                        "one for this run", config_dir, exc.strerror)
+            log.warning(
+                "cannot keep the server's TLS certificate in %s (%s); using a new one for this run",
+                config_dir,
+                exc.strerror,
+            )
             return pem
         try:
             with os.fdopen(fd, "wb") as f:  # mkstemp made it 0600
@@ -92,8 +100,10 @@ def _read_private(path: str) -> bytes:
     with os.fdopen(fd, "rb") as f:
         st = os.fstat(f.fileno())
         if st.st_uid != os.getuid() or st.st_mode & 0o077:
-            raise ConfigError(f"{path} must belong to this user and be private (mode 0600): "
-                              f"it holds the server's TLS key")
+            raise ConfigError(
+                f"{path} must belong to this user and be private (mode 0600): "
+                f"it holds the server's TLS key"
+            )
         return f.read()
 
 
@@ -102,6 +112,7 @@ class ServerTLS:
 
     def __init__(self, settings: Any, config_dir: str) -> None:
         from twisted.internet import ssl  # pyOpenSSL: loaded only where TLS is used
+
         if settings.tls_cert and settings.tls_key:
             with open(settings.tls_cert, "rb") as c, open(settings.tls_key, "rb") as k:
                 pem = c.read() + b"\n" + k.read()
@@ -109,6 +120,7 @@ class ServerTLS:
             pem = _own_certificate(config_dir)
         self.certificate = ssl.PrivateCertificate.loadPEM(pem)
         from cryptography.hazmat.primitives.serialization import Encoding
+
         der = self.certificate.original.to_cryptography().public_bytes(Encoding.DER)
         self.fingerprint = auth.fingerprint(der)
         self.options = self.certificate.options()
@@ -122,6 +134,7 @@ def peer_fingerprint(transport: Any) -> str:
     if cert is None:
         return ""
     from cryptography.hazmat.primitives.serialization import Encoding
+
     return auth.fingerprint(cert.to_cryptography().public_bytes(Encoding.DER))
 
 
@@ -129,6 +142,7 @@ def client_options(settings: Any) -> Any:
     """TLS options for a client: verify against ``tls_ca`` if given (chain and host
     name), else no CA: the handshake's channel binding authenticates the server."""
     from twisted.internet import ssl
+
     if settings.tls_ca:
         with open(settings.tls_ca, "rb") as f:
             ca = ssl.Certificate.loadPEM(f.read())
@@ -156,8 +170,10 @@ class _Sniffer(protocol.Protocol):
         f.pending += 1
         self._waiting = True
         if f.pending > f.limit:
-            log.warning("too many connections that have not spoken yet; dropping %s",
-                        getattr(self.addr, "host", "?"))
+            log.warning(
+                "too many connections that have not spoken yet; dropping %s",
+                getattr(self.addr, "host", "?"),
+            )
             self.transport.abortConnection()
             return
         self._timer = f.clock.callLater(f.timeout, self.transport.abortConnection)
@@ -172,7 +188,8 @@ class _Sniffer(protocol.Protocol):
         if not tls and not (f.allow_plain or (f.allow_plain_loopback and is_loopback(host))):
             server_proto.plain_refusal = (
                 "this server accepts only TLS from this peer's address: set ACHILLES_TLS "
-                "to auto or on (or leave it unset) on the peer")
+                "to auto or on (or leave it unset) on the peer"
+            )
         self._handed_over()
         self.transport.protocol = inner
         inner.makeConnection(self.transport)
@@ -193,9 +210,17 @@ class _Sniffer(protocol.Protocol):
 class UnifiedFactory(protocol.Factory):
     """One listening port for TLS and plain connections to the server's factory."""
 
-    def __init__(self, server_factory: Any, tls: ServerTLS, allow_plain: bool,
-                 clock: Any, timeout: float, limit: int) -> None:
+    def __init__(
+        self,
+        server_factory: Any,
+        tls: ServerTLS,
+        allow_plain: bool,
+        clock: Any,
+        timeout: float,
+        limit: int,
+    ) -> None:
         from twisted.protocols.tls import TLSMemoryBIOFactory
+
         self.plain = server_factory
         self.tls = TLSMemoryBIOFactory(tls.options, False, server_factory)
         self.fingerprint = tls.fingerprint

@@ -11,15 +11,21 @@
   server imports it, so it imports neither Twisted nor anything that does; nor does
   this file, which is why ``Node`` and ``run_node`` load on first use.
 """
+
 from typing import Any
 
-_LAZY = {"Node": "service", "NodeProtocol": "service", "run_node": "service",
-         "Executor": "executor"}
+_LAZY = {
+    "Node": "service",
+    "NodeProtocol": "service",
+    "run_node": "service",
+    "Executor": "executor",
+}
 
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
         import importlib
+
         value = getattr(importlib.import_module(f"achilles.node.{_LAZY[name]}"), name)
         globals()[name] = value
         return value

@@ -25,6 +25,7 @@ A worker that retires (a pool's ``maxtasksperchild``, see :mod:`achilles.node.wo
 no crash: it exits with code 0 between chunks, after freeing its slot. The pool's own
 worker handler reaps it and starts a replacement, which the node then watches too.
 """
+
 from __future__ import annotations
 
 import logging
@@ -77,8 +78,14 @@ class Executor:
     #: cluster whose pool was collected): no new pool generation is started
     abandoned = False
 
-    def __init__(self, processes: int, on_result: Callable[..., None], reactor: Any,
-                 name: str, on_flush: Callable[[], None] = lambda: None) -> None:
+    def __init__(
+        self,
+        processes: int,
+        on_result: Callable[..., None],
+        reactor: Any,
+        name: str,
+        on_flush: Callable[[], None] = lambda: None,
+    ) -> None:
         self.processes = processes
         self.on_result = on_result
         self.on_flush = on_flush  # after a burst of on_result calls: send them on
@@ -95,8 +102,9 @@ class Executor:
         self._watcher.start(WATCH_INTERVAL, now=False)
 
     def _generation(self, number: int) -> Generation:
-        return Generation(number, self.ctx, self.processes, self.name, self.reactor,
-                          self._results, self._exited)
+        return Generation(
+            number, self.ctx, self.processes, self.name, self.reactor, self._results, self._exited
+        )
 
     # -- the core's state, read by the node ------------------------------------------
     @property
@@ -124,8 +132,9 @@ class Executor:
         """One chunk, from the server."""
         self._handle(ChunksArrived(job, (seq,), (payload,), timeout))
 
-    def submit_many(self, job: str, seqs: Sequence[int], payloads: Sequence[bytes],
-                    timeout: float) -> None:
+    def submit_many(
+        self, job: str, seqs: Sequence[int], payloads: Sequence[bytes], timeout: float
+    ) -> None:
         """Several chunks of one job (a batch frame), from the server."""
         self._handle(ChunksArrived(job, seqs, payloads, timeout))
 
@@ -163,8 +172,9 @@ class Executor:
         gen = self.gen
         exits = gen.exits()
         if exits:
-            self._handle(WorkersDied(gen.number, time.monotonic(), exits, gen.slot_pids(),
-                                     gen.running()))
+            self._handle(
+                WorkersDied(gen.number, time.monotonic(), exits, gen.slot_pids(), gen.running())
+            )
         else:
             self._handle(Tick(time.monotonic(), gen.running()))
 
@@ -175,8 +185,10 @@ class Executor:
     def _execute(self, instructions: list[Instruction]) -> None:
         for ins in instructions:
             if isinstance(ins, SendToPool):  # the per-chunk ones first
-                self.gen.send((ins.job, ins.seq), (ins.number, ins.job, ins.seq,
-                                                   self.bundles[ins.job], ins.payload))
+                self.gen.send(
+                    (ins.job, ins.seq),
+                    (ins.number, ins.job, ins.seq, self.bundles[ins.job], ins.payload),
+                )
             elif isinstance(ins, Report):
                 self.on_result(ins.job, ins.seq, ins.status, ins.payload, ins.elapsed)
             elif isinstance(ins, Flush):
@@ -190,8 +202,7 @@ class Executor:
         instead: a ``__main__`` whose functions refer to big globals made a 10 MB bundle
         that was copied through the pipe with every chunk, and even a few kilobytes
         (shipped module sources) cost a pickling and a copy per chunk."""
-        self.bundles[ins.job] = self._spooled(ins.number, ins.bundle) if ins.spool \
-            else ins.bundle
+        self.bundles[ins.job] = self._spooled(ins.number, ins.bundle) if ins.spool else ins.bundle
 
     def _spooled(self, number: int, bundle: bytes) -> str:
         if not self._spool:

@@ -2,6 +2,7 @@
 reactor's ends of its task and result pipes. The executor starts one, and replaces it
 whenever :mod:`achilles.core.node_work` says so (a worker died, a chunk ran too long, a
 running job was cancelled)."""
+
 from __future__ import annotations
 
 import itertools
@@ -58,18 +59,29 @@ class Generation:
     by ``maxtasksperchild`` frees its slot for the replacement the pool starts.
     """
 
-    def __init__(self, number: int, ctx: Any, processes: int, name: str, reactor: Any,
-                 on_results: Callable[[Generation, list[bytes]], None],
-                 on_exit: Callable[[Generation], None]) -> None:
+    def __init__(
+        self,
+        number: int,
+        ctx: Any,
+        processes: int,
+        name: str,
+        reactor: Any,
+        on_results: Callable[[Generation, list[bytes]], None],
+        on_exit: Callable[[Generation], None],
+    ) -> None:
         self.number = number
         self.reactor = reactor
         self._on_exit = partial(on_exit, self)
         self._sentinels: dict[Any, _Sentinel] = {}
         self.name = name
         self.slots = _worker.SlotTable.create(ctx, processes)
-        self.pool = compat.Pool(processes, initializer=_worker.init,
-                                initargs=(self.slots, name, os.getpid()), context=ctx,
-                                queue_class=_worker.PickleQueue)
+        self.pool = compat.Pool(
+            processes,
+            initializer=_worker.init,
+            initargs=(self.slots, name, os.getpid()),
+            context=ctx,
+            queue_class=_worker.PickleQueue,
+        )
         self.procs: list[Any] = []  # its workers not yet seen to exit
         self._adopt()
         self.tasks = PipeWriter(reactor, self.pool.task_fd())
@@ -98,8 +110,7 @@ class Generation:
             if key is None:
                 continue
             if not ok:  # the pool machinery failed, not the task (run_chunk never raises)
-                value = (CRASHED, f"pool error on node {self.name}: {value!r}".encode(),
-                         0.0)
+                value = (CRASHED, f"pool error on node {self.name}: {value!r}".encode(), 0.0)
             out.append((key[0], key[1], *value))
         return out
 
@@ -147,8 +158,7 @@ class Generation:
             sentinel.stop()
         self.kill_workers()
         self.pool.replace_queue_locks()
-        threading.Thread(target=self._terminate, daemon=True,
-                         name="achilles-pool-teardown").start()
+        threading.Thread(target=self._terminate, daemon=True, name="achilles-pool-teardown").start()
 
     def kill_workers(self) -> None:
         """SIGKILL every worker, and have the pool start no replacement: signals and

@@ -14,6 +14,7 @@ The byte format is the one ``multiprocess.connection.Connection.send_bytes`` wri
 and ``recv_bytes`` reads (a signed 32-bit big-endian length, or -1 and a 64-bit
 length for messages over 2 GiB), so the workers' side is multiprocess's own.
 """
+
 from __future__ import annotations
 
 import errno
@@ -75,17 +76,17 @@ class MessageSplitter:
         buf = self._buf + data if self._buf else data
         pos, end = 0, len(buf)
         while end - pos >= 4:
-            n, = _LEN.unpack_from(buf, pos)
+            (n,) = _LEN.unpack_from(buf, pos)
             start = pos + 4
             if n == -1:
                 if end - pos < 12:
                     break
-                n, = _LONG.unpack_from(buf, start)
+                (n,) = _LONG.unpack_from(buf, start)
                 start += 8
             elif n < 0:  # multiprocess never writes one: the pipe is corrupt
                 raise ValueError(f"corrupt pool pipe: message length {n}")
             if end - start >= n:
-                out.append(buf[start:start + n])
+                out.append(buf[start : start + n])
                 pos = start + n
                 continue
             # a message larger than what is here: keep its pieces, join them once
@@ -120,8 +121,13 @@ class Reader:
 class PipeReader(Reader):
     """Reads a pipe in the reactor and hands complete messages to ``on_messages``."""
 
-    def __init__(self, reactor: Any, fd: int, on_messages: Callable[[list[bytes]], None],
-                 on_closed: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        fd: int,
+        on_messages: Callable[[list[bytes]], None],
+        on_closed: Callable[[], None] | None = None,
+    ) -> None:
         self.reactor = reactor
         self.fd = fd
         self.on_messages = on_messages

@@ -1,6 +1,7 @@
 """The node's connection: a client of the server (reconnecting with backoff) that hands
 the chunks it receives to the :class:`~achilles.node.executor.Executor` and sends their
 results back, grouped per job."""
+
 from __future__ import annotations
 
 import logging
@@ -80,16 +81,21 @@ def _ignore(node: Node, msg: Message, payload: bytes) -> None:
 
 #: frame type -> handler: one dispatch, by table, as in the server and the controller
 _NODE_HANDLERS: dict[type, Callable[[Node, Any, bytes], None]] = {
-    Task: _on_task, Tasks: _on_tasks, Function: _on_function, Cancel: _on_cancel,
-    Kill: _on_kill, ErrorFrame: _on_error,
+    Task: _on_task,
+    Tasks: _on_tasks,
+    Function: _on_function,
+    Cancel: _on_cancel,
+    Kill: _on_kill,
+    ErrorFrame: _on_error,
 }
 
 
 class Node:
     """Connects to the server (reconnecting with backoff) and feeds the executor."""
 
-    def __init__(self, settings: Settings, reactor: Any = None,
-                 on_stop: Callable[[int], None] | None = None) -> None:
+    def __init__(
+        self, settings: Settings, reactor: Any = None, on_stop: Callable[[int], None] | None = None
+    ) -> None:
         if reactor is None:
             from twisted.internet import reactor
         self.settings = settings
@@ -101,27 +107,48 @@ class Node:
         self._outbox: list[batching.Piece] = []
         self.exit_code = 0
         self.on_stop = on_stop
-        self.executor = Executor(self.processes, self._result, reactor, self.name,
-                                 on_flush=self._send_results)
+        self.executor = Executor(
+            self.processes, self._result, reactor, self.name, on_flush=self._send_results
+        )
         endpoint = client_endpoint(reactor, settings)
-        factory = ClientFactory(NodeProtocol, self, secret=self.secret, clock=reactor,
-                                username=settings.username, slots=self.processes,
-                                heartbeat_interval=settings.heartbeat_interval,
-                                heartbeat_timeout=settings.heartbeat_timeout)
+        factory = ClientFactory(
+            NodeProtocol,
+            self,
+            secret=self.secret,
+            clock=reactor,
+            username=settings.username,
+            slots=self.processes,
+            heartbeat_interval=settings.heartbeat_interval,
+            heartbeat_timeout=settings.heartbeat_timeout,
+        )
         # cast: zope's @implementer is invisible to mypy without its plugin
-        self.service = ClientService(endpoint, cast(IProtocolFactory, factory), clock=reactor,
-                                     retryPolicy=backoffPolicy(initialDelay=0.2, maxDelay=5.0,
-                                                               jitter=random.Random().random))
+        self.service = ClientService(
+            endpoint,
+            cast(IProtocolFactory, factory),
+            clock=reactor,
+            retryPolicy=backoffPolicy(
+                initialDelay=0.2, maxDelay=5.0, jitter=random.Random().random
+            ),
+        )
 
     def start(self) -> None:
-        log.info("node %s with %d worker(s) connecting to %s:%d", self.name,
-                 self.processes, self.settings.host, self.settings.port)
+        log.info(
+            "node %s with %d worker(s) connecting to %s:%d",
+            self.name,
+            self.processes,
+            self.settings.host,
+            self.settings.port,
+        )
         self.service.startService()
 
     def connected(self, proto: NodeProtocol) -> None:
         self.proto = proto
-        log.info("connected to achilles server at %s:%d as node %d",
-                 self.settings.host, self.settings.port, proto.peer_id)
+        log.info(
+            "connected to achilles server at %s:%d as node %d",
+            self.settings.host,
+            self.settings.port,
+            proto.peer_id,
+        )
 
     def disconnected(self, proto: NodeProtocol) -> None:
         if self.proto is proto and not self.executor.closed:
@@ -139,8 +166,7 @@ class Node:
         log.error("the server refused this node: %s", err.detail)
         self.stop(exit_code=2)
 
-    def _result(self, job: str, seq: int, status: str, payload: bytes,
-                elapsed: float) -> None:
+    def _result(self, job: str, seq: int, status: str, payload: bytes, elapsed: float) -> None:
         """Held until the executor's burst is over (``_send_results``): results read
         from the pool together leave together, in one frame per job."""
         if self.proto is not None:
@@ -161,8 +187,10 @@ class Node:
         most ``deadline`` s; the server requeues whatever is left), then stop."""
         if self.proto is None or not (self.executor.running or self.executor.waiting):
             return self.stop()
-        log.warning("leaving: finishing %d chunk(s) in hand, then stopping",
-                    len(self.executor.running) + len(self.executor.waiting))
+        log.warning(
+            "leaving: finishing %d chunk(s) in hand, then stopping",
+            len(self.executor.running) + len(self.executor.waiting),
+        )
         self.proto.send(Drain())
         give_up = self.reactor.callLater(deadline, self.stop)
 
@@ -190,6 +218,7 @@ class Node:
 def run_node(settings: Settings) -> int:
     """Run a node until it is killed or told to stop; return the exit code."""
     from twisted.internet import reactor as installed
+
     reactor: Any = installed  # (mypy takes the module attribute for an interface)
     node = Node(settings, reactor, on_stop=lambda code: reactor.callLater(0, reactor.stop))
     reactor.callWhenRunning(node.start)

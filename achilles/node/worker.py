@@ -14,6 +14,7 @@ task (its next ``get`` returns the worker loop's sentinel, so no task is lost), 
 slot and exits with code 0; the pool's worker handler starts a fresh worker, which
 claims the freed slot, and the node tells this retirement from a crash by the freed slot.
 """
+
 from __future__ import annotations
 
 import os
@@ -56,15 +57,18 @@ class SlotTable:
     """
 
     def __init__(self, index: Any, pids: Any, jobs: Any, seqs: Any, starts: Any) -> None:
-        self.index, self.pids, self.jobs, self.seqs, self.starts = \
-            index, pids, jobs, seqs, starts
+        self.index, self.pids, self.jobs, self.seqs, self.starts = index, pids, jobs, seqs, starts
 
     @classmethod
     def create(cls, ctx: Any, n: int) -> SlotTable:
         # of ``index`` only the lock is used now (it guards claims and releases)
-        return cls(ctx.Value("i", 0), ctx.Array("q", n, lock=False),
-                   ctx.Array("q", n, lock=False), ctx.Array("q", n, lock=False),
-                   ctx.Array("d", n, lock=False))
+        return cls(
+            ctx.Value("i", 0),
+            ctx.Array("q", n, lock=False),
+            ctx.Array("q", n, lock=False),
+            ctx.Array("q", n, lock=False),
+            ctx.Array("d", n, lock=False),
+        )
 
     def claim(self) -> int:
         """A new worker takes a free slot (-1 if none is: a replacement for a worker that
@@ -84,8 +88,11 @@ class SlotTable:
             self.pids[i] = 0
 
     def busy(self) -> list[tuple[int, int, int, float]]:
-        return [(self.pids[i], self.jobs[i], self.seqs[i], self.starts[i])
-                for i in range(len(self.pids)) if self.jobs[i]]
+        return [
+            (self.pids[i], self.jobs[i], self.seqs[i], self.starts[i])
+            for i in range(len(self.pids))
+            if self.jobs[i]
+        ]
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (SlotTable, (self.index, self.pids, self.jobs, self.seqs, self.starts))
@@ -107,6 +114,7 @@ class PickleQueue:
 
     def __init__(self, ctx: Any) -> None:
         from multiprocess import connection
+
         self._reader, self._writer = connection.Pipe(duplex=False)
         self._rlock = ctx.Lock()
         self._wlock = ctx.Lock()
@@ -148,6 +156,7 @@ def dumps_message(obj: Any) -> bytes:
         return pickle.dumps(obj, pickle.HIGHEST_PROTOCOL)
     except Exception:
         from multiprocess.reduction import ForkingPickler
+
         return bytes(ForkingPickler.dumps(obj))
 
 
@@ -170,6 +179,7 @@ def context() -> Any:
     from multiprocess import forkserver
 
     from achilles.compat import multiprocess as compat
+
     if _context is None:
         _context = compat.forkserver_context(drop=_MAIN_KEYS)
     # every worker unpickles the context's process classes, which live in compat
@@ -251,8 +261,9 @@ def _error(exc: BaseException, tb: str | None = None) -> tuple[str, bytes, float
     return ERROR, dumps_exception(exc, tb or traceback.format_exc()), 0.0
 
 
-def run_chunk(number: int, job: str, seq: int, bundle: bytes | str,
-              payload: bytes) -> tuple[str, bytes, float]:
+def run_chunk(
+    number: int, job: str, seq: int, bundle: bytes | str, payload: bytes
+) -> tuple[str, bytes, float]:
     """Run one chunk; return ``(status, payload, seconds)``; never raises an Exception.
 
     While it runs, this worker's slot names the chunk (so the node knows what died with
@@ -273,8 +284,7 @@ def run_chunk(number: int, job: str, seq: int, bundle: bytes | str,
     return result
 
 
-def _run(job: str, seq: int, bundle: bytes | str,
-         payload: bytes) -> tuple[str, bytes, float]:
+def _run(job: str, seq: int, bundle: bytes | str, payload: bytes) -> tuple[str, bytes, float]:
     start = time.perf_counter()
     try:
         rt = _runtime(job, bundle)
@@ -282,15 +292,21 @@ def _run(job: str, seq: int, bundle: bytes | str,
         msg = f"{exc} (on node {_node_name}; install it there)"
         return _error(type(exc)(msg, name=exc.name))
     except Exception as exc:
-        return _error(SerializationError(
-            f"cannot load the job's function on node {_node_name}: "
-            f"{exc.__class__.__name__}: {exc}"))
+        return _error(
+            SerializationError(
+                f"cannot load the job's function on node {_node_name}: "
+                f"{exc.__class__.__name__}: {exc}"
+            )
+        )
     try:
         args = loads_chunk(payload, rt["main"])
     except Exception as exc:
-        return _error(SerializationError(
-            f"cannot unpickle arguments of chunk {seq} on node {_node_name}: "
-            f"{exc.__class__.__name__}: {exc}"))
+        return _error(
+            SerializationError(
+                f"cannot unpickle arguments of chunk {seq} on node {_node_name}: "
+                f"{exc.__class__.__name__}: {exc}"
+            )
+        )
     fn, mode = rt["fn"], rt["mode"]
     try:
         if mode == "map":

@@ -9,6 +9,7 @@ The seed-style one-call ``map``/``imap``/``imap_unordered`` live in
 :mod:`achilles.oneshot`, ``killCluster``/``getClusterStatus`` in :mod:`achilles.admin`;
 both are re-exported here, where they always were.
 """
+
 from achilles.admin import getClusterStatus, killCluster
 from achilles.errors import SerializationError
 from achilles.oneshot import imap, imap_unordered, map
@@ -19,6 +20,16 @@ from achilles.pool.pool import Pool
 from achilles.pool.results import ApplyResult, AsyncResult, IMapIterator, MapResult
 from achilles.pool.results import IMapUnorderedIterator as IMapUnorderedIterator
 
-__all__ = ["ApplyResult", "AsyncResult", "IMapIterator", "MapResult", "Pool",
-           "SerializationError", "getClusterStatus", "imap", "imap_unordered",
-           "killCluster", "map"]
+__all__ = [
+    "ApplyResult",
+    "AsyncResult",
+    "IMapIterator",
+    "MapResult",
+    "Pool",
+    "SerializationError",
+    "getClusterStatus",
+    "imap",
+    "imap_unordered",
+    "killCluster",
+    "map",
+]

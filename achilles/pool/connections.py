@@ -2,6 +2,7 @@
 cluster (host, port, user, secret, TLS CA), counted by the pools using it, and closed
 by the last one. A forked child starts with none of its parent's.
 """
+
 from __future__ import annotations
 
 import os
@@ -20,8 +21,14 @@ _controllers_lock = threading.Lock()
 
 def _controller(settings: Any) -> Controller:
     """The connection to this cluster, shared by the pools that use it (counted)."""
-    key = (settings.host, settings.port, settings.username, settings.secret_key,
-           settings.tls_ca, settings.tls)
+    key = (
+        settings.host,
+        settings.port,
+        settings.username,
+        settings.secret_key,
+        settings.tls_ca,
+        settings.tls,
+    )
     with _controllers_lock:
         ctl = _controllers.get(key)
         if ctl is not None and ctl.fatal is None:

@@ -6,6 +6,7 @@ job's window (:meth:`achilles.core.job.Job.can_add`), so a generator is read laz
 for ``map`` the same thread collects the results. Chunks go to the reactor thread
 (``Controller.send_chunk``), which holds each until its result is in.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -39,8 +40,9 @@ def _item_bytes(iterable: Any, n: int) -> int:
         return 0
 
 
-def plan(iterable: Iterable[Any], chunksize: int | str | None,
-         processes: int) -> tuple[int | None, int, int | None]:
+def plan(
+    iterable: Iterable[Any], chunksize: int | str | None, processes: int
+) -> tuple[int | None, int, int | None]:
     """(fixed chunk size or None for adaptive, chunk count or -1, item count or None).
     ``chunksize`` None or "auto": chosen for the input and the cluster's ``processes``."""
     size = None if chunksize == "auto" else cast("int | None", chunksize)
@@ -53,8 +55,9 @@ def plan(iterable: Iterable[Any], chunksize: int | str | None,
     return size, total, n
 
 
-def chunks(iterable: Iterable[Any], chunksize: int | None,
-           handle: JobHandle) -> Iterator[list[Any]]:
+def chunks(
+    iterable: Iterable[Any], chunksize: int | None, handle: JobHandle
+) -> Iterator[list[Any]]:
     """The input in chunks: of ``chunksize``, or of the job's adaptive size."""
     it = iter(iterable)
     while True:
@@ -93,8 +96,12 @@ def _room(handle: JobHandle, collect: Callable[[list[Outcome]], None] | None) ->
     return not (handle.error or handle.cancelled)
 
 
-def feed(ctl: Controller, handle: JobHandle, source: Iterator[list[Any]],
-         collect: Callable[[list[Outcome]], None] | None = None) -> None:
+def feed(
+    ctl: Controller,
+    handle: JobHandle,
+    source: Iterator[list[Any]],
+    collect: Callable[[list[Outcome]], None] | None = None,
+) -> None:
     """Pickle and send chunks within the window (runs in the job's thread).
 
     As multiprocessing does, an input that raises while being read ends the input
@@ -164,9 +171,15 @@ def _collect_rest(handle: JobHandle, collect: _MapCollector) -> None:
                 handle.cond.wait()
 
 
-def run_map(ctl: Controller, handle: JobHandle, iterable: Iterable[Any],
-            chunksize: int | None, result: ApplyResult, bar: Any,
-            job_done: Callable[[Handle, bool], None]) -> None:
+def run_map(
+    ctl: Controller,
+    handle: JobHandle,
+    iterable: Iterable[Any],
+    chunksize: int | None,
+    result: ApplyResult,
+    bar: Any,
+    job_done: Callable[[Handle, bool], None],
+) -> None:
     """Feed the job and collect its results (the job's thread). As multiprocessing's
     map, it waits for every task even after one raised, then raises the first error."""
     collect = _MapCollector(bar)
@@ -198,7 +211,9 @@ def progress_bar(progress: Any, total: int | None) -> Any:
         warnings.simplefilter("ignore")  # tqdm.auto's "IProgress not found" and such
         try:
             from tqdm.auto import tqdm
+
             return tqdm(**options)
         except Exception:  # the widget bar cannot be shown here
             from tqdm.std import tqdm as text_tqdm
+
             return text_tqdm(**options)

@@ -5,6 +5,7 @@ arrive in the reactor thread (:mod:`achilles.controller`) and are waited for in
 :mod:`achilles.pool.results`. Every wait has an optional timeout and nothing here ever
 runs in the reactor thread.
 """
+
 from __future__ import annotations
 
 import functools
@@ -32,15 +33,20 @@ RUN, CLOSE, TERMINATE = "RUN", "CLOSE", "TERMINATE"
 MAX_APPLY_JOBS = 8
 
 
-def _check_arguments(processes: int | None, initializer: Callable[..., Any] | None,
-                     maxtasksperchild: int | None, task_timeout: float | None) -> None:
+def _check_arguments(
+    processes: int | None,
+    initializer: Callable[..., Any] | None,
+    maxtasksperchild: int | None,
+    task_timeout: float | None,
+) -> None:
     """multiprocessing's checks of Pool's arguments, with its messages."""
     if processes is not None and processes < 1:
         raise ValueError("Number of processes must be at least 1")
     if initializer is not None and not callable(initializer):
         raise TypeError("initializer must be a callable")
     if maxtasksperchild is not None and (
-            not isinstance(maxtasksperchild, int) or maxtasksperchild <= 0):
+        not isinstance(maxtasksperchild, int) or maxtasksperchild <= 0
+    ):
         raise ValueError("maxtasksperchild must be a positive int or None")
     if task_timeout is not None and task_timeout <= 0:
         raise ValueError("task_timeout must be a positive number of seconds or None")
@@ -66,13 +72,22 @@ class Pool:
         tls_ca: PEM CA file to verify a TLS server with (turns TLS on).
     """
 
-    def __init__(self, processes: int | None = None,
-                 initializer: Callable[..., Any] | None = None,
-                 initargs: Iterable[Any] = (), maxtasksperchild: int | None = None,
-                 context: Any = None, *, host: str | None = None, port: int | None = None,
-                 username: str | None = None, secret_key: str | None = None,
-                 max_attempts: int | None = None, task_timeout: float | None = None,
-                 tls_ca: str | None = None) -> None:
+    def __init__(
+        self,
+        processes: int | None = None,
+        initializer: Callable[..., Any] | None = None,
+        initargs: Iterable[Any] = (),
+        maxtasksperchild: int | None = None,
+        context: Any = None,
+        *,
+        host: str | None = None,
+        port: int | None = None,
+        username: str | None = None,
+        secret_key: str | None = None,
+        max_attempts: int | None = None,
+        task_timeout: float | None = None,
+        tls_ca: str | None = None,
+    ) -> None:
         self._state = TERMINATE  # until constructed, __del__ has nothing to do
         _check_arguments(processes, initializer, maxtasksperchild, task_timeout)
         self._initializer = initializer
@@ -81,8 +96,9 @@ class Pool:
         self._id = os.urandom(8).hex()
         self._pid = os.getpid()  # a forked child's copy of this pool is not its to use
         self._local: LocalCluster | None = None
-        explicit: dict[str, Any] = dict(host=host, port=port, username=username,
-                                        secret_key=secret_key)
+        explicit: dict[str, Any] = dict(
+            host=host, port=port, username=username, secret_key=secret_key
+        )
         settings = resolve(**explicit, max_attempts=max_attempts, tls_ca=tls_ca)
         if cluster_configured(**explicit):
             require_secret(settings, "Pool")
@@ -116,21 +132,32 @@ class Pool:
 
     def _check_running(self) -> None:
         if self._pid != os.getpid():
-            raise ValueError(f"this Pool belongs to process {self._pid}, which forked this "
-                             "one; make a new Pool in this process")
+            raise ValueError(
+                f"this Pool belongs to process {self._pid}, which forked this "
+                "one; make a new Pool in this process"
+            )
         if self._state != RUN:
             raise ValueError("Pool not running")
 
     def _function(self, func: Callable[..., Any], mode: str) -> bytes:
-        return dumps_function(func, mode, self._initializer, self._initargs, self._id,
-                              maxtasks=self._maxtasks)
+        return dumps_function(
+            func, mode, self._initializer, self._initargs, self._id, maxtasks=self._maxtasks
+        )
 
-    def _new_job(self, func: Callable[..., Any], mode: str, ordered: bool,
-                 total: int = -1) -> JobHandle:
+    def _new_job(
+        self, func: Callable[..., Any], mode: str, ordered: bool, total: int = -1
+    ) -> JobHandle:
         self._check_running()
         function = self._function(func, mode)
-        handle = JobHandle(function, ordered, window_for(self._processes),
-                           self._max_attempts, self._timeout, self._limit, total)
+        handle = JobHandle(
+            function,
+            ordered,
+            window_for(self._processes),
+            self._max_attempts,
+            self._timeout,
+            self._limit,
+            total,
+        )
         with self._jobs_lock:
             self._jobs.add(handle)
         _reactor.call_soon(self._ctl.submit, handle)
@@ -149,20 +176,27 @@ class Pool:
         _reactor.call_soon(self._ctl.cancel if cancel else self._ctl.end, handle)
 
     def _start_thread(self, target: Callable[..., None], *args: Any) -> None:
-        threading.Thread(target=target, args=args, daemon=True,
-                         name="achilles-job").start()
+        threading.Thread(target=target, args=args, daemon=True, name="achilles-job").start()
 
     # -- map family -------------------------------------------------------------------
-    def _map_async(self, func: Callable[..., Any], iterable: Iterable[Any], mode: str,
-                   chunksize: int | None, callback: Any, error_callback: Any,
-                   progress: Any = False) -> ApplyResult:
+    def _map_async(
+        self,
+        func: Callable[..., Any],
+        iterable: Iterable[Any],
+        mode: str,
+        chunksize: int | None,
+        callback: Any,
+        error_callback: Any,
+        progress: Any = False,
+    ) -> ApplyResult:
         size, total, n = feeding.plan(iterable, chunksize, self._processes)
         result = ApplyResult(callback, error_callback, self)
         bar = feeding.progress_bar(progress, n)
         handle = self._new_job(func, mode, ordered=False, total=total)
         result._handle = handle
-        self._start_thread(feeding.run_map, self._ctl, handle, iterable, size, result, bar,
-                           self._job_done)
+        self._start_thread(
+            feeding.run_map, self._ctl, handle, iterable, size, result, bar, self._job_done
+        )
         return result
 
     def _wait(self, result: ApplyResult) -> Any:
@@ -180,37 +214,67 @@ class Pool:
                     _reactor.call_soon(self._ctl.forget_call, handle, result._seq)
             raise
 
-    def map_async(self, func: Callable[..., Any], iterable: Iterable[Any],
-                  chunksize: int | None = None, callback: Any = None,
-                  error_callback: Any = None, *, progress: Any = False) -> ApplyResult:
+    def map_async(
+        self,
+        func: Callable[..., Any],
+        iterable: Iterable[Any],
+        chunksize: int | None = None,
+        callback: Any = None,
+        error_callback: Any = None,
+        *,
+        progress: Any = False,
+    ) -> ApplyResult:
         """``map`` without waiting: an ApplyResult of the list of results."""
-        return self._map_async(func, iterable, "map", chunksize, callback, error_callback,
-                               progress)
+        return self._map_async(func, iterable, "map", chunksize, callback, error_callback, progress)
 
-    def map(self, func: Callable[..., Any], iterable: Iterable[Any],
-            chunksize: int | None = None, *, progress: Any = False) -> list[Any]:
+    def map(
+        self,
+        func: Callable[..., Any],
+        iterable: Iterable[Any],
+        chunksize: int | None = None,
+        *,
+        progress: Any = False,
+    ) -> list[Any]:
         """Apply ``func`` to every item, in parallel on the cluster; results in order.
 
         ``progress=True`` shows a tqdm bar (items done, rate, ETA); a dict is passed to
         tqdm as options."""
-        return self._wait(self._map_async(func, iterable, "map", chunksize, None, None,
-                                          progress))
+        return self._wait(self._map_async(func, iterable, "map", chunksize, None, None, progress))
 
-    def starmap_async(self, func: Callable[..., Any], iterable: Iterable[Iterable[Any]],
-                      chunksize: int | None = None, callback: Any = None,
-                      error_callback: Any = None, *, progress: Any = False) -> ApplyResult:
+    def starmap_async(
+        self,
+        func: Callable[..., Any],
+        iterable: Iterable[Iterable[Any]],
+        chunksize: int | None = None,
+        callback: Any = None,
+        error_callback: Any = None,
+        *,
+        progress: Any = False,
+    ) -> ApplyResult:
         """``starmap`` without waiting: an ApplyResult of the list of results."""
-        return self._map_async(func, iterable, "star", chunksize, callback, error_callback,
-                               progress)
+        return self._map_async(
+            func, iterable, "star", chunksize, callback, error_callback, progress
+        )
 
-    def starmap(self, func: Callable[..., Any], iterable: Iterable[Iterable[Any]],
-                chunksize: int | None = None, *, progress: Any = False) -> list[Any]:
+    def starmap(
+        self,
+        func: Callable[..., Any],
+        iterable: Iterable[Iterable[Any]],
+        chunksize: int | None = None,
+        *,
+        progress: Any = False,
+    ) -> list[Any]:
         """Like map, with each item unpacked as arguments: ``func(*item)``."""
-        return self._wait(self._map_async(func, iterable, "star", chunksize, None, None,
-                                          progress))
+        return self._wait(self._map_async(func, iterable, "star", chunksize, None, None, progress))
 
-    def _imap(self, func: Callable[..., Any], iterable: Iterable[Any],
-              chunksize: int | str | None, ordered: bool, progress: Any) -> IMapIterator:
+    def _imap(
+        self,
+        func: Callable[..., Any],
+        iterable: Iterable[Any],
+        chunksize: int | str | None,
+        ordered: bool,
+        progress: Any,
+    ) -> IMapIterator:
         size, total, n = feeding.plan(iterable, chunksize, self._processes)
         bar = feeding.progress_bar(progress, n)
         handle = self._new_job(func, "map", ordered, total=total)
@@ -225,8 +289,14 @@ class Pool:
         self._start_thread(feed)
         return it
 
-    def imap(self, func: Callable[..., Any], iterable: Iterable[Any],
-             chunksize: int | str | None = 1, *, progress: Any = False) -> IMapIterator:
+    def imap(
+        self,
+        func: Callable[..., Any],
+        iterable: Iterable[Any],
+        chunksize: int | str | None = 1,
+        *,
+        progress: Any = False,
+    ) -> IMapIterator:
         """Lazy ``map``: results in input order, as they come; input read as needed.
 
         ``chunksize`` defaults to 1, as in multiprocessing (each result is yielded as
@@ -236,16 +306,26 @@ class Pool:
         ``async for x in ...``."""
         return self._imap(func, iterable, chunksize, True, progress)
 
-    def imap_unordered(self, func: Callable[..., Any], iterable: Iterable[Any],
-                       chunksize: int | str | None = 1, *,
-                       progress: Any = False) -> IMapIterator:
+    def imap_unordered(
+        self,
+        func: Callable[..., Any],
+        iterable: Iterable[Any],
+        chunksize: int | str | None = 1,
+        *,
+        progress: Any = False,
+    ) -> IMapIterator:
         """Like imap, in the order results finish."""
         return self._imap(func, iterable, chunksize, False, progress)
 
     # -- apply ------------------------------------------------------------------------
-    def apply_async(self, func: Callable[..., Any], args: Iterable[Any] = (),
-                    kwds: dict[str, Any] | None = None, callback: Any = None,
-                    error_callback: Any = None) -> ApplyResult:
+    def apply_async(
+        self,
+        func: Callable[..., Any],
+        args: Iterable[Any] = (),
+        kwds: dict[str, Any] | None = None,
+        callback: Any = None,
+        error_callback: Any = None,
+    ) -> ApplyResult:
         """``apply`` without waiting: an ApplyResult of ``func(*args, **kwds)``."""
         self._check_running()
         result = ApplyResult(callback, error_callback, self)
@@ -279,8 +359,7 @@ class Pool:
         with self._jobs_lock:
             handle = self._apply_jobs.get(function)
             if handle is None or handle.error is not None or handle.cancelled:
-                handle = ApplyHandle(function, self._max_attempts, self._timeout,
-                                     self._limit)
+                handle = ApplyHandle(function, self._max_attempts, self._timeout, self._limit)
                 handle.on_idle = _retire_weakly(weakref.ref(self))
                 self._apply_jobs[function] = handle
                 self._jobs.add(handle)
@@ -300,8 +379,9 @@ class Pool:
     def _retire(self, handle: ApplyHandle) -> None:
         self._job_done(handle, cancel=False)
 
-    def apply(self, func: Callable[..., Any], args: Iterable[Any] = (),
-              kwds: dict[str, Any] | None = None) -> Any:
+    def apply(
+        self, func: Callable[..., Any], args: Iterable[Any] = (), kwds: dict[str, Any] | None = None
+    ) -> Any:
         """Run ``func(*args, **kwds)`` on the cluster and return its result."""
         return self._wait(self.apply_async(func, args, kwds))
 
@@ -381,18 +461,21 @@ class Pool:
             pass
 
     def __repr__(self) -> str:
-        where = "local" if self._local is not None else \
-            f"{self._settings.host}:{self._settings.port}"
+        where = (
+            "local" if self._local is not None else f"{self._settings.host}:{self._settings.port}"
+        )
         return f"<achilles.Pool state={self._state} cluster={where}>"
 
 
 def _retire_weakly(ref: weakref.ref[Pool]) -> Callable[[ApplyHandle], None]:
     """An apply job's ``on_idle``: ends the job through its pool, if the pool is still
     there. Weak: the controller holds the job, and must not keep the pool alive."""
+
     def retire(handle: ApplyHandle) -> None:
         pool = ref()
         if pool is not None:
             pool._retire(handle)
+
     return retire
 
 

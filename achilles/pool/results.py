@@ -5,6 +5,7 @@ flag (a one-shot ``threading.Event``), an ``IMapIterator`` on its job's conditio
 Outcomes arrive in the reactor thread (:mod:`achilles.controller`); every wait here
 has an optional timeout, and nothing here runs in the reactor thread.
 """
+
 from __future__ import annotations
 
 import os
@@ -33,12 +34,14 @@ def _exception(outcome: Outcome) -> BaseException:
         exc, tb = loads_exception(outcome.payload)
         return rebuild_exc(exc, tb)
     detail = outcome.payload.decode("utf-8", "replace")
-    where = f"chunk {outcome.seq} (arguments {outcome.start} to " \
-            f"{outcome.start + outcome.count - 1})"
+    where = (
+        f"chunk {outcome.seq} (arguments {outcome.start} to {outcome.start + outcome.count - 1})"
+    )
     if outcome.reason == TIMEOUT:
         return TimeoutError(f"{where} failed: {detail}")
-    return ChunkFailedError(f"{where} failed: {detail}", outcome.seq, outcome.start,
-                            outcome.start + outcome.count)
+    return ChunkFailedError(
+        f"{where} failed: {detail}", outcome.seq, outcome.start, outcome.start + outcome.count
+    )
 
 
 def _values(outcome: Outcome) -> list[Any]:
@@ -92,9 +95,12 @@ class _Flag:
 class ApplyResult:
     """What ``*_async`` returns: ``get``, ``wait``, ``ready``, ``successful``."""
 
-    def __init__(self, callback: Callable[[Any], Any] | None = None,
-                 error_callback: Callable[[BaseException], Any] | None = None,
-                 pool: Pool | None = None) -> None:
+    def __init__(
+        self,
+        callback: Callable[[Any], Any] | None = None,
+        error_callback: Callable[[BaseException], Any] | None = None,
+        pool: Pool | None = None,
+    ) -> None:
         self._pool = pool  # kept alive until the result is in, as multiprocessing does
         self._event = _Flag()
         self._callback = callback
@@ -139,6 +145,7 @@ class ApplyResult:
     def __await__(self) -> Any:
         """``await result`` inside a running asyncio loop (a notebook)."""
         import asyncio
+
         loop = asyncio.get_running_loop()
         return loop.run_in_executor(None, self.get).__await__()
 
@@ -264,6 +271,7 @@ class IMapIterator:
     async def __anext__(self) -> Any:
         """``async for x in pool.imap(...)``: waits in a thread, not in the event loop."""
         import asyncio
+
         item = await asyncio.get_running_loop().run_in_executor(None, self._next_or_end)
         if item is _END:
             raise StopAsyncIteration

@@ -26,6 +26,7 @@ Nonces are 64 lowercase hex characters, usernames and names a short safe alphabe
 both sides check what the other sent before using it. As in
 ``multiprocessing.connection``'s authkey handshake, nothing is unpickled before it ends.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -61,8 +62,9 @@ def make_nonce(rand: bytes) -> str:
 def check_nonce(nonce: str, whose: str) -> None:
     """Raise ProtocolError unless ``nonce`` is exactly what :func:`make_nonce` makes."""
     if not _NONCE.fullmatch(nonce):
-        raise ProtocolError("bad-nonce", f"{whose} nonce is not {2 * NONCE_BYTES} "
-                                         f"lowercase hex characters")
+        raise ProtocolError(
+            "bad-nonce", f"{whose} nonce is not {2 * NONCE_BYTES} lowercase hex characters"
+        )
 
 
 def make_session(rand: bytes) -> str:
@@ -75,15 +77,18 @@ def make_session(rand: bytes) -> str:
 def check_session(token: str) -> None:
     """Raise ProtocolError unless ``token`` is 32 to 64 lowercase hex characters."""
     if not _SESSION.fullmatch(token):
-        raise ProtocolError("bad-session", "the session token is not 32-64 lowercase hex "
-                                           "characters")
+        raise ProtocolError(
+            "bad-session", "the session token is not 32-64 lowercase hex characters"
+        )
 
 
 def check_name(text: str, what: str) -> None:
     """Raise ProtocolError unless ``text`` is a safe username or node name."""
     if not _NAME.fullmatch(text):
-        raise ProtocolError("bad-name", f"{what} must be 1-64 letters, digits or ._@:+- "
-                                        f"(starting with a letter or digit)")
+        raise ProtocolError(
+            "bad-name",
+            f"{what} must be 1-64 letters, digits or ._@:+- (starting with a letter or digit)",
+        )
 
 
 def safe_name(text: str) -> str:
@@ -95,6 +100,7 @@ def safe_name(text: str) -> str:
 @dataclass(frozen=True)
 class Transcript:
     """What both proofs of one handshake cover (see the module docstring)."""
+
     server_nonce: str
     peer_nonce: str
     role: str
@@ -107,9 +113,21 @@ class Transcript:
     session: str = ""  # the client's session token (see messages.AuthReply)
 
     def encode(self, who: str, *extra: str | int) -> bytes:
-        fields = [_LABEL, who, self.server_nonce, self.peer_nonce, self.role, self.username,
-                  self.name, self.version, self.peer_python, self.server_python,
-                  self.binding, self.session, *extra]
+        fields = [
+            _LABEL,
+            who,
+            self.server_nonce,
+            self.peer_nonce,
+            self.role,
+            self.username,
+            self.name,
+            self.version,
+            self.peer_python,
+            self.server_python,
+            self.binding,
+            self.session,
+            *extra,
+        ]
         return json.dumps(fields, separators=(",", ":"), ensure_ascii=True).encode("ascii")
 
 
@@ -134,11 +152,11 @@ def refusal_digest(secret: str, t: Transcript, code: str) -> str:
 
 def verify(expected: str, got: str, who: str) -> None:
     """Raise AuthenticationError unless the digests match (constant time)."""
-    if not hmac.compare_digest(expected.encode("ascii", "replace"),
-                               got.encode("ascii", "replace")):
+    if not hmac.compare_digest(expected.encode("ascii", "replace"), got.encode("ascii", "replace")):
         raise AuthenticationError(
             f"{who} failed authentication: wrong secret key (ACHILLES_SECRET_KEY), or a "
-            f"man in the middle")
+            f"man in the middle"
+        )
 
 
 def fingerprint(der: bytes) -> str:
@@ -146,8 +164,9 @@ def fingerprint(der: bytes) -> str:
     return hashlib.sha256(der).hexdigest()
 
 
-def check_versions(remote_version: int, remote_python: str, local_python: str,
-                   remote_desc: str) -> None:
+def check_versions(
+    remote_version: int, remote_python: str, local_python: str, remote_desc: str
+) -> None:
     """Refuse a peer whose protocol or Python major.minor differs from ours.
 
     dill ships bytecode, which only loads on the same Python major.minor.
@@ -155,12 +174,14 @@ def check_versions(remote_version: int, remote_python: str, local_python: str,
     if remote_version != PROTOCOL_VERSION:
         raise VersionMismatchError(
             f"protocol version mismatch: {remote_desc} speaks achilles protocol "
-            f"{remote_version}, this side speaks {PROTOCOL_VERSION}")
+            f"{remote_version}, this side speaks {PROTOCOL_VERSION}"
+        )
     if remote_python != local_python:
         raise VersionMismatchError(
             f"Python version mismatch: {remote_desc} runs Python {remote_python}, "
             f"this side runs Python {local_python}; dill-serialised functions only load "
-            f"on the same major.minor")
+            f"on the same major.minor"
+        )
 
 
 #: below this many bits of estimated entropy the server warns about its secret

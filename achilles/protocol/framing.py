@@ -3,6 +3,7 @@
 The Twisted shells feed what they receive to a :class:`FrameReader` and take frames
 from it one at a time. Every limit is checked before memory is committed to it.
 """
+
 from __future__ import annotations
 
 import json
@@ -92,7 +93,7 @@ def split(payload: bytes, sizes: list[int]) -> list[bytes]:
         return [payload]
     out, at = [], 0
     for size in sizes:
-        out.append(payload[at:at + size])
+        out.append(payload[at : at + size])
         at += size
     return out
 
@@ -102,8 +103,7 @@ def split(payload: bytes, sizes: list[int]) -> list[bytes]:
 BATCH_LIMIT = 64
 
 
-def runs(items: list[T], key: Callable[[T], Any],
-         limit: int = BATCH_LIMIT) -> Iterator[list[T]]:
+def runs(items: list[T], key: Callable[[T], Any], limit: int = BATCH_LIMIT) -> Iterator[list[T]]:
     """The items in order, cut into runs of consecutive items with the same key, at most
     ``limit`` long: what one batch frame can carry (a run of one goes as a single
     frame)."""
@@ -154,8 +154,9 @@ def _bad_value(t: str, name: str, typ: Any, value: Any) -> Any:
     an int for a float field, or explain what is wrong with the value."""
     if isinstance(typ, ListOf):
         if type(value) is not list:
-            raise ProtocolError("bad-field", f"{t!r} field {name!r} must be a list, "
-                                             f"not {type(value).__name__}")
+            raise ProtocolError(
+                "bad-field", f"{t!r} field {name!r} must be a list, not {type(value).__name__}"
+            )
         elem = typ.elem
         return [v if _plain(v, elem) else _bad_value(t, name, elem, v) for v in value]
     if typ is float and type(value) is int:
@@ -168,16 +169,18 @@ def _bad_value(t: str, name: str, typ: Any, value: Any) -> Any:
             raise ProtocolError("bad-field", f"{t!r} field {name!r} must be finite")
         return value
     if typ is int and type(value) is int:  # outside 64 bits
-        raise ProtocolError("bad-field", f"{t!r} field {name!r} is out of range (a signed "
-                                         f"64-bit integer)")
+        raise ProtocolError(
+            "bad-field", f"{t!r} field {name!r} is out of range (a signed 64-bit integer)"
+        )
     if typ is str and type(value) is str:  # JSON escapes can smuggle in lone surrogates
         try:
             value.encode("utf-8")
         except UnicodeEncodeError:
             raise ProtocolError("bad-field", f"{t!r} field {name!r} is not valid text") from None
         return value
-    raise ProtocolError("bad-field", f"{t!r} field {name!r} must be {typ.__name__}, "
-                                     f"not {type(value).__name__}")
+    raise ProtocolError(
+        "bad-field", f"{t!r} field {name!r} must be {typ.__name__}, not {type(value).__name__}"
+    )
 
 
 def _check_fields(t: str, header: dict[str, Any]) -> list[Any]:
@@ -187,16 +190,18 @@ def _check_fields(t: str, header: dict[str, Any]) -> list[Any]:
             value = header[name]
         except KeyError:
             raise ProtocolError("bad-field", f"{t!r} frame lacks field {name!r}") from None
-        if not _plain(value, typ) and not (type(typ) is ListOf
-                                           and _plain_list(value, typ.elem)):
+        if not _plain(value, typ) and not (type(typ) is ListOf and _plain_list(value, typ.elem)):
             value = _bad_value(t, name, typ, value)
         values.append(value)
     return values
 
 
-def parse_header(line: bytes, max_payload: int = MAX_PAYLOAD_LENGTH,
-                 allow_payload: bool = True,
-                 max_header: int = MAX_HEADER_LENGTH) -> tuple[Message, int]:
+def parse_header(
+    line: bytes,
+    max_payload: int = MAX_PAYLOAD_LENGTH,
+    allow_payload: bool = True,
+    max_header: int = MAX_HEADER_LENGTH,
+) -> tuple[Message, int]:
     """Validate one header line (without its delimiter); return the message and ``len``.
 
     Raises:
@@ -204,13 +209,11 @@ def parse_header(line: bytes, max_payload: int = MAX_PAYLOAD_LENGTH,
             missing type, a bad length, a missing or mistyped field.
     """
     if len(line) > max_header:
-        raise ProtocolError("header-too-long",
-                            f"header of {len(line)} bytes, limit {max_header}")
+        raise ProtocolError("header-too-long", f"header of {len(line)} bytes, limit {max_header}")
     try:
         header = _loads(line.decode("utf-8"))
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-        raise ProtocolError("bad-json",
-                            f"header is not JSON ({exc.__class__.__name__})") from None
+        raise ProtocolError("bad-json", f"header is not JSON ({exc.__class__.__name__})") from None
     if type(header) is not dict:
         raise ProtocolError("not-object", "header must be a JSON object")
     t = header.get("t")
@@ -226,11 +229,11 @@ def parse_header(line: bytes, max_payload: int = MAX_PAYLOAD_LENGTH,
         if not cls.PAYLOAD:
             raise ProtocolError("unexpected-payload", f"{t!r} frames carry no payload")
         if not allow_payload:
-            raise ProtocolError("payload-before-auth",
-                                "no payload is accepted before authentication")
+            raise ProtocolError(
+                "payload-before-auth", "no payload is accepted before authentication"
+            )
         if n > max_payload:
-            raise ProtocolError("payload-too-large",
-                                f"payload of {n} bytes, limit {max_payload}")
+            raise ProtocolError("payload-too-large", f"payload of {n} bytes, limit {max_payload}")
     msg = cls(*_check_fields(t, header))
     msg.check(n)
     return msg, n
@@ -251,8 +254,7 @@ class FrameReader:
     as a list of the pieces received and joined once, when complete.
     """
 
-    def __init__(self, max_payload: int = MAX_PAYLOAD_LENGTH,
-                 allow_payload: bool = False) -> None:
+    def __init__(self, max_payload: int = MAX_PAYLOAD_LENGTH, allow_payload: bool = False) -> None:
         self.max_payload = max_payload
         self.allow_payload = allow_payload
         self.max_header = MAX_HEADER_LENGTH if allow_payload else PREAUTH_MAX_HEADER_LENGTH
@@ -281,7 +283,7 @@ class FrameReader:
         if self._pos >= len(self._buf):
             self._buf = data
         else:  # a partial header line (at most max_header bytes) is left
-            self._buf = self._buf[self._pos:] + data
+            self._buf = self._buf[self._pos :] + data
         self._pos = 0
 
     def next(self) -> Frame | None:
@@ -296,12 +298,10 @@ class FrameReader:
         end = buf.find(DELIMITER, pos)
         if end < 0:
             if len(buf) - pos > self.max_header:
-                raise ProtocolError("header-too-long",
-                                    f"no newline within {self.max_header} bytes")
+                raise ProtocolError("header-too-long", f"no newline within {self.max_header} bytes")
             return None
         self._pos = end + 1
-        msg, n = parse_header(buf[pos:end], self.max_payload, self.allow_payload,
-                              self.max_header)
+        msg, n = parse_header(buf[pos:end], self.max_payload, self.allow_payload, self.max_header)
         if n == 0:
             return Frame(msg)
         self._msg, self._need = msg, n
@@ -312,11 +312,11 @@ class FrameReader:
         have = len(buf) - pos
         if not self._parts and have >= need:  # all of it in this buffer: one slice
             self._pos = pos + need
-            payload = buf[pos:pos + need]
+            payload = buf[pos : pos + need]
         else:
             take = min(have, need)
             if take:
-                self._parts.append(buf[pos:pos + take])  # the whole piece: no copy
+                self._parts.append(buf[pos : pos + take])  # the whole piece: no copy
                 self._need = need = need - take
             self._pos = pos + take
             if need:

@@ -7,6 +7,7 @@ without looking inside them).
 
 Roles: ``node`` (runs tasks), ``controller`` (submits jobs), ``admin`` (status, kill).
 """
+
 from __future__ import annotations
 
 import enum
@@ -29,6 +30,7 @@ class ChunkStatus(enum.Enum):
     The wire and the per-chunk code carry the plain text values (the constants below):
     an enum member would be pickled by reference in every worker's result and sent
     through the JSON encoder's slow path in every header."""
+
     OK = "ok"  #: payload: the pickled list of the chunk's results
     ERROR = "error"  #: payload: pickled (exception, traceback text) the task raised
     CRASHED = "crashed"  #: payload: utf-8 text; the worker died running it (retried)
@@ -82,8 +84,9 @@ def _check_job(t: str, job: str) -> None:
     """A frame's job id: 1 to 96 characters of ``A-Za-z0-9._-`` (anything else would reach
     logs, ``achilles status`` and file names on the nodes)."""
     if not _JOB.fullmatch(job):
-        raise ProtocolError("bad-field", f"{t!r} job id is not 1 to 96 characters of "
-                                         f"A-Z a-z 0-9 . _ -")
+        raise ProtocolError(
+            "bad-field", f"{t!r} job id is not 1 to 96 characters of A-Z a-z 0-9 . _ -"
+        )
 
 
 def _check_seq(t: str, seq: int) -> None:
@@ -98,16 +101,18 @@ def _check_batch(msg: Batch, n: int, lists: tuple[str, ...]) -> None:
     _check_job(msg.TYPE, msg.job)
     k = len(msg.seqs)
     if not 0 < k <= MAX_BATCH:
-        raise ProtocolError("bad-field", f"{msg.TYPE!r} frame with {k} items "
-                                         f"(1 to {MAX_BATCH})")
+        raise ProtocolError("bad-field", f"{msg.TYPE!r} frame with {k} items (1 to {MAX_BATCH})")
     for name in lists:
         if len(getattr(msg, name)) != k:
-            raise ProtocolError("bad-field", f"{msg.TYPE!r} field {name!r} has "
-                                             f"{len(getattr(msg, name))} items, not {k}")
+            raise ProtocolError(
+                "bad-field",
+                f"{msg.TYPE!r} field {name!r} has {len(getattr(msg, name))} items, not {k}",
+            )
     sizes = msg.sizes
     if min(sizes) < 0 or sum(sizes) != n:
-        raise ProtocolError("bad-field", f"{msg.TYPE!r} sizes do not add up to the "
-                                         f"payload of {n} bytes")
+        raise ProtocolError(
+            "bad-field", f"{msg.TYPE!r} sizes do not add up to the payload of {n} bytes"
+        )
     if min(msg.seqs) < 0:
         raise ProtocolError("bad-field", f"{msg.TYPE!r} has a negative chunk number")
 
@@ -117,12 +122,14 @@ def _check_batch(msg: Batch, n: int, lists: tuple[str, ...]) -> None:
 class Hello(Message):
     """The peer's first frame on plain TCP, so that the server can tell plain from TLS
     by the first byte (sent on TLS and in memory too, for one code path)."""
+
     TYPE = "hello"
 
 
 @dataclass(frozen=True, slots=True)
 class Challenge(Message):
     """Server's opening: a fresh nonce and the server's versions."""
+
     TYPE = "challenge"
     nonce: str
     version: int
@@ -132,6 +139,7 @@ class Challenge(Message):
 @dataclass(frozen=True, slots=True)
 class AuthReply(Message):
     """Peer's answer: who it is, its own nonce for the server, and its proof."""
+
     TYPE = "auth"
     role: str
     username: str
@@ -150,6 +158,7 @@ class AuthReply(Message):
 @dataclass(frozen=True, slots=True)
 class Welcome(Message):
     """Server's proof that it holds the secret too, and the peer's id."""
+
     TYPE = "welcome"
     digest: str
     peer_id: int
@@ -160,6 +169,7 @@ class ErrorFrame(Message):
     """Sent before the sender closes the connection (or to fail one request). A server
     refusing a handshake after the peer's AuthReply adds ``proof`` (see
     ``auth.refusal_digest``): only then may the peer treat the refusal as final."""
+
     TYPE = "error"
     code: str
     detail: str
@@ -175,6 +185,7 @@ class Heartbeat(Message):
 @dataclass(frozen=True, slots=True)
 class Submit(Message):
     """A new job; the payload is the serialised function bundle."""
+
     TYPE = "submit"
     PAYLOAD = True
     job: str
@@ -189,8 +200,9 @@ class Submit(Message):
     def check(self, n: int) -> None:
         _check_job(self.TYPE, self.job)
         if len(self.job) > JOB_ID_MAX:
-            raise ProtocolError("bad-field", f"'submit' job id of {len(self.job)} "
-                                             f"characters (at most {JOB_ID_MAX})")
+            raise ProtocolError(
+                "bad-field", f"'submit' job id of {len(self.job)} characters (at most {JOB_ID_MAX})"
+            )
         if self.total < -1:
             raise ProtocolError("bad-field", f"'submit' total {self.total} (-1: unknown)")
 
@@ -198,6 +210,7 @@ class Submit(Message):
 @dataclass(frozen=True, slots=True)
 class Chunk(Message):
     """One chunk of a job's arguments (opaque payload)."""
+
     TYPE = "chunk"
     PAYLOAD = True
     job: str
@@ -213,6 +226,7 @@ class Batch(Message):
     """What every batch frame has: items ``seqs`` of one job, whose payloads of
     ``sizes`` bytes are the frame's payload back to back; LISTS are the fields that hold
     one value per item."""
+
     PAYLOAD = True
     LISTS: ClassVar[tuple[str, ...]] = ("sizes",)
     job: str
@@ -226,12 +240,14 @@ class Batch(Message):
 @dataclass(frozen=True, slots=True)
 class Chunks(Batch):
     """Several chunks of one job (controller -> server)."""
+
     TYPE = "chunks"
 
 
 @dataclass(frozen=True, slots=True)
 class Cancel(Message):
     """Stop a job: the controller gave up on it, or (server->node) drop its work."""
+
     TYPE = "cancel"
     job: str
 
@@ -242,6 +258,7 @@ class Cancel(Message):
 @dataclass(frozen=True, slots=True)
 class End(Message):
     """The controller has every result of the job; the server may forget it."""
+
     TYPE = "end"
     job: str
 
@@ -252,6 +269,7 @@ class End(Message):
 @dataclass(frozen=True, slots=True)
 class Kill(Message):
     """Stop every node (killCluster)."""
+
     TYPE = "kill"
 
 
@@ -264,6 +282,7 @@ class StatusRequest(Message):
 @dataclass(frozen=True, slots=True)
 class Function(Message):
     """A job's function bundle, sent once per node before its first task."""
+
     TYPE = "function"
     PAYLOAD = True
     job: str
@@ -275,6 +294,7 @@ class Function(Message):
 @dataclass(frozen=True, slots=True)
 class Task(Message):
     """Run chunk ``seq`` of ``job``."""
+
     TYPE = "task"
     PAYLOAD = True
     job: str
@@ -289,6 +309,7 @@ class Task(Message):
 @dataclass(frozen=True, slots=True)
 class Tasks(Batch):
     """Run several chunks of ``job`` (server -> node)."""
+
     TYPE = "tasks"
     timeout: float
 
@@ -297,6 +318,7 @@ class Tasks(Batch):
 @dataclass(frozen=True, slots=True)
 class Result(Message):
     """The outcome of one chunk; ``status`` is one of STATUSES."""
+
     TYPE = "result"
     PAYLOAD = True
     job: str
@@ -313,6 +335,7 @@ class Result(Message):
 class Results(Batch):
     """The outcomes of several chunks of ``job``: what ``Result`` says of one, in
     parallel lists (node -> server -> controller)."""
+
     TYPE = "results"
     LISTS = ("sizes", "statuses", "elapsed")
     statuses: list[str]
@@ -322,6 +345,7 @@ class Results(Batch):
 @dataclass(frozen=True, slots=True)
 class Drain(Message):
     """A node is leaving: send it no more work."""
+
     TYPE = "drain"
 
 
@@ -331,6 +355,7 @@ class JobFailed(Message):
     """A chunk failed for good (``reason``: its last status, after max_attempts tries),
     or the server refused a chunk or (``seq`` -1) the job itself (``reason``
     "refused")."""
+
     TYPE = "jobfailed"
     PAYLOAD = True  # utf-8 text of the last failure, or of the refusal
     job: str
@@ -346,6 +371,7 @@ class JobFailed(Message):
 @dataclass(frozen=True, slots=True)
 class Cluster(Message):
     """The cluster's size, pushed to controllers whenever it changes."""
+
     TYPE = "cluster"
     nodes: int
     slots: int
@@ -354,6 +380,7 @@ class Cluster(Message):
 @dataclass(frozen=True, slots=True)
 class Status(Message):
     """Reply to StatusRequest; the payload is a JSON document."""
+
     TYPE = "status"
     PAYLOAD = True
 
@@ -361,28 +388,55 @@ class Status(Message):
 @dataclass(frozen=True, slots=True)
 class Killed(Message):
     """Reply to Kill: how many nodes were told to stop."""
+
     TYPE = "killed"
     nodes: int
 
 
 MESSAGES: dict[str, type[Message]] = {
     cls.TYPE: cls
-    for cls in (Hello, Challenge, AuthReply, Welcome, ErrorFrame, Heartbeat, Submit, Chunk, Chunks,
-                Cancel, End, Kill, StatusRequest, Function, Task, Tasks, Result, Results,
-                Drain, JobFailed, Cluster, Status, Killed)
+    for cls in (
+        Hello,
+        Challenge,
+        AuthReply,
+        Welcome,
+        ErrorFrame,
+        Heartbeat,
+        Submit,
+        Chunk,
+        Chunks,
+        Cancel,
+        End,
+        Kill,
+        StatusRequest,
+        Function,
+        Task,
+        Tasks,
+        Result,
+        Results,
+        Drain,
+        JobFailed,
+        Cluster,
+        Status,
+        Killed,
+    )
 }
 
 _JSON_TYPES: dict[str, type | ListOf] = {
-    "str": str, "int": int, "float": float,
-    "list[int]": ListOf(int), "list[str]": ListOf(str), "list[float]": ListOf(float)}
+    "str": str,
+    "int": int,
+    "float": float,
+    "list[int]": ListOf(int),
+    "list[str]": ListOf(str),
+    "list[float]": ListOf(float),
+}
 
 FIELD_TYPES: dict[str, dict[str, type | ListOf]] = {
-    t: {f.name: _JSON_TYPES[str(f.type)] for f in fields(cls)}
-    for t, cls in MESSAGES.items()
+    t: {f.name: _JSON_TYPES[str(f.type)] for f in fields(cls)} for t, cls in MESSAGES.items()
 }
 
 #: per type, its fields and their JSON types, in declaration (constructor) order
 FIELD_SPECS: dict[str, tuple[tuple[str, type | ListOf], ...]] = {
-    t: tuple(spec.items()) for t, spec in FIELD_TYPES.items()}
-FIELD_NAMES: dict[str, tuple[str, ...]] = {
-    t: tuple(spec) for t, spec in FIELD_TYPES.items()}
+    t: tuple(spec.items()) for t, spec in FIELD_TYPES.items()
+}
+FIELD_NAMES: dict[str, tuple[str, ...]] = {t: tuple(spec) for t, spec in FIELD_TYPES.items()}

@@ -1,5 +1,6 @@
 """Text that came from a peer, made safe to log or show: quoted, control characters
 escaped (no forged log lines, no terminal escape sequences), and cut short."""
+
 from __future__ import annotations
 
 #: most characters of a peer's own text (its Python version, name) put in a log line

@@ -1,5 +1,6 @@
 """The server's side of one connection: the handshake, then frames handed to the
 :class:`~achilles.server.router.ServerFactory` (which owns the scheduler)."""
+
 from __future__ import annotations
 
 import logging
@@ -45,8 +46,7 @@ log = logging.getLogger("achilles.server")
 # What each role may send once authenticated.
 ALLOWED: dict[str, tuple[type[Message], ...]] = {
     "node": (Result, Results, Heartbeat, Drain, ErrorFrame),
-    "controller": (Submit, Chunk, Chunks, Cancel, End, Kill, StatusRequest, Heartbeat,
-                   ErrorFrame),
+    "controller": (Submit, Chunk, Chunks, Cancel, End, Kill, StatusRequest, Heartbeat, ErrorFrame),
     "admin": (Kill, StatusRequest, Heartbeat, ErrorFrame),
 }
 
@@ -69,28 +69,36 @@ class ServerProtocol(FramedProtocol):
         self.role = ""
         self.name = self.peer_desc
         self._handshake_timer = self.factory.clock.callLater(
-            self.factory.settings.handshake_timeout, self._handshake_expired)
+            self.factory.settings.handshake_timeout, self._handshake_expired
+        )
         self.factory.open_connections += 1
         if self.factory.open_connections > self.factory.settings.max_connections:
-            log.warning("refused %s: over %d connections", self.peer_desc,
-                        self.factory.settings.max_connections)
+            log.warning(
+                "refused %s: over %d connections",
+                self.peer_desc,
+                self.factory.settings.max_connections,
+            )
             return self.fail("too-many-connections", "the server is at its connection limit")
         if self.plain_refusal:
-            log.warning("refused plain TCP from %s: TLS is required off loopback",
-                        self.peer_desc)
+            log.warning("refused plain TCP from %s: TLS is required off loopback", self.peer_desc)
             return self.fail("tls-required", self.plain_refusal)
         if self.binding == "" and not self.factory.in_memory(self):
             self.factory.plain_accepted(self.peer_host)
         delay = self.factory.throttle.delay(self.peer_host, self.factory.clock.seconds())
         if delay > 0:
-            return self.fail("throttled", f"too many failed logins from {self.peer_host}; "
-                                          f"try again in {delay:.0f} s")
+            return self.fail(
+                "throttled",
+                f"too many failed logins from {self.peer_host}; try again in {delay:.0f} s",
+            )
         self._nonce = auth.make_nonce(os.urandom(auth.NONCE_BYTES))
         self.send(Challenge(self._nonce, PROTOCOL_VERSION, PYTHON))
 
     def _handshake_expired(self) -> None:
-        log.warning("%s did not authenticate within %g s; dropped", self.peer_desc,
-                    self.factory.settings.handshake_timeout)
+        log.warning(
+            "%s did not authenticate within %g s; dropped",
+            self.peer_desc,
+            self.factory.settings.handshake_timeout,
+        )
         self.fail("handshake-timeout", "authentication not completed in time")
         # fail() flushes the error frame, then closes; a peer that will not read it
         # (a full socket buffer) is cut off a moment later
@@ -127,8 +135,9 @@ class ServerProtocol(FramedProtocol):
                 self._hello = True
                 return None
             if not isinstance(msg, AuthReply):
-                raise ProtocolError("not-authenticated",
-                                    f"{msg.TYPE!r} frame before authentication")
+                raise ProtocolError(
+                    "not-authenticated", f"{msg.TYPE!r} frame before authentication"
+                )
             return self._authenticate(msg)
         if not isinstance(msg, ALLOWED[self.role]):
             raise ProtocolError("not-allowed", f"a {self.role} may not send {msg.TYPE!r}")
@@ -137,16 +146,27 @@ class ServerProtocol(FramedProtocol):
     _hello = False
 
     def _transcript(self, msg: AuthReply) -> auth.Transcript:
-        return auth.Transcript(self._nonce, msg.nonce, msg.role, msg.username, msg.name,
-                               msg.version, msg.python, PYTHON, self.binding, msg.session)
+        return auth.Transcript(
+            self._nonce,
+            msg.nonce,
+            msg.role,
+            msg.username,
+            msg.name,
+            msg.version,
+            msg.python,
+            PYTHON,
+            self.binding,
+            msg.session,
+        )
 
     def _authenticate(self, msg: AuthReply) -> None:
         """The peer's proof first (it also proves the refusals that follow), then what
         it claims: role, names, nonce, versions."""
         secret, t = self.factory.secret, self._transcript(msg)
         try:
-            auth.verify(auth.peer_digest(secret, t), msg.digest,
-                        f"{shown(msg.role)} at {self.peer_desc}")
+            auth.verify(
+                auth.peer_digest(secret, t), msg.digest, f"{shown(msg.role)} at {self.peer_desc}"
+            )
         except AuthenticationError as exc:
             self.factory.login_failed(self.peer_host, str(exc))
             return self._refuse(msg, t, "auth-failed", str(exc))
@@ -157,8 +177,7 @@ class ServerProtocol(FramedProtocol):
             auth.check_name(msg.username, "the username")
             auth.check_name(msg.name, "the node name")
             auth.check_session(msg.session)
-            auth.check_versions(msg.version, msg.python, PYTHON,
-                                f"{msg.role} {self.peer_desc}")
+            auth.check_versions(msg.version, msg.python, PYTHON, f"{msg.role} {self.peer_desc}")
         except ProtocolError as exc:
             return self._refuse(msg, t, exc.code, exc.detail)
         except VersionMismatchError as exc:
@@ -178,10 +197,18 @@ class ServerProtocol(FramedProtocol):
         address and both sides' versions, the peer's own text bounded and escaped; failed
         logins from one address are counted and logged once per interval instead."""
         if code != "auth-failed":
-            log.warning("refused %s from %s (%s): peer achilles protocol %d, Python %s, "
-                        "name %s; server achilles protocol %d, Python %s", shown(msg.role),
-                        self.peer_desc, code, msg.version, shown(msg.python),
-                        shown(msg.name), PROTOCOL_VERSION, PYTHON)
+            log.warning(
+                "refused %s from %s (%s): peer achilles protocol %d, Python %s, "
+                "name %s; server achilles protocol %d, Python %s",
+                shown(msg.role),
+                self.peer_desc,
+                code,
+                msg.version,
+                shown(msg.python),
+                shown(msg.name),
+                PROTOCOL_VERSION,
+                PYTHON,
+            )
         proof = auth.refusal_digest(self.factory.secret, t, code)
         self.send(ErrorFrame(code, detail, proof))
         self._flush()

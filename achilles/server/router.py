@@ -1,6 +1,7 @@
 """The server's router: every connection's frames become scheduler events, and the
 scheduler's instructions become frames (batched per peer and job). Payloads are routed as
 opaque bytes: the server never unpickles anything."""
+
 from __future__ import annotations
 
 import itertools
@@ -72,11 +73,18 @@ class ServerFactory(protocol.Factory):
         self.reading = 0
         self._batches: dict[int, list[Any]] = {}
         self._handlers: dict[type, Callable[[ServerProtocol, Any, bytes], None]] = {
-            Submit: self._on_submit, Chunk: self._on_chunk, Chunks: self._on_chunks,
-            Cancel: self._on_cancel, End: self._on_end, Result: self._on_result,
-            Results: self._on_results, Kill: self._on_kill,
-            StatusRequest: self._on_status, Drain: self._on_drain,
-            Heartbeat: self._on_heartbeat, ErrorFrame: self._on_error,
+            Submit: self._on_submit,
+            Chunk: self._on_chunk,
+            Chunks: self._on_chunks,
+            Cancel: self._on_cancel,
+            End: self._on_end,
+            Result: self._on_result,
+            Results: self._on_results,
+            Kill: self._on_kill,
+            StatusRequest: self._on_status,
+            Drain: self._on_drain,
+            Heartbeat: self._on_heartbeat,
+            ErrorFrame: self._on_error,
         }
 
     def startFactory(self) -> None:
@@ -119,10 +127,10 @@ class ServerFactory(protocol.Factory):
         elif isinstance(ins, sch.CancelOnNode):
             self._send(ins.node, Cancel(ins.job))
         elif isinstance(ins, sch.FailJob):
-            log.warning("chunk %d of job %s failed: %s", ins.seq, ins.job,
-                        shown(ins.detail, 300))
-            self._send(ins.owner, JobFailed(ins.job, ins.seq, ins.reason),
-                       ins.detail.encode("utf-8"))
+            log.warning("chunk %d of job %s failed: %s", ins.seq, ins.job, shown(ins.detail, 300))
+            self._send(
+                ins.owner, JobFailed(ins.job, ins.seq, ins.reason), ins.detail.encode("utf-8")
+            )
         elif isinstance(ins, sch.ClusterChanged):
             self.cluster = Cluster(ins.nodes, ins.slots)
             for peer in list(self.peers.values()):
@@ -135,16 +143,19 @@ class ServerFactory(protocol.Factory):
         """Log a refusal and tell the peer (a controller learns that its submit or chunk
         was not taken, instead of waiting for it forever); close a misbehaving peer."""
         refused = self.peers.get(ins.peer)
-        log.warning("refused from %s %s: %s", refused.role if refused else "peer",
-                    refused.name if refused else ins.peer, ins.reason)
+        log.warning(
+            "refused from %s %s: %s",
+            refused.role if refused else "peer",
+            refused.name if refused else ins.peer,
+            ins.reason,
+        )
         if refused is None:
             return
         if ins.close:
             self._batches.pop(ins.peer, None)
             refused.fail("refused", ins.reason)
         elif ins.job and refused.role == "controller":  # which job: it fails that one
-            self._send(ins.peer, JobFailed(ins.job, ins.seq, "refused"),
-                       ins.reason.encode("utf-8"))
+            self._send(ins.peer, JobFailed(ins.job, ins.seq, "refused"), ins.reason.encode("utf-8"))
         else:
             self._send(ins.peer, ErrorFrame("refused", ins.reason))
 
@@ -167,14 +178,17 @@ class ServerFactory(protocol.Factory):
         logins of the last interval, one line per address."""
         now = self.clock.seconds()
         for host, failures, wait in self.throttle.report(now):
-            log.warning("%d failed login(s) from %s in the last %.0f s (wrong secret?)%s",
-                        failures, host, REPORT_INTERVAL,
-                        f"; its next attempt is heard in {wait:.0f} s" if wait else "")
+            log.warning(
+                "%d failed login(s) from %s in the last %.0f s (wrong secret?)%s",
+                failures,
+                host,
+                REPORT_INTERVAL,
+                f"; its next attempt is heard in {wait:.0f} s" if wait else "",
+            )
         for peer in list(self.peers.values()):
             silent = now - peer.last_heard
             if silent > self.settings.heartbeat_timeout:
-                log.warning("%s %s lost: no heartbeat for %.1f s", peer.role, peer.name,
-                            silent)
+                log.warning("%s %s lost: no heartbeat for %.1f s", peer.role, peer.name, silent)
                 peer.transport.abortConnection()
             else:
                 peer.send(Heartbeat())
@@ -191,22 +205,34 @@ class ServerFactory(protocol.Factory):
         another machine (only ``--tls off`` allows that)."""
         if not tls.is_loopback(host) and host not in self._plain_warned:
             self._plain_warned.add(host)
-            log.warning("accepted plain TCP (unencrypted) from %s: anyone on the network "
-                        "path can read and change this traffic", host)
+            log.warning(
+                "accepted plain TCP (unencrypted) from %s: anyone on the network "
+                "path can read and change this traffic",
+                host,
+            )
 
     def login_failed(self, host: str, detail: str) -> None:
         """A failed login: logged at once the first time in an interval, then counted."""
         if self.throttle.failed(host, self.clock.seconds()):
-            log.warning("login from %s failed: %s (further failures from it are counted "
-                        "and reported every %.0f s)", host, detail, REPORT_INTERVAL)
+            log.warning(
+                "login from %s failed: %s (further failures from it are counted "
+                "and reported every %.0f s)",
+                host,
+                detail,
+                REPORT_INTERVAL,
+            )
 
     def peer_joined(self, peer: ServerProtocol, msg: AuthReply) -> None:
         self.peers[peer.peer_id] = peer
         log.info("%s %s connected from %s", peer.role, peer.name, peer.peer_desc)
         if peer.role == "node":
             if msg.slots > sch.MAX_SLOTS:
-                log.warning("node %s claims %d slots: it is given work for %d", peer.name,
-                            msg.slots, sch.MAX_SLOTS)
+                log.warning(
+                    "node %s claims %d slots: it is given work for %d",
+                    peer.name,
+                    msg.slots,
+                    sch.MAX_SLOTS,
+                )
             self.feed(sch.NodeJoined(peer.peer_id, msg.slots, peer.name))
         elif peer.role == "controller":
             self._take_over(peer)
@@ -218,8 +244,12 @@ class ServerFactory(protocol.Factory):
         its jobs released, so that the jobs the controller submits again are taken."""
         for old in list(self.peers.values()):
             if old is not peer and old.role == "controller" and old.session == peer.session:
-                log.warning("controller %s reconnected from %s: dropping its old connection "
-                            "from %s", peer.name, peer.peer_desc, old.peer_desc)
+                log.warning(
+                    "controller %s reconnected from %s: dropping its old connection from %s",
+                    peer.name,
+                    peer.peer_desc,
+                    old.peer_desc,
+                )
                 self.peer_lost(old, "replaced by a new connection")
                 old.transport.abortConnection()
 
@@ -230,8 +260,11 @@ class ServerFactory(protocol.Factory):
         if peer.role == "node":
             node = self.scheduler.nodes.get(peer.peer_id)
             if node is not None and node.inflight:
-                log.warning("node %s lost with %d chunk(s) in flight: requeued", peer.name,
-                            len(node.inflight))
+                log.warning(
+                    "node %s lost with %d chunk(s) in flight: requeued",
+                    peer.name,
+                    len(node.inflight),
+                )
             self.feed(sch.NodeLost(peer.peer_id, "connection closed"))
         elif peer.role == "controller":
             for job in [j for j in self.scheduler.jobs.values() if j.owner == peer.peer_id]:
@@ -243,16 +276,36 @@ class ServerFactory(protocol.Factory):
 
     # -- handlers ---------------------------------------------------------------------
     def _on_submit(self, peer: ServerProtocol, msg: Submit, payload: bytes) -> None:
-        log.info("job %s submitted by %s (%s chunks)", msg.job[:8], peer.name,
-                 msg.total if msg.total >= 0 else "?")
-        self.feed(sch.JobSubmitted(msg.job, peer.peer_id, payload, msg.max_attempts,
-                                   msg.timeout, msg.limit, msg.total, bool(msg.isolated)))
+        log.info(
+            "job %s submitted by %s (%s chunks)",
+            msg.job[:8],
+            peer.name,
+            msg.total if msg.total >= 0 else "?",
+        )
+        self.feed(
+            sch.JobSubmitted(
+                msg.job,
+                peer.peer_id,
+                payload,
+                msg.max_attempts,
+                msg.timeout,
+                msg.limit,
+                msg.total,
+                bool(msg.isolated),
+            )
+        )
 
     def _log_job_end(self, job_id: str, owner: int, how: str) -> None:
         job = self.scheduler.jobs.get(sch.job_key(owner, job_id))
         if job is not None:
-            log.info("job %s %s: %d chunks done in %.2f s, %d retries", job_id[:8], how,
-                     job.done, self.clock.seconds() - job.submitted, job.retries)
+            log.info(
+                "job %s %s: %d chunks done in %.2f s, %d retries",
+                job_id[:8],
+                how,
+                job.done,
+                self.clock.seconds() - job.submitted,
+                job.retries,
+            )
 
     def _on_chunk(self, peer: ServerProtocol, msg: Chunk, payload: bytes) -> None:
         self.feed(sch.ChunkAdded(msg.job, msg.seq, payload, peer.peer_id))
@@ -269,12 +322,21 @@ class ServerFactory(protocol.Factory):
         self.feed(sch.JobEnded(msg.job, peer.peer_id))
 
     def _on_result(self, peer: ServerProtocol, msg: Result, payload: bytes) -> None:
-        self.feed(sch.ResultReceived(peer.peer_id, msg.job, msg.seq, msg.status, payload,
-                                     msg.elapsed))
+        self.feed(
+            sch.ResultReceived(peer.peer_id, msg.job, msg.seq, msg.status, payload, msg.elapsed)
+        )
 
     def _on_results(self, peer: ServerProtocol, msg: Results, payload: bytes) -> None:
-        self.feed(sch.ResultsReceived(peer.peer_id, msg.job, msg.seqs, msg.statuses,
-                                      split(payload, msg.sizes), msg.elapsed))
+        self.feed(
+            sch.ResultsReceived(
+                peer.peer_id,
+                msg.job,
+                msg.seqs,
+                msg.statuses,
+                split(payload, msg.sizes),
+                msg.elapsed,
+            )
+        )
 
     def _on_drain(self, peer: ServerProtocol, msg: Drain, payload: bytes) -> None:
         log.info("node %s is leaving", peer.name)
@@ -303,8 +365,9 @@ class ServerFactory(protocol.Factory):
         pass
 
     def _on_error(self, peer: ServerProtocol, msg: ErrorFrame, payload: bytes) -> None:
-        log.warning("%s %s reported: %s %s", peer.role, peer.name, shown(msg.code),
-                    shown(msg.detail, 300))
+        log.warning(
+            "%s %s reported: %s %s", peer.role, peer.name, shown(msg.code), shown(msg.detail, 300)
+        )
 
 
 def listen(settings: Settings, reactor: Any = None) -> Any:
@@ -320,27 +383,41 @@ def listen(settings: Settings, reactor: Any = None) -> Any:
     if reactor is None:
         from twisted.internet import reactor
     if settings.insecure and not settings.secret_key and settings.host not in LOOPBACK:
-        raise ConfigError("insecure mode (no secret) is only allowed on a loopback address, "
-                          f"not on {settings.host!r}")
+        raise ConfigError(
+            "insecure mode (no secret) is only allowed on a loopback address, "
+            f"not on {settings.host!r}"
+        )
     if settings.insecure and not settings.secret_key:
         log.warning("INSECURE: no secret; any local process can use this server")
     elif settings.secret_key and auth.secret_bits(settings.secret_key) < auth.WEAK_SECRET_BITS:
-        log.warning("the secret is short or repetitive (about %d bits): anyone who can reach "
-                    "this port may guess it; `achilles secret` prints a strong one",
-                    auth.secret_bits(settings.secret_key))
+        log.warning(
+            "the secret is short or repetitive (about %d bits): anyone who can reach "
+            "this port may guess it; `achilles secret` prints a strong one",
+            auth.secret_bits(settings.secret_key),
+        )
     if bool(settings.tls_cert) != bool(settings.tls_key):
-        raise ConfigError("TLS needs both --tls-cert (ACHILLES_TLS_CERT) and --tls-key "
-                          "(ACHILLES_TLS_KEY)")
+        raise ConfigError(
+            "TLS needs both --tls-cert (ACHILLES_TLS_CERT) and --tls-key (ACHILLES_TLS_KEY)"
+        )
     factory = ServerFactory(settings, clock=reactor)
     limit = raise_descriptor_limit(settings.max_connections)
     if limit < settings.max_connections:
-        log.warning("this process may open only %d files: serving at most %d connections, "
-                    "not %d (raise `ulimit -n`)", limit + RESERVED_FDS, limit,
-                    settings.max_connections)
+        log.warning(
+            "this process may open only %d files: serving at most %d connections, "
+            "not %d (raise `ulimit -n`)",
+            limit + RESERVED_FDS,
+            limit,
+            settings.max_connections,
+        )
         factory.settings = replace(settings, max_connections=limit)
-    unified = tls.UnifiedFactory(factory, tls.ServerTLS(settings, user_config_dir()),
-                                 settings.tls == "off", reactor, settings.handshake_timeout,
-                                 factory.settings.max_connections)
+    unified = tls.UnifiedFactory(
+        factory,
+        tls.ServerTLS(settings, user_config_dir()),
+        settings.tls == "off",
+        reactor,
+        settings.handshake_timeout,
+        factory.settings.max_connections,
+    )
     if settings.tls == "on":
         unified.allow_plain_loopback = False
     return reactor.listenTCP(settings.port, unified, backlog=BACKLOG, interface=settings.host)
@@ -357,6 +434,7 @@ def raise_descriptor_limit(wanted: int) -> int:
     fit in it (before this, a soft 1024 ran out before the 1024-connection cap and the
     peers past it got a silent EOF)."""
     import resource
+
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     target = hard if hard != resource.RLIM_INFINITY else max(soft, wanted + RESERVED_FDS)
     if target > soft:

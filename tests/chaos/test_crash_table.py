@@ -1,5 +1,6 @@
 """Failure modes of a task, as a table (loky's crash_cases): each row says what the
 task does, and what the caller must get. After every row the cluster must still work."""
+
 from __future__ import annotations
 
 import multiprocessing.pool
@@ -19,10 +20,18 @@ CRASH_CASES = [
     ("os._exit", tasks.hard_exit, achilles.ChunkFailedError, "exit code 0"),
     ("segfault", tasks.segfault, achilles.ChunkFailedError, "SIGSEGV"),
     ("memory", tasks.huge_allocation, MemoryError, None),
-    ("unpicklable-result", tasks.unpicklable_result, multiprocessing.pool.MaybeEncodingError,
-     "Error sending result"),
-    ("unpicklable-exception", tasks.raise_two_arg, achilles.RemoteError,
-     "TwoArgError: two-arg error 1 2"),
+    (
+        "unpicklable-result",
+        tasks.unpicklable_result,
+        multiprocessing.pool.MaybeEncodingError,
+        "Error sending result",
+    ),
+    (
+        "unpicklable-exception",
+        tasks.raise_two_arg,
+        achilles.RemoteError,
+        "TwoArgError: two-arg error 1 2",
+    ),
 ]
 
 
@@ -55,6 +64,7 @@ def test_argument_that_crashes_at_unpickle(pool):
 def test_unpicklable_function(pool):
     """A function dill cannot serialise fails at submission, naming it."""
     import threading
+
     lock = threading.Lock()
     gen = (i for i in range(3))
 
@@ -85,7 +95,8 @@ def test_task_timeout(cluster):
     """A task past task_timeout has its worker killed; after max_attempts the job fails
     with a multiprocessing.TimeoutError-compatible error naming the chunk."""
     import multiprocessing
+
     with Pool(task_timeout=0.5, max_attempts=2, **cluster.kwargs()) as p:
-        with pytest.raises(multiprocessing.TimeoutError, match="chunk 0 .*time limit"):
+        with pytest.raises(multiprocessing.TimeoutError, match=r"chunk 0 .*time limit"):
             p.map(tasks.sleep_for, [30.0])
         assert p.map(tasks.sleep_for, [0.01, 0.02]) == [0.01, 0.02]

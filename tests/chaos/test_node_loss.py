@@ -1,5 +1,6 @@
 """Peers that die, freeze or restart in the middle of a job: every result arrives
 exactly once, nothing hangs, and the cluster keeps serving."""
+
 from __future__ import annotations
 
 import os
@@ -152,11 +153,18 @@ def test_controller_killed_frees_the_nodes(cluster, tmp_path):
     next caller."""
     code = CONTROLLER.format(port=cluster.port, secret=cluster.secret)
     tests_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
-                            env=dict(os.environ, PYTHONPATH=tests_dir), cwd=tmp_path)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdout=subprocess.PIPE,
+        env=dict(os.environ, PYTHONPATH=tests_dir),
+        cwd=tmp_path,
+    )
     try:
-        wait_until(lambda: all(n["inflight"] for n in cluster.status()["nodes"]), 30,
-                   what="the controller's job to occupy the nodes")
+        wait_until(
+            lambda: all(n["inflight"] for n in cluster.status()["nodes"]),
+            30,
+            what="the controller's job to occupy the nodes",
+        )
         proc.kill()
         proc.wait(10)
         wait_until(lambda: not cluster.status()["jobs"], 10, what="its job to be cancelled")

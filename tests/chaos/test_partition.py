@@ -1,6 +1,7 @@
 """A node cut off from the server without a FIN (its link dropped), in network
 namespaces this test creates: detected by heartbeats, its chunks reassigned, and after
 the link comes back the node reconnects."""
+
 from __future__ import annotations
 
 import json
@@ -27,8 +28,9 @@ def _netns_available() -> bool:
     return ok
 
 
-requires_netns = pytest.mark.skipif(not _netns_available(),
-                                    reason="needs root and `ip netns` to build test hosts")
+requires_netns = pytest.mark.skipif(
+    not _netns_available(), reason="needs root and `ip netns` to build test hosts"
+)
 
 TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -43,8 +45,11 @@ def two_hosts(request):
     tag = secrets.token_hex(3)
     srv, nod = f"achs{tag}", f"achn{tag}"
     net = random.randrange(1, 250)
-    request.addfinalizer(lambda: [subprocess.run(["ip", "netns", "del", ns],
-                                                 capture_output=True) for ns in (srv, nod)])
+    request.addfinalizer(
+        lambda: [
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True) for ns in (srv, nod)
+        ]
+    )
     ip("netns", "add", srv)
     ip("netns", "add", nod)
     ip("link", "add", f"vs{tag}", "type", "veth", "peer", "name", f"vn{tag}")
@@ -76,43 +81,96 @@ def test_cut_link_node_is_replaced_then_returns(two_hosts, request):
     """Dropping a node's link (no FIN) gets it declared lost by heartbeat, the job
     completes on the other node, and the node rejoins once the link is back."""
     secret = secrets.token_hex(8)
-    fast = dict(ACHILLES_HEARTBEAT_INTERVAL="0.3", ACHILLES_HEARTBEAT_TIMEOUT="2",
-                ACHILLES_SECRET_KEY=secret, PYTHONUNBUFFERED="1",
-                PYTHONPATH=TESTS)
+    fast = dict(
+        ACHILLES_HEARTBEAT_INTERVAL="0.3",
+        ACHILLES_HEARTBEAT_TIMEOUT="2",
+        ACHILLES_SECRET_KEY=secret,
+        PYTHONUNBUFFERED="1",
+        PYTHONPATH=TESTS,
+    )
     env = child_env(**fast)
 
     def in_ns(ns, *args, name):
-        proc = Proc(["ip", "netns", "exec", ns, sys.executable, "-m", "achilles", *args],
-                    env=env, name=name)
+        proc = Proc(
+            ["ip", "netns", "exec", ns, sys.executable, "-m", "achilles", *args], env=env, name=name
+        )
         request.addfinalizer(proc.stop)
         return proc
 
-    server = in_ns(two_hosts["srv"], "server", "--host", "0.0.0.0", "--port", "0",
-                   name="server")
-    port = int(wait_until(lambda: "listening on" in server.output() and
-                          server.output().split("listening on 0.0.0.0:")[1].split()[0],
-                          20, what="server port"))
+    server = in_ns(two_hosts["srv"], "server", "--host", "0.0.0.0", "--port", "0", name="server")
+    port = int(
+        wait_until(
+            lambda: (
+                "listening on" in server.output()
+                and server.output().split("listening on 0.0.0.0:")[1].split()[0]
+            ),
+            20,
+            what="server port",
+        )
+    )
     in_ns(two_hosts["srv"], "node", "--port", str(port), "--processes", "1", name="near")
-    in_ns(two_hosts["nod"], "node", "--host", two_hosts["server_ip"], "--port", str(port),
-          "--processes", "1", name="far")
+    in_ns(
+        two_hosts["nod"],
+        "node",
+        "--host",
+        two_hosts["server_ip"],
+        "--port",
+        str(port),
+        "--processes",
+        "1",
+        name="far",
+    )
 
     def status():
-        out = subprocess.run(["ip", "netns", "exec", two_hosts["srv"], sys.executable, "-m",
-                              "achilles", "status", "--json", "--port", str(port)],
-                             env=env, capture_output=True, text=True, timeout=30)
+        out = subprocess.run(
+            [
+                "ip",
+                "netns",
+                "exec",
+                two_hosts["srv"],
+                sys.executable,
+                "-m",
+                "achilles",
+                "status",
+                "--json",
+                "--port",
+                str(port),
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         return json.loads(out.stdout) if out.returncode == 0 else {"nodes": [], "jobs": []}
 
     wait_until(lambda: len(status()["nodes"]) == 2, 30, what="both nodes registered")
-    ctl = subprocess.Popen(["ip", "netns", "exec", two_hosts["srv"], sys.executable, "-c",
-                            CONTROLLER.format(port=port, secret=secret)], env=env,
-                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    request.addfinalizer(lambda: (ctl.kill(), ctl.wait(10), ctl.stdin.close(),
-                                  ctl.stdout.close()))
+    ctl = subprocess.Popen(
+        [
+            "ip",
+            "netns",
+            "exec",
+            two_hosts["srv"],
+            sys.executable,
+            "-c",
+            CONTROLLER.format(port=port, secret=secret),
+        ],
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    request.addfinalizer(lambda: (ctl.kill(), ctl.wait(10), ctl.stdin.close(), ctl.stdout.close()))
     assert ctl.stdout.readline().strip() == "submitted"
-    wait_until(lambda: all(n["inflight"] for n in status()["nodes"]) and
-               sum(n["done"] for n in status()["nodes"]) >= 4, 30, what="both nodes busy")
+    wait_until(
+        lambda: (
+            all(n["inflight"] for n in status()["nodes"])
+            and sum(n["done"] for n in status()["nodes"]) >= 4
+        ),
+        30,
+        what="both nodes busy",
+    )
     ns, dev = two_hosts["link"]
-    ip("-n", ns, "link", "set", dev, "down")   # no FIN, no RST: silence
+    ip("-n", ns, "link", "set", dev, "down")  # no FIN, no RST: silence
     ctl.stdin.write("go\n")
     ctl.stdin.flush()
     assert ctl.stdout.readline().strip() == "complete"

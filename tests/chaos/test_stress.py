@@ -9,6 +9,7 @@ after), a pool worker SIGKILLed, a node frozen with SIGSTOP past the heartbeat t
 or the server SIGKILLed and restarted on its port. It counts lost and duplicated
 results and hangs (all must be 0), and times the recovery from each node loss.
 """
+
 from __future__ import annotations
 
 import collections
@@ -63,17 +64,26 @@ def test_stress(fresh_cluster, monkeypatch):
                     elif kind == "imap":
                         outputs[kind] = list(pool.imap(tasks.sleep_then_square, range(N), cs))
                     else:
-                        outputs[kind] = list(pool.imap_unordered(tasks.sleep_then_square,
-                                                                 range(N), cs))
+                        outputs[kind] = list(
+                            pool.imap_unordered(tasks.sleep_then_square, range(N), cs)
+                        )
                 except BaseException as exc:  # reported below, never swallowed
                     errors.append(exc)
 
-            threads = [threading.Thread(target=run, args=(k,), daemon=True)
-                       for k in ("map", "imap", "unordered")]
+            threads = [
+                threading.Thread(target=run, args=(k,), daemon=True)
+                for k in ("map", "imap", "unordered")
+            ]
             for t in threads:
                 t.start()
-            wait_until(lambda: sum(n["done"] for n in cluster.status()["nodes"]) >=
-                       stats["done_before"] + rng.randrange(1, 30), 60, what="progress")
+            wait_until(
+                lambda: (
+                    sum(n["done"] for n in cluster.status()["nodes"])
+                    >= stats["done_before"] + rng.randrange(1, 30)
+                ),
+                60,
+                what="progress",
+            )
             live = [n for n in cluster.nodes if n.alive()]
             start = time.monotonic()
             if fault == "kill-node":
@@ -100,8 +110,7 @@ def test_stress(fresh_cluster, monkeypatch):
                 cluster.server.popen.wait(10)
                 cluster.start_server(port=port, ACHILLES_HEARTBEAT_TIMEOUT="2")
                 wait_until(lambda: cluster.node_count() == len(live), 60)
-                recovery["server restarted: nodes back after s"].append(
-                    time.monotonic() - start)
+                recovery["server restarted: nodes back after s"].append(time.monotonic() - start)
             for t in threads:
                 t.join(120)
             stats["hangs"] += sum(t.is_alive() for t in threads)
@@ -114,15 +123,28 @@ def test_stress(fresh_cluster, monkeypatch):
                 stats["wrong order"] += kind != "unordered" and out != expected
                 stats["jobs completed"] += 1
             stats["done_before"] = sum(n["done"] for n in cluster.status()["nodes"])
-            print(f"round {round_no + 1}: {fault}, chunksize {cs}, "
-                  f"{len(outputs)} jobs complete, errors {errors or 0}")
-    summary = {"seed": SEED, "rounds": ROUNDS, "faults": dict(faults),
-               "jobs completed": stats["jobs completed"], "results lost": stats["lost"],
-               "results duplicated": stats["duplicated"], "hangs": stats["hangs"],
-               "errors": stats["errors"], "wrong order": stats["wrong order"],
-               "recovery (median s)": {k: round(sorted(v)[len(v) // 2], 2)
-                                       for k, v in recovery.items()}}
+            print(
+                f"round {round_no + 1}: {fault}, chunksize {cs}, "
+                f"{len(outputs)} jobs complete, errors {errors or 0}"
+            )
+    summary = {
+        "seed": SEED,
+        "rounds": ROUNDS,
+        "faults": dict(faults),
+        "jobs completed": stats["jobs completed"],
+        "results lost": stats["lost"],
+        "results duplicated": stats["duplicated"],
+        "hangs": stats["hangs"],
+        "errors": stats["errors"],
+        "wrong order": stats["wrong order"],
+        "recovery (median s)": {k: round(sorted(v)[len(v) // 2], 2) for k, v in recovery.items()},
+    }
     print(json.dumps(summary, indent=2))
-    assert (stats["lost"], stats["duplicated"], stats["hangs"], stats["errors"],
-            stats["wrong order"]) == (0, 0, 0, 0, 0)
+    assert (
+        stats["lost"],
+        stats["duplicated"],
+        stats["hangs"],
+        stats["errors"],
+        stats["wrong order"],
+    ) == (0, 0, 0, 0, 0)
     assert stats["jobs completed"] == 3 * ROUNDS

@@ -1,5 +1,6 @@
 """apply/apply_async share one long-lived job per function on a real cluster, and each
 call stands alone: a call that raises or whose worker dies fails only itself."""
+
 from __future__ import annotations
 
 import pytest
@@ -23,8 +24,7 @@ def test_applies_of_one_function_share_one_job(cluster):
     second; closing the pool ends both."""
     _no_jobs_left(cluster)
     with Pool(**cluster.kwargs()) as pool:
-        assert [pool.apply(tasks.square, (i,)) for i in range(20)] == \
-            [i * i for i in range(20)]
+        assert [pool.apply(tasks.square, (i,)) for i in range(20)] == [i * i for i in range(20)]
         jobs = _jobs(cluster)
         assert len(jobs) == 1 and jobs[0]["done"] == 20
         assert pool.apply(tasks.add, (2, 3)) == 5
@@ -83,9 +83,11 @@ def test_least_recently_used_apply_jobs_end(cluster):
     """A pool keeps at most MAX_APPLY_JOBS apply jobs open; older ones end on the server."""
     with Pool(**cluster.kwargs()) as pool:
         functions = [eval(f"lambda x: x + {k}") for k in range(MAX_APPLY_JOBS + 3)]
-        assert [pool.apply(f, (1,)) for f in functions] == \
-            [1 + k for k in range(MAX_APPLY_JOBS + 3)]
-        wait_until(lambda: len(_jobs(cluster)) == MAX_APPLY_JOBS, 10,
-                   what="the oldest apply jobs ended")
+        assert [pool.apply(f, (1,)) for f in functions] == [
+            1 + k for k in range(MAX_APPLY_JOBS + 3)
+        ]
+        wait_until(
+            lambda: len(_jobs(cluster)) == MAX_APPLY_JOBS, 10, what="the oldest apply jobs ended"
+        )
         assert pool.apply(functions[0], (5,)) == 5  # comes back as a new job
     _no_jobs_left(cluster)

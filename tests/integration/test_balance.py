@@ -1,4 +1,5 @@
 """Load balancing is pull-based: a node with more workers is given proportionally more."""
+
 from __future__ import annotations
 
 import collections
@@ -17,8 +18,7 @@ def test_node_with_twice_the_workers_runs_twice_the_chunks_at_once(fresh_cluster
     cluster.start_node(processes=2)
     cluster.start_node(processes=1)
     with Pool(**cluster.kwargs()) as pool:
-        met = pool.map(tasks.rendezvous, [(str(tmp_path), 3, i) for i in range(3)],
-                       chunksize=1)
+        met = pool.map(tasks.rendezvous, [(str(tmp_path), 3, i) for i in range(3)], chunksize=1)
     assert all(ok for ok, _ in met), met
     per_node = sorted(collections.Counter(node for _, node in met).values())
     assert per_node == [1, 2], met

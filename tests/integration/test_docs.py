@@ -1,4 +1,5 @@
 """Every example in examples/ and every python block of the README runs, as written."""
+
 from __future__ import annotations
 
 import os
@@ -25,9 +26,14 @@ def test_every_example_is_tested():
 @pytest.mark.parametrize("name", sorted(EXAMPLES))
 def test_example_runs(name, tmp_path):
     """The example prints what it should, on the embedded cluster (nothing configured)."""
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "examples", name)],
-                         cwd=tmp_path, env=child_env(), capture_output=True, text=True,
-                         timeout=180)
+    out = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "examples", name)],
+        cwd=tmp_path,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert out.returncode == 0, out.stderr
     assert re.match(EXAMPLES[name], out.stdout), out.stdout
 
@@ -47,6 +53,12 @@ def test_readme_block_runs(index, tmp_path):
     """Each ```python block of the README runs without error."""
     script = tmp_path / "block.py"
     script.write_text(_readme_blocks()[index])
-    out = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=child_env(),
-                         capture_output=True, text=True, timeout=180)
+    out = subprocess.run(
+        [sys.executable, str(script)],
+        cwd=tmp_path,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert out.returncode == 0, out.stderr

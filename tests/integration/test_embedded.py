@@ -1,4 +1,5 @@
 """Pool() with nothing configured runs on an embedded local cluster, and cleans it up."""
+
 from __future__ import annotations
 
 import os
@@ -51,7 +52,7 @@ def test_close_join_stops_embedded_cluster(no_cluster_config):
     wait_until(lambda: all(_gone(p) for p in workers), 10, what="the workers to exit")
 
 
-SCRIPT = '''
+SCRIPT = """
 from achilles import Pool          # the only line changed from a multiprocessing script
 
 def f(x):
@@ -61,7 +62,7 @@ if __name__ == "__main__":
     with Pool(2) as p:
         print(p.map(f, range(10)))
         print(sum(p.imap_unordered(f, range(100))))
-'''
+"""
 
 
 def test_unchanged_script_runs(tmp_path):
@@ -69,8 +70,9 @@ def test_unchanged_script_runs(tmp_path):
     script = tmp_path / "script.py"
     script.write_text(SCRIPT)
     env = {k: v for k, v in os.environ.items() if not k.startswith("ACHILLES_")}
-    out = run_python(f"import runpy; runpy.run_path({str(script)!r}, run_name='__main__')",
-                     cwd=tmp_path, env=env)
+    out = run_python(
+        f"import runpy; runpy.run_path({str(script)!r}, run_name='__main__')", cwd=tmp_path, env=env
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines() == [str([x * x for x in range(10)]), "328350"]
 
@@ -78,10 +80,12 @@ def test_unchanged_script_runs(tmp_path):
 def test_exit_while_map_pending_does_not_hang(tmp_path):
     """A process that exits while a map_async is still running exits promptly, and its
     embedded cluster's processes (fork server and workers) go with it."""
-    code = ("import achilles, time\n"
-            "p = achilles.Pool(1)\n"
-            "print(*p._local.pids(), flush=True)\n"
-            "r = p.map_async(time.sleep, [30])\n")
+    code = (
+        "import achilles, time\n"
+        "p = achilles.Pool(1)\n"
+        "print(*p._local.pids(), flush=True)\n"
+        "r = p.map_async(time.sleep, [30])\n"
+    )
     env = {k: v for k, v in os.environ.items() if not k.startswith("ACHILLES_")}
     out = run_python(code, cwd=tmp_path, env=env, timeout=30)
     assert out.returncode == 0, out.stderr
@@ -93,12 +97,14 @@ def test_exit_while_map_pending_does_not_hang(tmp_path):
 def test_killed_caller_leaves_nothing_behind(tmp_path):
     """SIGKILL of a process whose embedded cluster is running a task leaves no process
     of that cluster behind."""
-    code = ("import achilles, os, signal, time\n"
-            "p = achilles.Pool(1)\n"
-            "print(*p._local.pids(), flush=True)\n"
-            "r = p.map_async(time.sleep, [30])\n"
-            "time.sleep(0.5)\n"  # sync-ok: lets the task start; any moment would do
-            "os.kill(os.getpid(), signal.SIGKILL)\n")
+    code = (
+        "import achilles, os, signal, time\n"
+        "p = achilles.Pool(1)\n"
+        "print(*p._local.pids(), flush=True)\n"
+        "r = p.map_async(time.sleep, [30])\n"
+        "time.sleep(0.5)\n"  # sync-ok: lets the task start; any moment would do
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
     env = {k: v for k, v in os.environ.items() if not k.startswith("ACHILLES_")}
     out = run_python(code, cwd=tmp_path, env=env, timeout=30)
     assert out.returncode == -9, out.stderr
@@ -110,14 +116,22 @@ def test_script_without_main_guard(tmp_path):
     """A script with no ``if __name__ == "__main__"`` guard works: the workers do not run
     the caller's script again."""
     script = tmp_path / "noguard.py"
-    script.write_text("from achilles import Pool\n"
-                      "def f(x):\n"
-                      "    return x + 1\n"
-                      "with Pool(1) as p:\n"
-                      "    print(p.map(f, range(5)))\n")
+    script.write_text(
+        "from achilles import Pool\n"
+        "def f(x):\n"
+        "    return x + 1\n"
+        "with Pool(1) as p:\n"
+        "    print(p.map(f, range(5)))\n"
+    )
     env = {k: v for k, v in os.environ.items() if not k.startswith("ACHILLES_")}
-    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                         timeout=60, cwd=tmp_path, env=env)
+    out = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        env=env,
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[1, 2, 3, 4, 5]"
     assert "bootstrapping" not in out.stderr
@@ -125,11 +139,13 @@ def test_script_without_main_guard(tmp_path):
 
 def test_repeated_use_in_one_process(tmp_path):
     """Many pools, one after another, in one process (as in a notebook) all work."""
-    code = ("import achilles\n"
-            "for i in range(4):\n"
-            "    with achilles.Pool(1) as p:\n"
-            "        assert p.map(abs, [-i]) == [i]\n"
-            "print('ok')\n")
+    code = (
+        "import achilles\n"
+        "for i in range(4):\n"
+        "    with achilles.Pool(1) as p:\n"
+        "        assert p.map(abs, [-i]) == [i]\n"
+        "print('ok')\n"
+    )
     env = {k: v for k, v in os.environ.items() if not k.startswith("ACHILLES_")}
     out = run_python(code, cwd=tmp_path, env=env, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
@@ -140,16 +156,18 @@ def test_embedded_cluster_links_in_memory(no_cluster_config):
     call from the same process does too, and sees the node and the pool's apply job."""
     from achilles import getClusterStatus
     from achilles.net.memlink import MemoryTransport
+
     with Pool(1) as pool:
         assert pool.apply(abs, (-3,)) == 3
         assert isinstance(pool._ctl.proto.transport, MemoryTransport)
-        status = getClusterStatus(host="127.0.0.1", port=pool._local.port,
-                                  secret_key=pool._local.secret)
+        status = getClusterStatus(
+            host="127.0.0.1", port=pool._local.port, secret_key=pool._local.secret
+        )
         assert [n["slots"] for n in status["nodes"]] == [1]
         assert len(status["jobs"]) == 1
 
 
-BIG_MAIN = '''
+BIG_MAIN = """
 import os, time
 from achilles import Pool
 BIG = list(range(300_000))          # a __main__ function below refers to it: a big bundle
@@ -168,7 +186,7 @@ if __name__ == "__main__":
             time.sleep(0.02)  # sync-ok: a bounded wait for the job's end to reach the node
         print(os.listdir(spool))
     print(os.path.exists(spool))
-'''
+"""
 
 
 def test_large_code_bundle_is_spooled_once(tmp_path):
@@ -178,7 +196,13 @@ def test_large_code_bundle_is_spooled_once(tmp_path):
     script = tmp_path / "bigmain.py"
     script.write_text(BIG_MAIN)
     env = {k: v for k, v in os.environ.items() if not k.startswith("ACHILLES_")}
-    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                         timeout=120, cwd=tmp_path, env=env)
+    out = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env=env,
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split("\n")[:4] == ["True", "True", "[]", "False"]

@@ -4,6 +4,7 @@ same results, the same exceptions at the same places, and the same side effects.
 
 Each test runs one function of a pool against every kind of pool and compares what it
 observed with what multiprocessing's pool observed."""
+
 from __future__ import annotations
 
 import gc
@@ -70,8 +71,9 @@ def drain(it: Any) -> list[Any]:
     raise AssertionError("the iterator never ended")
 
 
-def compare(make_pool: Callable[..., Any], kind: str, observe: Callable[[Any], Any],
-            **options: Any) -> Any:
+def compare(
+    make_pool: Callable[..., Any], kind: str, observe: Callable[[Any], Any], **options: Any
+) -> Any:
     """What ``observe(pool)`` sees with multiprocessing's pool and with ours: equal."""
     expected = observe(make_pool("mp", **options))
     got = observe(make_pool(kind, **options))
@@ -91,8 +93,10 @@ def test_imap_raises_in_place_and_goes_on(make_pool, kind):
 @pytest.mark.parametrize("kind", KINDS)
 def test_imap_unordered_raises_and_goes_on(make_pool, kind):
     """imap_unordered yields every other result besides the one error."""
+
     def observe(pool: Any) -> Any:
         return sorted(drain(pool.imap_unordered(tasks.fail_on, range(8))), key=repr)
+
     compare(make_pool, kind, observe)
 
 
@@ -100,6 +104,7 @@ def test_imap_unordered_raises_and_goes_on(make_pool, kind):
 def test_map_runs_every_task_then_raises(make_pool, kind, tmp_path):
     """map raises a task's error only after every other task ran (their side effects
     happen), and map_async calls error_callback with it."""
+
     def observe(pool: Any) -> Any:
         marks = tmp_path / f"marks-{id(pool)}"
         marks.mkdir()
@@ -108,11 +113,17 @@ def test_map_runs_every_task_then_raises(make_pool, kind, tmp_path):
             pool.starmap(tasks.mark_or_fail, args, chunksize=1)
         cause = info.value.__cause__
         called: list[Any] = []
-        result = pool.starmap_async(tasks.mark_or_fail, args, chunksize=1,
-                                    error_callback=called.append)
+        result = pool.starmap_async(
+            tasks.mark_or_fail, args, chunksize=1, error_callback=called.append
+        )
         result.wait(60)
-        return (sorted(os.listdir(marks)), type(cause).__name__ if cause else None,
-                [type(e).__name__ for e in called], result.successful())
+        return (
+            sorted(os.listdir(marks)),
+            type(cause).__name__ if cause else None,
+            [type(e).__name__ for e in called],
+            result.successful(),
+        )
+
     compare(make_pool, kind, observe)
 
 
@@ -127,9 +138,11 @@ def failing_input(n: int = 5):
 def test_input_error_reaches_imap_at_its_position(make_pool, kind, method):
     """An input generator that raises: imap first yields the results before it, then
     raises its exception (with no remote cause), then ends."""
+
     def observe(pool: Any) -> Any:
         seen = drain(getattr(pool, method)(tasks.square, failing_input()))
         return seen if method == "imap" else sorted(seen, key=repr)
+
     seen = compare(make_pool, kind, observe)
     assert ("raised", "ValueError", "the input broke", False) in seen
 
@@ -137,10 +150,12 @@ def test_input_error_reaches_imap_at_its_position(make_pool, kind, method):
 @pytest.mark.parametrize("kind", KINDS)
 def test_input_error_raised_by_map(make_pool, kind):
     """map over an input that raises raises that exception, with no remote cause."""
+
     def observe(pool: Any) -> Any:
         with pytest.raises(ValueError, match="the input broke") as info:
             pool.map(tasks.square, failing_input())
         return info.value.__cause__
+
     compare(make_pool, kind, observe)
 
 
@@ -149,6 +164,7 @@ def test_input_error_raised_by_map(make_pool, kind):
 def test_imap_producer_waits_for_consumer(make_pool, kind):
     """imap's default chunksize is 1: an input that yields an item only after the result
     of the one before it was consumed does not deadlock."""
+
     def observe(pool: Any) -> Any:
         consumed = [threading.Event() for _ in range(21)]
         consumed[0].set()
@@ -164,6 +180,7 @@ def test_imap_producer_waits_for_consumer(make_pool, kind):
             out.append(value)
             consumed[i + 1].set()
         return out
+
     assert compare(make_pool, kind, observe) == list(range(20))
 
 
@@ -171,12 +188,14 @@ def test_imap_producer_waits_for_consumer(make_pool, kind):
 def test_imap_next_timeout_with_default_chunksize(make_pool, kind):
     """With the default chunksize, a finished result is not held back by a slow one
     after it, and next(timeout) on the slow one raises multiprocessing.TimeoutError."""
+
     def observe(pool: Any) -> Any:
         it = pool.imap(tasks.sleep_for, [0.0, 30.0])
         first = it.next(timeout=20)
         with pytest.raises(multiprocessing.TimeoutError):
             it.next(timeout=0.2)
         return first
+
     compare(make_pool, kind, observe)
 
 
@@ -184,12 +203,14 @@ def test_imap_next_timeout_with_default_chunksize(make_pool, kind):
 def test_join_before_reading_imap(make_pool, kind):
     """close() and join() before an imap is read: join waits for every task and the
     results are all there afterwards."""
+
     def observe(pool: Any) -> Any:
         it = pool.imap(tasks.square, range(60))
         unordered = pool.imap_unordered(tasks.square, iter(range(30)))
         pool.close()
         pool.join()
         return list(it), sorted(unordered)
+
     compare(make_pool, kind, observe)
 
 
@@ -198,10 +219,14 @@ def test_progress_bar_over_a_generator(make_pool, kind, capsys):
     """progress=True on imap and imap_unordered over a generator shows a bar with no
     total and gives the results."""
     pool = make_pool(kind)
-    assert list(pool.imap(tasks.square, iter(range(5)), progress=True)) == \
-        [0, 1, 4, 9, 16]
-    assert sorted(pool.imap_unordered(tasks.square, iter(range(5)), progress=True)) == \
-        [0, 1, 4, 9, 16]
+    assert list(pool.imap(tasks.square, iter(range(5)), progress=True)) == [0, 1, 4, 9, 16]
+    assert sorted(pool.imap_unordered(tasks.square, iter(range(5)), progress=True)) == [
+        0,
+        1,
+        4,
+        9,
+        16,
+    ]
     assert "5item" in capsys.readouterr().err.replace(" ", "")
 
 
@@ -220,11 +245,14 @@ def _run(kind: str, request: Any, body: str, timeout: float = 90) -> str:
         head = "import multiprocessing\nPOOL = multiprocessing.Pool\n"
     else:
         args = _cluster_args(kind, request)
-        head = (f"import functools, achilles\n"
-                f"POOL = functools.partial(achilles.Pool{', ' + args if args else ''})\n")
+        head = (
+            f"import functools, achilles\n"
+            f"POOL = functools.partial(achilles.Pool{', ' + args if args else ''})\n"
+        )
     code = head + textwrap.dedent(body)
-    proc = run_python(code, timeout=timeout, cwd=ROOT, env=child_env(
-        PYTHONPATH=os.path.join(ROOT, "tests")))
+    proc = run_python(
+        code, timeout=timeout, cwd=ROOT, env=child_env(PYTHONPATH=os.path.join(ROOT, "tests"))
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc.stdout
 
@@ -250,8 +278,11 @@ COLLECTED_WHILE_CONSTRUCTING = """
 def test_no_deadlock_when_collector_frees_a_pool(kind, request):
     """Pools freed by the cyclic garbage collector while another pool is being made do
     not deadlock it."""
-    assert _run(kind, request, COLLECTED_WHILE_CONSTRUCTING, timeout=120) == \
-        _run("mp", request, COLLECTED_WHILE_CONSTRUCTING) == "[1]\n"
+    assert (
+        _run(kind, request, COLLECTED_WHILE_CONSTRUCTING, timeout=120)
+        == _run("mp", request, COLLECTED_WHILE_CONSTRUCTING)
+        == "[1]\n"
+    )
 
 
 ABANDONED_AFTER_APPLY = """
@@ -303,13 +334,15 @@ ABANDONED_AFTER_APPLY = """
 def test_abandoned_pools_release_their_workers(kind, request):
     """Pools that used apply and that nobody references are collected and leave no
     worker process and no connection behind."""
-    assert _run(kind, request, ABANDONED_AFTER_APPLY) == \
-        _run("mp", request, ABANDONED_AFTER_APPLY) == "0 0\n"
+    assert (
+        _run(kind, request, ABANDONED_AFTER_APPLY)
+        == _run("mp", request, ABANDONED_AFTER_APPLY)
+        == "0 0\n"
+    )
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_resource_warning_for_an_unclosed_running_pool(kind, request, monkeypatch,
-                                                       tmp_path):
+def test_resource_warning_for_an_unclosed_running_pool(kind, request, monkeypatch, tmp_path):
     """A running pool that is garbage-collected gives a ResourceWarning, as
     multiprocessing's does."""
     if kind == "embedded":
@@ -324,10 +357,13 @@ def test_resource_warning_for_an_unclosed_running_pool(kind, request, monkeypatc
             pool = make()
             del pool
             gc.collect()
-        return [w.category.__name__ for w in caught
-                if "unclosed running" in str(w.message)]
-    assert observe(lambda: multiprocessing.Pool(1)) == \
-        observe(lambda: achilles.Pool(1, **options)) == ["ResourceWarning"]
+        return [w.category.__name__ for w in caught if "unclosed running" in str(w.message)]
+
+    assert (
+        observe(lambda: multiprocessing.Pool(1))
+        == observe(lambda: achilles.Pool(1, **options))
+        == ["ResourceWarning"]
+    )
 
 
 FORKED_CHILD = """
@@ -367,8 +403,11 @@ FORKED_CHILD = """
 def test_pool_in_a_forked_child(kind, request):
     """A process that used a pool forks (os.fork, multiprocessing's fork context): the
     child makes and uses a pool of its own, and the parent's pool still works after."""
-    assert _run(kind, request, FORKED_CHILD) == _run("mp", request, FORKED_CHILD) == \
-        "[3]\nchild exit 0\n[1, 2]\nprocess exit 0\n[5]\n"
+    assert (
+        _run(kind, request, FORKED_CHILD)
+        == _run("mp", request, FORKED_CHILD)
+        == "[3]\nchild exit 0\n[1, 2]\nprocess exit 0\n[5]\n"
+    )
 
 
 # --- exceptions: the same types (items 5-7) -----------------------------------------------
@@ -376,15 +415,18 @@ def test_pool_in_a_forked_child(kind, request):
 def test_unpicklable_argument_raises_the_pickling_error(make_pool, kind):
     """An argument that cannot be pickled raises pickle's own exception type, from map
     and from apply_async's get(), which also calls error_callback with it."""
+
     def observe(pool: Any) -> Any:
         with pytest.raises(RuntimeError, match="refuses to be pickled"):
             pool.map(tasks.identity, [1, tasks.RefusesPickling()], chunksize=1)
         called: list[Any] = []
-        result = pool.apply_async(tasks.identity, (tasks.RefusesPickling(),),
-                                  error_callback=called.append)
+        result = pool.apply_async(
+            tasks.identity, (tasks.RefusesPickling(),), error_callback=called.append
+        )
         with pytest.raises(RuntimeError, match="refuses to be pickled"):
             result.get(60)
         return [type(e).__name__ for e in called]
+
     compare(make_pool, kind, observe)
 
 
@@ -400,8 +442,13 @@ def test_unpicklable_result_is_a_maybe_encoding_error(make_pool, kind):
         with pytest.raises(MaybeEncodingError) as info:
             result.get(60)
         err = info.value
-        return (isinstance(called[0], MaybeEncodingError), "Error sending result" in str(err),
-                "Unpicklable" in err.value, bool(err.exc))
+        return (
+            isinstance(called[0], MaybeEncodingError),
+            "Error sending result" in str(err),
+            "Unpicklable" in err.value,
+            bool(err.exc),
+        )
+
     assert compare(make_pool, kind, observe) == (True, True, True, True)
 
 
@@ -417,6 +464,10 @@ def test_remote_traceback_shows_source_lines(make_pool, kind):
             pool.apply(tasks.boom_here, (3,))
         cause = info.value.__cause__
         text = str(cause)
-        return (isinstance(cause, RemoteTraceback), tasks.__file__ in text,
-                'raise ValueError(f"boom {x}")' in text)
+        return (
+            isinstance(cause, RemoteTraceback),
+            tasks.__file__ in text,
+            'raise ValueError(f"boom {x}")' in text,
+        )
+
     assert compare(make_pool, kind, observe) == (True, True, True)

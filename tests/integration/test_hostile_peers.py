@@ -5,6 +5,7 @@ by hand as a controller or a node, next to real nodes and a real ``Pool``. Each 
 states the attack and checks the server's answer; before these defences each one
 hung a caller, stalled a job, looped, or broke ``achilles status`` for everyone.
 """
+
 from __future__ import annotations
 
 import json
@@ -57,8 +58,9 @@ class HostileNode:
     (so it is never dropped as silent), records the tasks and cancels it gets, and
     answers tasks with ``answer``. Runs in a thread until :meth:`stop`."""
 
-    def __init__(self, cluster: Cluster, answer: Answer, slots: int = 1,
-                 name: str = "hostile-node") -> None:
+    def __init__(
+        self, cluster: Cluster, answer: Answer, slots: int = 1, name: str = "hostile-node"
+    ) -> None:
         self.raw = Raw(cluster.port)
         self.raw.authenticate(cluster.secret, "node", slots=slots, name=name)
         self.answer = answer
@@ -101,6 +103,7 @@ def hostile() -> Iterator[Callable[..., HostileNode]]:
         node = HostileNode(cluster, answer, **kwargs)
         made.append(node)
         return node
+
     yield make
     for node in made:
         node.stop()
@@ -119,6 +122,7 @@ def raw() -> Iterator[Callable[..., Raw]]:
         else:
             conn.authenticate(cluster.secret, role, **reply)
         return conn
+
     yield make
     for conn in made:
         conn.close()
@@ -151,8 +155,11 @@ def nodes_named(cluster: Cluster, name: str) -> list[dict[str, Any]]:
 
 def only_real_nodes(cluster: Cluster) -> None:
     """Wait until the nodes of earlier tests' attackers have left the server."""
-    wait_until(lambda: len(cluster.status()["nodes"]) == len(cluster.nodes), 10,
-               what="the attackers of earlier tests to be gone")
+    wait_until(
+        lambda: len(cluster.status()["nodes"]) == len(cluster.nodes),
+        10,
+        what="the attackers of earlier tests to be gone",
+    )
 
 
 def log_lines(cluster: Cluster, text: str) -> list[str]:
@@ -220,21 +227,23 @@ def test_a_new_connection_takes_over_a_half_open_one(one_node, raw):
 
 def test_a_refused_submit_or_chunk_is_told_to_its_controller(one_node, raw):
     """Attack: chunks for a job the sender does not own, and a second Submit of a live
-    job. Answer: an ErrorFrame "refused" naming the job for each (before, only the
-    server's log knew); the connection stays usable."""
+    job. Answer: a JobFailed "refused" naming the job (and the chunk, or -1 for the job
+    itself) with the reason, for each (before, only the server's log knew); the
+    connection stays usable."""
     conn = raw(one_node)
     conn.send_msg(m.Chunk("nope", 7), b"x")
-    assert conn.next_msg() == m.ErrorFrame("refused", "chunk 7 for unknown job nope")
+    assert conn.next_msg() == m.JobFailed("nope", 7, "refused")
+    assert conn.frames[-1].payload == b"chunk 7 for unknown job nope"
     conn.send_msg(m.Submit("job-3", 3, 0.0, 0, 1), dumps_function(abs))
     conn.send_msg(m.Submit("job-3", 3, 0.0, 0, 1), dumps_function(abs))
-    assert conn.next_msg() == m.ErrorFrame("refused", "job job-3 exists already")
+    assert conn.next_msg() == m.JobFailed("job-3", -1, "refused")
+    assert conn.frames[-1].payload == b"job job-3 exists already"
     assert run_abs(conn, "job-3", [-9], submit=False) == [9]
     assert log_lines(one_node, "chunk 7 for unknown job nope")
 
 
 # --- 2. bounded slots ----------------------------------------------------------------------
-def test_a_node_claiming_a_billion_slots_gets_at_most_max_slots_times_depth(bare, hostile,
-                                                                          raw):
+def test_a_node_claiming_a_billion_slots_gets_at_most_max_slots_times_depth(bare, hostile, raw):
     """Attack: a node claims 10**9 slots, then sits on its chunks. Answer: it is believed
     for MAX_SLOTS (with a warning naming it), so it gets MAX_SLOTS * PREFETCH chunks of
     a 2,500-chunk job and the rest stay queued for others; controllers are told
@@ -267,8 +276,7 @@ def test_a_node_holding_chunks_past_the_time_limit_loses_them(fresh_cluster, hos
     sink = hostile(cluster, hold, name="sink")
     with Pool(task_timeout=1, **cluster.kwargs()) as pool:
         start = time.monotonic()
-        assert pool.map_async(abs, range(-12, 0), chunksize=1).get(60) == \
-            list(range(12, 0, -1))
+        assert pool.map_async(abs, range(-12, 0), chunksize=1).get(60) == list(range(12, 0, -1))
         took = time.monotonic() - start
     assert sink.tasks, "the hostile node was given nothing: the test proves nothing"
     wait_until(lambda: sink.cancels, 5, what="the hostile node to be told to drop the job")
@@ -285,8 +293,10 @@ def test_a_node_answering_cancelled_cannot_make_the_server_loop(bare, hostile):
     trips in 12 s before, and the map never ended)."""
     only_real_nodes(bare)
     liar = hostile(bare, cancelled, name="liar")
-    with Pool(max_attempts=3, **bare.kwargs()) as pool, \
-            pytest.raises(ChunkFailedError, match="answered 'cancelled'"):
+    with (
+        Pool(max_attempts=3, **bare.kwargs()) as pool,
+        pytest.raises(ChunkFailedError, match="answered 'cancelled'"),
+    ):
         pool.map_async(abs, range(4), chunksize=1).get(60)
     seq0 = [seq for _, seq in liar.tasks if seq == 0]
     assert len(seq0) == 3  # max_attempts, then it failed
@@ -300,8 +310,7 @@ def test_a_node_answering_cancelled_gets_no_more_of_the_job(fresh_cluster, hosti
     cluster = fresh_cluster(nodes=1)  # a new node: it takes no more than the attacker
     liar = hostile(cluster, cancelled, name="liar2")
     with Pool(**cluster.kwargs()) as pool:
-        assert pool.map_async(abs, range(-20, 0), chunksize=1).get(60) == \
-            list(range(20, 0, -1))
+        assert pool.map_async(abs, range(-20, 0), chunksize=1).get(60) == list(range(20, 0, -1))
     assert liar.tasks and len(liar.tasks) <= PREFETCH
     assert len(set(liar.tasks)) == len(liar.tasks)
 
@@ -314,9 +323,11 @@ def test_numbers_from_peers_are_bounded_and_status_keeps_working(bare, raw):
     ``achilles status`` works."""
     ctl = raw(bare)
     ctl.send_msg(m.Submit("victim", 3, 0.0, 0, -1), dumps_function(abs))
-    for header in ({"t": "chunk", "len": 0, "job": "victim", "seq": 10**4299},
-                   {"t": "chunk", "len": 0, "job": "victim", "seq": -1},
-                   {"t": "cancel", "len": 0, "job": "victim\x1b[2J\n"}):
+    for header in (
+        {"t": "chunk", "len": 0, "job": "victim", "seq": 10**4299},
+        {"t": "chunk", "len": 0, "job": "victim", "seq": -1},
+        {"t": "cancel", "len": 0, "job": "victim\x1b[2J\n"},
+    ):
         conn = raw(bare)
         conn.send(_line(header))
         assert conn.error_then_close().code == "bad-field"
@@ -325,9 +336,22 @@ def test_numbers_from_peers_are_bounded_and_status_keeps_working(bare, raw):
     node = raw(bare, role=None)
     node.send(node.auth_reply(bare.secret, "node", slots=10**600))
     assert node.error_then_close().code == "bad-field"
-    out = subprocess.run([sys.executable, "-m", "achilles", "status", "--host", "127.0.0.1",
-                          "--port", str(bare.port)], capture_output=True, text=True,
-                         timeout=60, env=child_env(ACHILLES_SECRET_KEY=bare.secret))
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "achilles",
+            "status",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(bare.port),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=child_env(ACHILLES_SECRET_KEY=bare.secret),
+    )
     assert out.returncode == 0, out.stderr
     assert "node(s)" in out.stdout
 
@@ -356,11 +380,33 @@ def test_achilles_status_prints_names_escaped(monkeypatch, no_cluster_config, ca
     """A name in a status document (from an older or hostile server) is printed with its
     control characters escaped: it cannot move the cursor or forge a line."""
     from achilles import cli
-    doc = {"controllers": 1,
-           "nodes": [{"name": "evil\x1b[2J\nnode", "slots": 1, "inflight": 0, "done": 0,
-                      "last_seen_age": 0.5, "draining": False}],
-           "jobs": [{"id": "j\r1", "owner": "o\x07wner", "done": 0, "total": 1, "added": 1,
-                     "chunks_per_s": 0.0, "inflight": 0, "retries": 0, "failed": 0}]}
+
+    doc = {
+        "controllers": 1,
+        "nodes": [
+            {
+                "name": "evil\x1b[2J\nnode",
+                "slots": 1,
+                "inflight": 0,
+                "done": 0,
+                "last_seen_age": 0.5,
+                "draining": False,
+            }
+        ],
+        "jobs": [
+            {
+                "id": "j\r1",
+                "owner": "o\x07wner",
+                "done": 0,
+                "total": 1,
+                "added": 1,
+                "chunks_per_s": 0.0,
+                "inflight": 0,
+                "retries": 0,
+                "failed": 0,
+            }
+        ],
+    }
     monkeypatch.setattr("achilles.pool.getClusterStatus", lambda **kwargs: doc)
     monkeypatch.setenv("ACHILLES_SECRET_KEY", "s" * 32)
     assert cli.main(["status"]) == 0
@@ -368,4 +414,3 @@ def test_achilles_status_prints_names_escaped(monkeypatch, no_cluster_config, ca
     assert "\x1b" not in out and "\r" not in out and "\x07" not in out
     assert "evil\\x1b[2J\\nnode" in out and "j\\r1" in out and "o\\x07wner" in out
     assert len(out.splitlines()) == 5
-

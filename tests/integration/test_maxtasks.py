@@ -1,6 +1,7 @@
 """maxtasksperchild is honoured as multiprocessing.Pool honours it: a worker that has run
 that many of a pool's tasks (chunks) is replaced by a fresh one, with nothing retried or
 reported crashed, on the embedded cluster and on a cluster started with the CLI."""
+
 from __future__ import annotations
 
 import logging
@@ -22,8 +23,11 @@ DEADLINE = 60  # seconds a map may take; a worker that is never replaced would h
 
 def _mp_run(method: str, maxtasks: int | None, *args: Any, **kwargs: Any) -> Any:
     with multiprocessing.get_context("forkserver").Pool(
-            2, maxtasksperchild=maxtasks, initializer=kwargs.pop("initializer", None),
-            initargs=kwargs.pop("initargs", ())) as pool:
+        2,
+        maxtasksperchild=maxtasks,
+        initializer=kwargs.pop("initializer", None),
+        initargs=kwargs.pop("initargs", ()),
+    ) as pool:
         return getattr(pool, method)(*args, **kwargs)
 
 
@@ -52,8 +56,10 @@ class Mode:
     def restarts(self) -> int:
         if self.name == "embedded":
             return sum(RESTART in r.getMessage() for r in self.caplog.records)
-        return sum(node.output()[mark:].count(RESTART)
-                   for node, mark in zip(self.cluster.nodes, self.marks))
+        return sum(
+            node.output()[mark:].count(RESTART)
+            for node, mark in zip(self.cluster.nodes, self.marks)
+        )
 
     def close(self) -> None:
         for pool in self.pools:
@@ -102,12 +108,11 @@ def test_results_are_correct_and_nothing_is_retried(mode, chunksize):
     """Many chunks through retiring workers all give multiprocessing's results, with one
     attempt allowed per chunk and no pool restart on the node."""
     pool = mode.pool(maxtasksperchild=1, max_attempts=1)
-    assert pool.map_async(tasks.square, range(150), chunksize).get(DEADLINE) == \
-        _mp_run("map", 1, tasks.square, range(150), chunksize)
-    assert sorted(pool.imap_unordered(tasks.square, range(40))) == \
-        sorted(x * x for x in range(40))
-    assert [pool.apply_async(tasks.add, (i, 1)).get(DEADLINE) for i in range(5)] == \
-        [1, 2, 3, 4, 5]
+    assert pool.map_async(tasks.square, range(150), chunksize).get(DEADLINE) == _mp_run(
+        "map", 1, tasks.square, range(150), chunksize
+    )
+    assert sorted(pool.imap_unordered(tasks.square, range(40))) == sorted(x * x for x in range(40))
+    assert [pool.apply_async(tasks.add, (i, 1)).get(DEADLINE) for i in range(5)] == [1, 2, 3, 4, 5]
     assert mode.restarts() == 0
 
 
@@ -128,24 +133,26 @@ def test_worker_exiting_mid_task_is_still_a_crash(mode):
     with pytest.raises(achilles.ChunkFailedError, match="exit code 0"):
         pool.map_async(tasks.hard_exit, range(8), chunksize=2).get(DEADLINE)
     assert mode.restarts() >= 1
-    assert pool.map_async(tasks.square, range(10), chunksize=1).get(DEADLINE) == \
-        [x * x for x in range(10)]
+    assert pool.map_async(tasks.square, range(10), chunksize=1).get(DEADLINE) == [
+        x * x for x in range(10)
+    ]
 
 
 def test_other_pool_on_the_same_workers_is_undisturbed(cluster):
     """A pool without maxtasksperchild sharing the node workers with a retiring one gets
     every result, with no error and no pool restart."""
     marks = [len(node.output()) for node in cluster.nodes]
-    with Pool(**cluster.kwargs(), maxtasksperchild=1, max_attempts=1) as retiring, \
-            Pool(**cluster.kwargs(), max_attempts=1) as steady:
+    with (
+        Pool(**cluster.kwargs(), maxtasksperchild=1, max_attempts=1) as retiring,
+        Pool(**cluster.kwargs(), max_attempts=1) as steady,
+    ):
         pids = retiring.map_async(tasks.pid, range(60), chunksize=1)
         squares = steady.map_async(tasks.square, range(300), chunksize=1)
         adds = [steady.apply_async(tasks.add, (i, i)) for i in range(20)]
         assert squares.get(DEADLINE) == [x * x for x in range(300)]
         assert [a.get(DEADLINE) for a in adds] == [2 * i for i in range(20)]
         assert len(set(pids.get(DEADLINE))) == 60
-    assert not any(RESTART in node.output()[mark:]
-                   for node, mark in zip(cluster.nodes, marks))
+    assert not any(RESTART in node.output()[mark:] for node, mark in zip(cluster.nodes, marks))
 
 
 def _gone(pid: int) -> bool:
@@ -166,8 +173,14 @@ def test_retired_and_replacement_workers_all_exit(no_cluster_config):
     with Pool(2, maxtasksperchild=1) as pool:
         pids = pool.map_async(tasks.pid, range(10), chunksize=1).get(DEADLINE)
         wait_until(lambda: all(_gone(p) for p in pids), 10, what="the retired workers")
-        watched = wait_until(lambda: [p for p in pool._local.worker_pids() if not _gone(p)]
-                             if len(pool._local.worker_pids()) == 2 else None, 10,
-                             what="the node to watch the replacements")
+        watched = wait_until(
+            lambda: (
+                [p for p in pool._local.worker_pids() if not _gone(p)]
+                if len(pool._local.worker_pids()) == 2
+                else None
+            ),
+            10,
+            what="the node to watch the replacements",
+        )
         assert not set(watched) & set(pids)
     wait_until(lambda: all(_gone(p) for p in watched), 10, what="the workers to exit")

@@ -1,6 +1,7 @@
 """examples/notebook_demo.ipynb runs headless in a real Jupyter kernel (nbclient +
 ipykernel): cells' functions and classes on nodes, interleaved calls, an interrupt,
 await / async for, pools made again, and killCluster."""
+
 from __future__ import annotations
 
 import os
@@ -12,8 +13,9 @@ from nbclient import NotebookClient
 
 def _run(tmp_path) -> nbformat.NotebookNode:
     nb = nbformat.read(os.path.join(ROOT, "examples", "notebook_demo.ipynb"), as_version=4)
-    NotebookClient(nb, timeout=120, kernel_name="python3",
-                   resources={"metadata": {"path": str(tmp_path)}}).execute()
+    NotebookClient(
+        nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    ).execute()
     return nb
 
 

@@ -1,5 +1,6 @@
 """The operator's view and interactive use: status, progress bars, logging, Ctrl-C,
 graceful node leave."""
+
 from __future__ import annotations
 
 import os
@@ -20,9 +21,14 @@ def test_status_table_shows_nodes_and_job_progress(cluster, tmp_path):
     with Pool(**cluster.kwargs()) as pool:
         result = pool.map_async(tasks.sleep_for, [0.3] * 12, chunksize=1)
         wait_until(lambda: any(j["done"] for j in cluster.status()["jobs"]), 20)
-        out = subprocess.run([sys.executable, "-m", "achilles", "status", "--port",
-                              str(cluster.port)], env=cluster.env(), cwd=tmp_path,
-                             capture_output=True, text=True, timeout=30)
+        out = subprocess.run(
+            [sys.executable, "-m", "achilles", "status", "--port", str(cluster.port)],
+            env=cluster.env(),
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         result.get(60)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
@@ -33,15 +39,23 @@ def test_status_table_shows_nodes_and_job_progress(cluster, tmp_path):
 
 def test_progress_bar(cluster, tmp_path):
     """map(..., progress=True) draws a tqdm bar that reaches the item count."""
-    code = ("import tasks\nfrom achilles import Pool\n"
-            f"with Pool(host='127.0.0.1', port={cluster.port}, secret_key='{cluster.secret}')"
-            " as p:\n"
-            "    assert p.map(tasks.square, range(50), progress=True) == "
-            "[x * x for x in range(50)]\n"
-            "    assert list(p.imap(tasks.square, range(7), progress={'desc': 'sq'})) == "
-            "[x * x for x in range(7)]\n")
-    out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=TESTS),
-                         cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    code = (
+        "import tasks\nfrom achilles import Pool\n"
+        f"with Pool(host='127.0.0.1', port={cluster.port}, secret_key='{cluster.secret}')"
+        " as p:\n"
+        "    assert p.map(tasks.square, range(50), progress=True) == "
+        "[x * x for x in range(50)]\n"
+        "    assert list(p.imap(tasks.square, range(7), progress={'desc': 'sq'})) == "
+        "[x * x for x in range(7)]\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env=dict(os.environ, PYTHONPATH=TESTS),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     assert "50/50" in out.stderr and "sq: 100%" in out.stderr and "7/7" in out.stderr
 
@@ -66,8 +80,14 @@ def test_keyboard_interrupt_cancels_the_job(cluster, tmp_path):
     """Ctrl-C during map raises KeyboardInterrupt, cancels the job on the cluster (the
     next job gets the workers at once) and leaves the pool usable."""
     code = INTERRUPT.format(port=cluster.port, secret=cluster.secret)
-    out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=TESTS),
-                         cwd=tmp_path, capture_output=True, text=True, timeout=25)
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env=dict(os.environ, PYTHONPATH=TESTS),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=25,
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["interrupted", "usable"]
 
@@ -91,8 +111,11 @@ def test_node_leaves_gracefully_on_sigterm(fresh_cluster):
         result = pool.map_async(tasks.sleep_for, [0.5] * 12, chunksize=1)
         wait_until(lambda: all(n["inflight"] for n in cluster.status()["nodes"]), 20)
         leaving.signal(signal.SIGTERM)
-        wait_until(lambda: any(n["draining"] for n in cluster.status()["nodes"])
-                   or not leaving.alive(), 10, what="the node to announce it is leaving")
+        wait_until(
+            lambda: any(n["draining"] for n in cluster.status()["nodes"]) or not leaving.alive(),
+            10,
+            what="the node to announce it is leaving",
+        )
         assert leaving.popen.wait(30) == 0
         assert result.get(60) == [0.5] * 12
     assert "leaving: finishing" in leaving.output()

@@ -1,5 +1,6 @@
 """The whole Pool interface against a server and two nodes started with the CLI,
 checked against multiprocessing.Pool on the same inputs."""
+
 from __future__ import annotations
 
 import multiprocessing
@@ -32,14 +33,14 @@ INPUTS = [list(range(50)), range(7), [], [3]]
 @pytest.mark.parametrize("data", INPUTS, ids=["list50", "range7", "empty", "one"])
 def test_map_equals_multiprocessing(pool, mp_pool, data, chunksize):
     """map returns the same flat, ordered list as multiprocessing.Pool.map."""
-    assert pool.map(tasks.square, data, chunksize) == mp_pool.map(tasks.square, data,
-                                                                  chunksize)
+    assert pool.map(tasks.square, data, chunksize) == mp_pool.map(tasks.square, data, chunksize)
 
 
 def test_map_generator(pool, mp_pool):
     """map accepts a generator and reads it to the end."""
-    assert pool.map(tasks.square, tasks.numbers(123)) == \
-        mp_pool.map(tasks.square, tasks.numbers(123))
+    assert pool.map(tasks.square, tasks.numbers(123)) == mp_pool.map(
+        tasks.square, tasks.numbers(123)
+    )
 
 
 @pytest.mark.parametrize("chunksize", [None, 1, 4])
@@ -79,8 +80,9 @@ def test_starmap(pool, mp_pool):
 
 def test_apply_and_kwargs(pool, mp_pool):
     """apply passes positional and keyword arguments."""
-    assert pool.apply(tasks.kwargs_echo, (1, 2), {"c": 3}) == \
-        mp_pool.apply(tasks.kwargs_echo, (1, 2), {"c": 3})
+    assert pool.apply(tasks.kwargs_echo, (1, 2), {"c": 3}) == mp_pool.apply(
+        tasks.kwargs_echo, (1, 2), {"c": 3}
+    )
     assert pool.apply(tasks.square, (9,)) == 81
 
 
@@ -88,8 +90,7 @@ def test_async_results_and_callbacks(pool):
     """map_async/apply_async call callback with the result, and report ready/successful."""
     got = []
     event = threading.Event()
-    r = pool.map_async(tasks.square, range(10), callback=lambda v: (got.append(v),
-                                                                     event.set()))
+    r = pool.map_async(tasks.square, range(10), callback=lambda v: (got.append(v), event.set()))
     assert r.get(30) == [x * x for x in range(10)]
     assert event.wait(5) and got == [r.get()]
     assert r.ready() and r.successful()

@@ -5,6 +5,7 @@ Raw sockets speak the wire protocol by hand (``Raw``); a recording TCP proxy
 (``TcpProxy``) sits between real peers and a real server. After every hostile input a
 real ``Pool`` job must still complete on the same server.
 """
+
 from __future__ import annotations
 
 import base64
@@ -155,9 +156,12 @@ def test_secret_never_crosses_the_wire_and_handshakes_do_not_replay(fresh_cluste
     """Node, controller, status and kill traffic never carries the secret; a replay fails."""
     cluster = fresh_cluster(nodes=0)
     tap = proxy(cluster.port)
-    node = Proc([sys.executable, "-m", "achilles", "node", "--port", str(tap.port),
-                 "--processes", "1"], env=cluster.env(), cwd=cluster.workdir,
-                name="proxied-node")
+    node = Proc(
+        [sys.executable, "-m", "achilles", "node", "--port", str(tap.port), "--processes", "1"],
+        env=cluster.env(),
+        cwd=cluster.workdir,
+        name="proxied-node",
+    )
     cluster.nodes.append(node)  # stopped with the cluster
     wait_until(lambda: cluster.node_count() == 1, 20, what="the proxied node")
     marker = "plain-text-argument-7f3a"
@@ -223,65 +227,118 @@ def raw(data: bytes) -> Callable[[Raw, str], bytes]:
 
 def reply(**changes: Any) -> Callable[[Raw, str], bytes]:
     """A correct node AuthReply for this connection, with some header fields replaced."""
+
     def make(conn: Raw, secret: str) -> bytes:
         return line({**json.loads(conn.auth_reply(secret, "node")), **changes})
+
     return make
 
 
 def signed(**claims: Any) -> Callable[[Raw, str], bytes]:
     """An AuthReply proven with the secret over what it claims: a peer that knows the
     secret, refused for something else (and told so with the server's proof)."""
+
     def make(conn: Raw, secret: str) -> bytes:
         claims.setdefault("role", "node")
-        return wire.encode_bytes(wire.auth_reply(conn.nonce, secret, name="raw-socket",
-                                                 **claims))
+        return wire.encode_bytes(wire.auth_reply(conn.nonce, secret, name="raw-socket", **claims))
+
     return make
 
 
-SUBMIT = {"t": "submit", "job": "j", "max_attempts": 3, "timeout": 0, "limit": 0, "total": 1,
-          "isolated": 0}
+SUBMIT = {
+    "t": "submit",
+    "job": "j",
+    "max_attempts": 3,
+    "timeout": 0,
+    "limit": 0,
+    "total": 1,
+    "isolated": 0,
+}
 ROWS: list[Row] = [
-    Row("garbage-bytes", None, raw(b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\xff\xfe\n"),
-        ("bad-json",)),
-    Row("endless-header-no-newline", None, raw(b"A" * (PREAUTH_MAX_HEADER_LENGTH + 100)),
-        ("header-too-long",)),
+    Row(
+        "garbage-bytes", None, raw(b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\xff\xfe\n"), ("bad-json",)
+    ),
+    Row(
+        "endless-header-no-newline",
+        None,
+        raw(b"A" * (PREAUTH_MAX_HEADER_LENGTH + 100)),
+        ("header-too-long",),
+    ),
     Row("http-request", None, raw(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"), ("bad-json",)),
     Row("json-not-object", None, raw(b"[1, 2, 3]\n"), ("not-object",)),
     Row("wrong-field-types", None, reply(slots="all", version="1"), ("bad-field",)),
     Row("unknown-type", None, raw(line({"t": "exec", "len": 0})), ("unknown-type",)),
     Row("negative-length", None, raw(line({**SUBMIT, "len": -1})), ("bad-length",)),
-    Row("payload-before-auth", None, raw(line({**SUBMIT, "len": 5}) + b"12345"),
-        ("payload-before-auth",)),
-    Row("status-before-auth", None, raw(encode_bytes(m.StatusRequest())),
-        ("not-authenticated",)),
+    Row(
+        "payload-before-auth",
+        None,
+        raw(line({**SUBMIT, "len": 5}) + b"12345"),
+        ("payload-before-auth",),
+    ),
+    Row("status-before-auth", None, raw(encode_bytes(m.StatusRequest())), ("not-authenticated",)),
     Row("unknown-role", None, signed(role="root"), ("bad-role",)),
     Row("wrong-digest", None, reply(digest="00" * 32), ("auth-failed",)),
     Row("lone-surrogate-in-nonce", None, reply(nonce="\ud800"), ("bad-field", "auth-failed")),
-    Row("other-python", None, signed(python="3.99"), ("version-mismatch",),
-        says=("Python 3.99", f"Python {PYTHON}")),
-    Row("other-protocol", None, signed(version=m.PROTOCOL_VERSION + 1), ("version-mismatch",),
-        says=(f"protocol {m.PROTOCOL_VERSION + 1}", f"speaks {m.PROTOCOL_VERSION}")),
-    Row("endless-header-after-auth", "controller", raw(b"A" * (MAX_HEADER_LENGTH + 100)),
-        ("header-too-long",)),
+    Row(
+        "other-python",
+        None,
+        signed(python="3.99"),
+        ("version-mismatch",),
+        says=("Python 3.99", f"Python {PYTHON}"),
+    ),
+    Row(
+        "other-protocol",
+        None,
+        signed(version=m.PROTOCOL_VERSION + 1),
+        ("version-mismatch",),
+        says=(f"protocol {m.PROTOCOL_VERSION + 1}", f"speaks {m.PROTOCOL_VERSION}"),
+    ),
+    Row(
+        "endless-header-after-auth",
+        "controller",
+        raw(b"A" * (MAX_HEADER_LENGTH + 100)),
+        ("header-too-long",),
+    ),
     Row("not-json-after-auth", "controller", raw(b"{oops\n"), ("bad-json",)),
-    Row("wrong-types-after-auth", "controller", raw(line({**SUBMIT, "max_attempts": "3"})),
-        ("bad-field",)),
-    Row("unknown-type-after-auth", "controller", raw(line({"t": "shell", "len": 0})),
-        ("unknown-type",)),
-    Row("payload-over-limit", "controller",
+    Row(
+        "wrong-types-after-auth",
+        "controller",
+        raw(line({**SUBMIT, "max_attempts": "3"})),
+        ("bad-field",),
+    ),
+    Row(
+        "unknown-type-after-auth",
+        "controller",
+        raw(line({"t": "shell", "len": 0})),
+        ("unknown-type",),
+    ),
+    Row(
+        "payload-over-limit",
+        "controller",
         raw(line({"t": "chunk", "len": MAX_PAYLOAD_LENGTH + 1, "job": "j", "seq": 0})),
-        ("payload-too-large",)),
-    Row("negative-length-after-auth", "controller",
-        raw(line({"t": "chunk", "len": -5, "job": "j", "seq": 0})), ("bad-length",)),
-    Row("controller-sends-result", "controller",
-        raw(encode_bytes(m.Result("j", 0, m.OK, 0.0), b"R")), ("not-allowed",)),
-    Row("node-sends-submit", "node", raw(line({**SUBMIT, "len": 1}) + b"F"),
-        ("not-allowed",)),
-    Row("admin-sends-chunk", "admin", raw(encode_bytes(m.Chunk("j", 0), b"A")),
-        ("not-allowed",)),
-    Row("node-result-for-a-job-it-was-never-given", "node",
-        raw(encode_bytes(m.Result("other-job", 3, m.OK, 0.0), b"FORGED")), ("refused",),
-        other_job=True),
+        ("payload-too-large",),
+    ),
+    Row(
+        "negative-length-after-auth",
+        "controller",
+        raw(line({"t": "chunk", "len": -5, "job": "j", "seq": 0})),
+        ("bad-length",),
+    ),
+    Row(
+        "controller-sends-result",
+        "controller",
+        raw(encode_bytes(m.Result("j", 0, m.OK, 0.0), b"R")),
+        ("not-allowed",),
+    ),
+    Row("node-sends-submit", "node", raw(line({**SUBMIT, "len": 1}) + b"F"), ("not-allowed",)),
+    Row("admin-sends-chunk", "admin", raw(encode_bytes(m.Chunk("j", 0), b"A")), ("not-allowed",)),
+    Row(
+        "node-result-for-a-job-it-was-never-given",
+        "node",
+        raw(encode_bytes(m.Result("other-job", 3, m.OK, 0.0), b"FORGED")),
+        ("refused",),
+        other_job=True,
+    ),
 ]
 
 
@@ -375,8 +432,9 @@ def test_stalled_authenticated_peer_is_dropped(tight, tight_pool):
     conn.send(line({"t": "chunk", "len": 1000, "job": "j", "seq": 0}) + b"x" * 100)
     conn.until_closed()
     conn.close()
-    wait_until(lambda: log_count(tight.server, r"controller raw-socket lost: no heartbeat")
-               >= 1, 10)
+    wait_until(
+        lambda: log_count(tight.server, r"controller raw-socket lost: no heartbeat") >= 1, 10
+    )
     still_serving(tight, tight_pool, nodes=1)
 
 
@@ -437,8 +495,11 @@ def test_peer_refused_at_the_cap_retries_instead_of_giving_up(capped):
     held = fill(capped)
     refusals = log_count(capped.server, r"over 4 connections")
     late = capped.start_node(1, wait=False)
-    wait_until(lambda: log_count(capped.server, r"over 4 connections") > refusals
-               or not late.alive(), 20, what="the late node to be turned away")
+    wait_until(
+        lambda: log_count(capped.server, r"over 4 connections") > refusals or not late.alive(),
+        20,
+        what="the late node to be turned away",
+    )
     for conn in held:
         conn.close()
     wait_until(lambda: not late.alive() or _nodes(capped) == 2, 30, what="the late node")
@@ -455,11 +516,18 @@ def _nodes(cluster: Cluster) -> int:
 # --- 3. starting without a secret, insecure loopback mode, secrets in argv -----------------------
 def test_insecure_loopback_server_runs_without_secret(tmp_path):
     """--insecure-loopback starts a secret-less server on 127.0.0.1 and warns that it is open."""
-    proc = Proc([sys.executable, "-m", "achilles", "server", "--port", "0",
-                 "--insecure-loopback"], env=child_env(), cwd=tmp_path, name="insecure")
+    proc = Proc(
+        [sys.executable, "-m", "achilles", "server", "--port", "0", "--insecure-loopback"],
+        env=child_env(),
+        cwd=tmp_path,
+        name="insecure",
+    )
     try:
-        match = wait_until(lambda: re.search(r"listening on 127\.0\.0\.1:(\d+)", proc.output()),
-                           20, what="the insecure server")
+        match = wait_until(
+            lambda: re.search(r"listening on 127\.0\.0\.1:(\d+)", proc.output()),
+            20,
+            what="the insecure server",
+        )
         assert "INSECURE" in proc.output()
         conn = Raw(int(match.group(1)))
         conn.authenticate("", "admin")
@@ -470,19 +538,48 @@ def test_insecure_loopback_server_runs_without_secret(tmp_path):
 
 def test_insecure_mode_is_refused_off_loopback(tmp_path):
     """--insecure-loopback on a non-loopback address exits non-zero without listening."""
-    out = subprocess.run([sys.executable, "-m", "achilles", "server", "--host", "0.0.0.0",
-                          "--port", "0", "--insecure-loopback"], env=child_env(),
-                         cwd=tmp_path, capture_output=True, text=True, timeout=30)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "achilles",
+            "server",
+            "--host",
+            "0.0.0.0",
+            "--port",
+            "0",
+            "--insecure-loopback",
+        ],
+        env=child_env(),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert out.returncode != 0
     assert "loopback" in out.stderr and "listening" not in out.stdout
 
 
 def test_secret_on_the_command_line_warns_on_stderr(cluster, tmp_path):
     """A --secret-key argument makes the command warn on stderr, without echoing the secret."""
-    out = subprocess.run([sys.executable, "-m", "achilles", "status", "--json", "--port",
-                          str(cluster.port), "--secret-key", cluster.secret],
-                         env=child_env(), cwd=tmp_path, capture_output=True, text=True,
-                         timeout=60)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "achilles",
+            "status",
+            "--json",
+            "--port",
+            str(cluster.port),
+            "--secret-key",
+            cluster.secret,
+        ],
+        env=child_env(),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     assert "warning" in out.stderr and "ACHILLES_SECRET_KEY" in out.stderr
     assert "warning" not in out.stdout and json.loads(out.stdout)["nodes"]
@@ -495,15 +592,21 @@ def _write_ca(tmp: Any, name: str) -> tuple[Any, Any, str]:
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import rsa
     from cryptography.x509.oid import NameOID
+
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     now = datetime.datetime.now(datetime.UTC)
-    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(days=1))
-            .not_valid_after(now + datetime.timedelta(days=2))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=2))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
     path = tmp / f"{name}.pem"
     path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return key, cert, str(path)
@@ -514,26 +617,36 @@ def _write_server_cert(tmp: Any, ca_key: Any, ca_cert: Any) -> tuple[str, str]:
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import rsa
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     now = datetime.datetime.now(datetime.UTC)
-    cert = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
-            .issuer_name(ca_cert.subject).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(days=1))
-            .not_valid_after(now + datetime.timedelta(days=2))
-            .add_extension(x509.SubjectAlternativeName(
-                [x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-                 x509.DNSName("localhost")]), critical=False)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]),
-                           critical=False)
-            .sign(ca_key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=2))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
     cert_path, key_path = tmp / "server.pem", tmp / "server.key"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                           serialization.PrivateFormat.TraditionalOpenSSL,
-                                           serialization.NoEncryption()))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.TraditionalOpenSSL,
+            serialization.NoEncryption(),
+        )
+    )
     return str(cert_path), str(key_path)
 
 
@@ -549,8 +662,14 @@ def tls(request, tmp_path_factory) -> dict[str, Any]:
     request.addfinalizer(c.stop)
     c.start_server(ACHILLES_TLS_CERT=cert, ACHILLES_TLS_KEY=key, ACHILLES_TLS="on")
     c.start_node(1, wait=False, ACHILLES_TLS_CA=ca)
-    wait_until(lambda: len(achilles.getClusterStatus(
-        port=c.port, secret_key=c.secret, tls_ca=ca)["nodes"]) == 1, 30, what="TLS node")
+    wait_until(
+        lambda: (
+            len(achilles.getClusterStatus(port=c.port, secret_key=c.secret, tls_ca=ca)["nodes"])
+            == 1
+        ),
+        30,
+        what="TLS node",
+    )
     return {"cluster": c, "ca": ca, "other_ca": other_ca}
 
 
@@ -584,8 +703,7 @@ def test_plain_client_cannot_use_a_tls_server(tls, monkeypatch):
     monkeypatch.setenv("ACHILLES_TLS", "off")
     monkeypatch.setenv("ACHILLES_RECONNECT_TIMEOUT", "1")
     c = tls["cluster"]
-    _raises_within(30, host="127.0.0.1", port=c.port, secret_key=c.secret,
-                   username="plain-client")
+    _raises_within(30, host="127.0.0.1", port=c.port, secret_key=c.secret, username="plain-client")
     assert c.server.alive()
 
 
@@ -593,8 +711,14 @@ def test_client_with_another_ca_is_refused(tls, monkeypatch):
     """A client trusting another CA rejects the server's certificate and raises in time."""
     monkeypatch.setenv("ACHILLES_RECONNECT_TIMEOUT", "1")
     c = tls["cluster"]
-    _raises_within(30, host="127.0.0.1", port=c.port, secret_key=c.secret,
-                   username="other-ca-client", tls_ca=tls["other_ca"])
+    _raises_within(
+        30,
+        host="127.0.0.1",
+        port=c.port,
+        secret_key=c.secret,
+        username="other-ca-client",
+        tls_ca=tls["other_ca"],
+    )
     assert c.server.alive()
 
 

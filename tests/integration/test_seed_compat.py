@@ -1,5 +1,6 @@
 """achilles.lineReceiver.*: the seed's (achilles 0.0.196) names, arguments and result
 formats, against real server and node processes."""
+
 from __future__ import annotations
 
 import inspect
@@ -30,7 +31,7 @@ from achilles.lineReceiver.achilles_main import (
 )
 
 SEED_ARGS = list(range(1, 11))
-SEED_VALUES = [x ** 4 for x in SEED_ARGS]  # square, then the callback squares again
+SEED_VALUES = [x**4 for x in SEED_ARGS]  # square, then the callback squares again
 ALERT = re.compile(r"ALERT: achilles_server initiated at ([\d.]+):(\d+)")
 
 
@@ -56,8 +57,16 @@ def _server_port(proc: Proc) -> int:
 def test_seed_names_and_signatures():
     """Every seed entry point is importable with the seed's parameters and defaults."""
     empty = inspect.Parameter.empty
-    work = [("func", empty), ("args", empty), ("callback", None), ("chunksize", 1),
-            ("host", None), ("port", None), ("username", None), ("secret_key", None)]
+    work = [
+        ("func", empty),
+        ("args", empty),
+        ("callback", None),
+        ("chunksize", 1),
+        ("host", None),
+        ("port", None),
+        ("username", None),
+        ("secret_key", None),
+    ]
     for fn in (map, imap, imap_unordered):
         assert _params(fn) == work, fn.__name__
     conn = [("host", None), ("port", None), ("username", None), ("secret_key", None)]
@@ -84,18 +93,21 @@ def test_map_returns_list_of_packets(cluster):
 def test_imap_yields_ordered_packets(cluster):
     """imap yields {'ARGS_COUNTER', 'RESULT'} packets in order, counter = first arg's index."""
     got = list(imap(tasks.square, SEED_ARGS, tasks.square, chunksize=3, **cluster.kwargs()))
-    assert got == [{"ARGS_COUNTER": 0, "RESULT": SEED_VALUES[0:3]},
-                   {"ARGS_COUNTER": 3, "RESULT": SEED_VALUES[3:6]},
-                   {"ARGS_COUNTER": 6, "RESULT": SEED_VALUES[6:9]},
-                   {"ARGS_COUNTER": 9, "RESULT": SEED_VALUES[9:]}]
+    assert got == [
+        {"ARGS_COUNTER": 0, "RESULT": SEED_VALUES[0:3]},
+        {"ARGS_COUNTER": 3, "RESULT": SEED_VALUES[3:6]},
+        {"ARGS_COUNTER": 6, "RESULT": SEED_VALUES[6:9]},
+        {"ARGS_COUNTER": 9, "RESULT": SEED_VALUES[9:]},
+    ]
 
 
 def test_imap_unordered_yields_every_packet_once(cluster):
     """imap_unordered yields the same packets as imap, each once, in any order."""
     got = list(imap_unordered(tasks.square, range(40), chunksize=3, **cluster.kwargs()))
     assert all(set(p) == {"ARGS_COUNTER", "RESULT"} for p in got)
-    assert sorted(got, key=lambda p: p["ARGS_COUNTER"]) == \
-        list(imap(tasks.square, range(40), chunksize=3, **cluster.kwargs()))
+    assert sorted(got, key=lambda p: p["ARGS_COUNTER"]) == list(
+        imap(tasks.square, range(40), chunksize=3, **cluster.kwargs())
+    )
 
 
 def test_callback_applied_to_each_result(cluster):
@@ -103,8 +115,9 @@ def test_callback_applied_to_each_result(cluster):
     kw = dict(chunksize=2, **cluster.kwargs())
     assert map(tasks.square, [1, 2, 3], str, **kw) == [["1", "4"], ["9"]]
     assert [p["RESULT"] for p in imap(tasks.square, [1, 2, 3], str, **kw)] == [["1", "4"], ["9"]]
-    assert sorted(v for p in imap_unordered(tasks.square, [1, 2, 3], str, **kw)
-                  for v in p["RESULT"]) == ["1", "4", "9"]
+    assert sorted(
+        v for p in imap_unordered(tasks.square, [1, 2, 3], str, **kw) for v in p["RESULT"]
+    ) == ["1", "4", "9"]
 
 
 def test_lists_are_packets_and_chunksize_unused(cluster):
@@ -113,11 +126,13 @@ def test_lists_are_packets_and_chunksize_unused(cluster):
     expected = [[1, 4, 9], [16], [], [25, 36]]
     for chunksize in (1, 5):
         assert map(tasks.square, args, chunksize=chunksize, **cluster.kwargs()) == expected
-    assert list(imap(tasks.square, args, **cluster.kwargs())) == \
-        [{"ARGS_COUNTER": i, "RESULT": r} for i, r in enumerate(expected)]
+    assert list(imap(tasks.square, args, **cluster.kwargs())) == [
+        {"ARGS_COUNTER": i, "RESULT": r} for i, r in enumerate(expected)
+    ]
     got = list(imap_unordered(tasks.square, args, **cluster.kwargs()))
-    assert sorted(got, key=lambda p: p["ARGS_COUNTER"]) == \
-        [{"ARGS_COUNTER": i, "RESULT": r} for i, r in enumerate(expected)]
+    assert sorted(got, key=lambda p: p["ARGS_COUNTER"]) == [
+        {"ARGS_COUNTER": i, "RESULT": r} for i, r in enumerate(expected)
+    ]
 
 
 def test_generator_object_and_generator_function(cluster):
@@ -127,15 +142,20 @@ def test_generator_object_and_generator_function(cluster):
     assert map(tasks.square, (x for x in SEED_ARGS), tasks.square, **kw) == expected
     assert map(tasks.square, one_to_ten, tasks.square, **kw) == expected
     assert [p["RESULT"] for p in imap(tasks.square, one_to_ten, tasks.square, **kw)] == expected
-    assert sorted(p["ARGS_COUNTER"] for p in
-                  imap_unordered(tasks.square, tasks.numbers(10), **kw)) == [0, 5]
+    assert sorted(
+        p["ARGS_COUNTER"] for p in imap_unordered(tasks.square, tasks.numbers(10), **kw)
+    ) == [0, 5]
 
 
 def test_empty_args_and_task_errors(cluster):
     """No arguments give no packets; a task's exception reaches the caller as itself."""
     assert map(tasks.square, [], **cluster.kwargs()) == []
-    assert list(imap_unordered(tasks.square, one_to_ten(), chunksize=20,
-                               **cluster.kwargs()))[0]["ARGS_COUNTER"] == 0
+    assert (
+        next(iter(imap_unordered(tasks.square, one_to_ten(), chunksize=20, **cluster.kwargs())))[
+            "ARGS_COUNTER"
+        ]
+        == 0
+    )
     with pytest.raises(tasks.Boom, match="bad value 5"):
         list(imap_unordered(tasks.fail_at_five, range(8), **cluster.kwargs()))
     with pytest.raises(ValueError, match="chunksize"):
@@ -150,11 +170,13 @@ def test_readme_example_on_a_two_worker_node(fresh_cluster):
     kw = dict(chunksize=4, **cluster.kwargs())
     readme = [[1, 16, 81, 256, 625, 1296, 2401, 4096], [6561, 10000]]
     assert map(tasks.square, SEED_ARGS, tasks.square, **kw) == readme
-    assert list(imap(tasks.square, SEED_ARGS, tasks.square, **kw)) == \
-        [{"ARGS_COUNTER": 0, "RESULT": readme[0]}, {"ARGS_COUNTER": 8, "RESULT": readme[1]}]
-    assert sorted(imap_unordered(tasks.square, SEED_ARGS, tasks.square, **kw),
-                  key=lambda p: p["ARGS_COUNTER"]) == \
-        [{"ARGS_COUNTER": 0, "RESULT": readme[0]}, {"ARGS_COUNTER": 8, "RESULT": readme[1]}]
+    assert list(imap(tasks.square, SEED_ARGS, tasks.square, **kw)) == [
+        {"ARGS_COUNTER": 0, "RESULT": readme[0]},
+        {"ARGS_COUNTER": 8, "RESULT": readme[1]},
+    ]
+    assert sorted(
+        imap_unordered(tasks.square, SEED_ARGS, tasks.square, **kw), key=lambda p: p["ARGS_COUNTER"]
+    ) == [{"ARGS_COUNTER": 0, "RESULT": readme[0]}, {"ARGS_COUNTER": 8, "RESULT": readme[1]}]
 
 
 def test_status_and_kill_cluster(fresh_cluster):
@@ -169,8 +191,9 @@ def test_without_cluster_packets_follow_local_cores(no_cluster_config):
     """With no cluster configured, map runs on the local cluster in packets of its cores."""
     cores = os.cpu_count() or 1
     args = list(range(2 * cores + 1))
-    assert map(tasks.square, args) == \
-        [[x * x for x in args[i:i + cores]] for i in range(0, len(args), cores)]
+    assert map(tasks.square, args) == [
+        [x * x for x in args[i : i + cores]] for i in range(0, len(args), cores)
+    ]
 
 
 # --- the server and node programs ---------------------------------------------------------
@@ -178,16 +201,28 @@ def test_run_achilles_server_prints_alert_and_accepts_nodes(tmp_path):
     """runAchillesServer(port=0) prints the seed's lines with the bound port; a node joins."""
     secret = secrets.token_hex(8)
     env = child_env(ACHILLES_SECRET_KEY=secret, PYTHONUNBUFFERED="1")
-    server = _python("from achilles.lineReceiver.achilles_server import runAchillesServer; "
-                     "runAchillesServer(port=0)", env, tmp_path, "seed-server")
+    server = _python(
+        "from achilles.lineReceiver.achilles_server import runAchillesServer; "
+        "runAchillesServer(port=0)",
+        env,
+        tmp_path,
+        "seed-server",
+    )
     node = None
     try:
         port = _server_port(server)
         assert "Listening for connections..." in server.output()
-        node = Proc([sys.executable, "-m", "achilles", "node", "--port", str(port),
-                     "--processes", "1"], env=env, cwd=tmp_path, name="node-for-seed-server")
-        wait_until(lambda: core_status(port=port, secret_key=secret)["nodes"], 20,
-                   what="the node to register")
+        node = Proc(
+            [sys.executable, "-m", "achilles", "node", "--port", str(port), "--processes", "1"],
+            env=env,
+            cwd=tmp_path,
+            name="node-for-seed-server",
+        )
+        wait_until(
+            lambda: core_status(port=port, secret_key=secret)["nodes"],
+            20,
+            what="the node to register",
+        )
     finally:
         if node is not None:
             node.stop()
@@ -197,12 +232,21 @@ def test_run_achilles_server_prints_alert_and_accepts_nodes(tmp_path):
 def test_run_achilles_node_connects_and_greets(cluster, tmp_path):
     """runAchillesNode(host, port) prints the greeting and the Connected line, and serves."""
     env = {**cluster.env(), "ACHILLES_PROCESSES": "1"}
-    node = _python("from achilles.lineReceiver.achilles_node import runAchillesNode; "
-                   f"runAchillesNode(host='127.0.0.1', port={cluster.port})", env, tmp_path,
-                   "seed-node")
+    node = _python(
+        "from achilles.lineReceiver.achilles_node import runAchillesNode; "
+        f"runAchillesNode(host='127.0.0.1', port={cluster.port})",
+        env,
+        tmp_path,
+        "seed-node",
+    )
     try:
-        wait_until(lambda: f"Connected to achilles_server running at 127.0.0.1:{cluster.port}"
-                   in node.output(), 20, what="the Connected line")
+        wait_until(
+            lambda: (
+                f"Connected to achilles_server running at 127.0.0.1:{cluster.port}" in node.output()
+            ),
+            20,
+            what="the Connected line",
+        )
         assert "GREETING: Welcome!" in node.output()
         assert "CLIENT_ID: " in node.output()
         wait_until(lambda: cluster.node_count() == 3, 20, what="the node to register")
@@ -213,11 +257,18 @@ def test_run_achilles_node_connects_and_greets(cluster, tmp_path):
 
 def test_run_achilles_node_without_secret_refuses(tmp_path):
     """runAchillesNode with no secret anywhere exits at once, saying how to supply one."""
-    out = subprocess.run([sys.executable, "-c",
-                          "from achilles.lineReceiver.achilles_node import runAchillesNode; "
-                          "runAchillesNode()"],
-                         env=child_env(), cwd=tmp_path, capture_output=True, text=True,
-                         timeout=60)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from achilles.lineReceiver.achilles_node import runAchillesNode; runAchillesNode()",
+        ],
+        env=child_env(),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode != 0
     assert "runAchillesNode needs the cluster secret" in out.stderr
     assert "ACHILLES_SECRET_KEY" in out.stderr and ".env" in out.stderr
@@ -236,9 +287,12 @@ def test_gen_config_then_run_server_without_arguments(tmp_path, monkeypatch, cap
     path = achilles_server.genConfig("127.0.0.1", 0, "foo", secret)
     assert path == str(tmp_path / ".env")
     assert path in capsys.readouterr().out
-    server = _python("from achilles.lineReceiver.achilles_server import runAchillesServer; "
-                     "runAchillesServer()", child_env(PYTHONUNBUFFERED="1"), tmp_path,
-                     "seed-server-dotenv")
+    server = _python(
+        "from achilles.lineReceiver.achilles_server import runAchillesServer; runAchillesServer()",
+        child_env(PYTHONUNBUFFERED="1"),
+        tmp_path,
+        "seed-server-dotenv",
+    )
     try:
         port = _server_port(server)
         assert port != 0

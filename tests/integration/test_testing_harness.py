@@ -1,5 +1,6 @@
 """achilles.testing: a throwaway cluster on loopback ignores the caller's configuration
 (its ACHILLES_* variables and its user-level .env) and leaves no process behind."""
+
 from __future__ import annotations
 
 import os
@@ -30,7 +31,8 @@ def plant_user_config(home, decoy_port: int) -> None:
     env_file = home / "achilles" / ".env"
     env_file.write_text(
         f"ACHILLES_HOST=127.0.0.1\nACHILLES_PORT={decoy_port}\nACHILLES_SECRET_KEY=decoy\n"
-        f"ACHILLES_TLS_CERT={home}/missing-cert.pem\nACHILLES_TLS_KEY={home}/missing-key.pem\n")
+        f"ACHILLES_TLS_CERT={home}/missing-cert.pem\nACHILLES_TLS_KEY={home}/missing-key.pem\n"
+    )
     env_file.chmod(0o600)
 
 
@@ -89,7 +91,10 @@ def test_cluster_ignores_planted_config_and_leaves_nothing(tmp_path, monkeypatch
             env = environ_of(proc.pid)
             assert env["XDG_CONFIG_HOME"] != str(home)
             assert sorted(k for k in env if k.startswith("ACHILLES_")) == [
-                "ACHILLES_LOG_LEVEL", "ACHILLES_MAX_ATTEMPTS", "ACHILLES_SECRET_KEY"]
+                "ACHILLES_LOG_LEVEL",
+                "ACHILLES_MAX_ATTEMPTS",
+                "ACHILLES_SECRET_KEY",
+            ]
         with Pool(**cluster.kwargs()) as pool:
             assert pool._local is None
             assert pool.map(abs, range(-40, 0), chunksize=3) == list(range(40, 0, -1))
@@ -101,8 +106,11 @@ def test_cluster_ignores_planted_config_and_leaves_nothing(tmp_path, monkeypatch
 
     with pytest.raises(BlockingIOError):
         decoy.accept()
-    testing.wait_until(lambda: not any(running(pid) for pid in started), 10,
-                       what="every process of the cluster to be gone")
+    testing.wait_until(
+        lambda: not any(running(pid) for pid in started),
+        10,
+        what="every process of the cluster to be gone",
+    )
     assert not any(testing.group_members(p.pid) for p in cluster.processes())
     assert not set(testing.leftover_processes(timeout=0)) & set(cluster.processes())
     assert not os.path.exists(cluster.workdir)
@@ -116,5 +124,7 @@ def test_harness_is_imported_only_when_asked(tmp_path):
         "assert 'achilles.testing' not in sys.modules\n"
         "import achilles.testing\n"
         "assert not {'pytest', 'twisted'} & set(sys.modules), sorted(sys.modules)\n",
-        cwd=tmp_path, env=child_env())
+        cwd=tmp_path,
+        env=child_env(),
+    )
     assert out.returncode == 0, out.stderr

@@ -5,6 +5,7 @@ with the secret can make final, and the server's own start-up defences.
 Real servers and nodes on 127.0.0.1 (``ACHILLES_TLS=on`` forces TLS on loopback, where
 it is otherwise off), attacked through :mod:`relay` and raw sockets.
 """
+
 from __future__ import annotations
 
 import os
@@ -49,8 +50,7 @@ def relays() -> Iterator[list[Relay]]:
 
 def node_through(cluster: Cluster, port: int, **env: str) -> Proc:
     """A node of this cluster's secret that connects to ``port`` (a relay, say)."""
-    return cluster._spawn("node", "relayed-node", ["--port", str(port), "--processes", "1"],
-                          env)
+    return cluster._spawn("node", "relayed-node", ["--port", str(port), "--processes", "1"], env)
 
 
 def test_map_over_tls_with_nothing_but_the_secret(tls_cluster: Cluster) -> None:
@@ -70,8 +70,10 @@ def test_certificate_is_kept_and_reused() -> None:
         with Cluster(env=TLS_ON) as cluster:
             cluster.start_server()
             ctx = _any_cert_context()
-            with socket.create_connection(("127.0.0.1", cluster.port), 10) as raw, \
-                    ctx.wrap_socket(raw) as tls_sock:
+            with (
+                socket.create_connection(("127.0.0.1", cluster.port), 10) as raw,
+                ctx.wrap_socket(raw) as tls_sock,
+            ):
                 der = tls_sock.getpeercert(binary_form=True)
             assert der
             fingerprints.append(auth.fingerprint(der))
@@ -80,6 +82,7 @@ def test_certificate_is_kept_and_reused() -> None:
 
 def _any_cert_context() -> Any:
     import ssl
+
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
@@ -87,13 +90,18 @@ def _any_cert_context() -> Any:
 
 
 def test_plain_tcp_is_refused_by_a_tls_only_server_and_the_node_keeps_trying(
-        tls_cluster: Cluster) -> None:
+    tls_cluster: Cluster,
+) -> None:
     """A node told to use plain TCP is refused ("tls-required"). The refusal comes before
     the handshake proves anything, so the node does not give up: it retries."""
     node = node_through(tls_cluster, tls_cluster.port, ACHILLES_TLS="off")
     try:
-        wait_until(lambda: node.output().count("tls-required") >= 2, 30,
-                   what="two refused attempts", alive=node.alive)
+        wait_until(
+            lambda: node.output().count("tls-required") >= 2,
+            30,
+            what="two refused attempts",
+            alive=node.alive,
+        )
         assert "did not prove it knows the secret; retrying" in node.output()
         assert node.alive()
         assert "refused plain TCP" in tls_cluster.server.output()  # type: ignore[union-attr]
@@ -101,8 +109,9 @@ def test_plain_tcp_is_refused_by_a_tls_only_server_and_the_node_keeps_trying(
         node.stop()
 
 
-def test_a_relay_that_only_forwards_tls_is_harmless(tls_cluster: Cluster,
-                                                   relays: list[Relay]) -> None:
+def test_a_relay_that_only_forwards_tls_is_harmless(
+    tls_cluster: Cluster, relays: list[Relay]
+) -> None:
     """A relay that passes the encrypted bytes on (it cannot read them) changes nothing:
     a node through it registers and works."""
     relay = Relay(tls_cluster.port)
@@ -114,8 +123,9 @@ def test_a_relay_that_only_forwards_tls_is_harmless(tls_cluster: Cluster,
         node.stop()
 
 
-def test_man_in_the_middle_with_its_own_certificate_is_caught(tls_cluster: Cluster,
-                                                              relays: list[Relay]) -> None:
+def test_man_in_the_middle_with_its_own_certificate_is_caught(
+    tls_cluster: Cluster, relays: list[Relay]
+) -> None:
     """An attacker that ends TLS on both sides (to read and change the traffic) shows the
     node its own certificate. The node's proof covers the fingerprint it saw, which is
     not the server's: the server refuses it, the node cannot check that refusal (it does
@@ -125,8 +135,12 @@ def test_man_in_the_middle_with_its_own_certificate_is_caught(tls_cluster: Clust
     relays.append(relay)
     node = node_through(tls_cluster, relay.port, **TLS_ON)
     try:
-        wait_until(lambda: node.output().count("auth-failed") >= 2, 30,
-                   what="two refused handshakes", alive=node.alive)
+        wait_until(
+            lambda: node.output().count("auth-failed") >= 2,
+            30,
+            what="two refused handshakes",
+            alive=node.alive,
+        )
         assert tls_cluster.node_count() == 1  # only the honest node
         assert node.alive()
         assert {h["t"] for _, h in relay.seen} <= {"hello", "challenge", "auth", "error"}
@@ -158,9 +172,14 @@ def test_role_escalation_through_a_relay_is_refused(relays: list[Relay]) -> None
             relays.append(relay)
             out = subprocess.run(
                 [sys.executable, "-m", "achilles", "status", "--port", str(relay.port)],
-                env=isolated_env(ACHILLES_SECRET_KEY=cluster.secret,
-                                 ACHILLES_RECONNECT_TIMEOUT="3"),
-                capture_output=True, text=True, timeout=60, cwd=cluster.workdir)
+                env=isolated_env(
+                    ACHILLES_SECRET_KEY=cluster.secret, ACHILLES_RECONNECT_TIMEOUT="3"
+                ),
+                capture_output=True,
+                text=True,
+                timeout=60,
+                cwd=cluster.workdir,
+            )
             assert out.returncode != 0
             codes = [h.get("code") for way, h in relay.seen if h.get("t") == "error"]
             assert refusal in codes, (codes, out.stderr[-2000:])
@@ -182,8 +201,11 @@ def _fake_server(code: str, detail: str) -> tuple[socket.socket, list[int]]:
             seen[0] += 1
             with conn:
                 conn.recv(1024)
-                conn.sendall(b'{"t":"error","len":0,"code":"%s","detail":"%s","proof":""}\n'
-                             % (code.encode(), detail.encode()))
+                conn.sendall(
+                    b'{"t":"error","len":0,"code":"%s","detail":"%s","proof":""}\n'
+                    % (code.encode(), detail.encode())
+                )
+
     threading.Thread(target=serve, daemon=True).start()
     return listener, seen
 
@@ -194,9 +216,11 @@ def test_a_refusal_from_an_unproven_server_is_not_final() -> None:
     retries with backoff."""
     listener, seen = _fake_server("auth-failed", "wrong secret key")
     port = listener.getsockname()[1]
-    node = Proc([sys.executable, "-m", "achilles", "node", "--port", str(port),
-                 "--processes", "1"], env=isolated_env(ACHILLES_SECRET_KEY="s" * 32),
-                name="lied-to-node")
+    node = Proc(
+        [sys.executable, "-m", "achilles", "node", "--port", str(port), "--processes", "1"],
+        env=isolated_env(ACHILLES_SECRET_KEY="s" * 32),
+        name="lied-to-node",
+    )
     try:
         wait_until(lambda: seen[0] >= 3, 30, what="three attempts", alive=node.alive)
         assert node.alive()
@@ -209,11 +233,16 @@ def test_a_refusal_from_an_unproven_server_is_not_final() -> None:
 def test_a_refusal_the_server_proves_is_final(cluster: Any) -> None:
     """A node that knows the secret but runs another Python is refused with the server's
     proof: that refusal is final (exit code 2), as before."""
-    code = ("import achilles.net.connection as c; c.PYTHON = '3.1'; "
-            "from achilles.cli import main; import sys; "
-            f"sys.exit(main(['node', '--port', '{cluster.port}', '--processes', '1']))")
-    node = Proc([sys.executable, "-c", code],
-                env=isolated_env(ACHILLES_SECRET_KEY=cluster.secret), name="old-python")
+    code = (
+        "import achilles.net.connection as c; c.PYTHON = '3.1'; "
+        "from achilles.cli import main; import sys; "
+        f"sys.exit(main(['node', '--port', '{cluster.port}', '--processes', '1']))"
+    )
+    node = Proc(
+        [sys.executable, "-c", code],
+        env=isolated_env(ACHILLES_SECRET_KEY=cluster.secret),
+        name="old-python",
+    )
     try:
         assert node.popen.wait(30) == 2
         assert "Python version mismatch" in node.output()
@@ -228,8 +257,14 @@ def test_weak_secret_is_warned_about_and_a_strong_one_offered() -> None:
         cluster.secret = "hunter2"
         cluster.start_server()
         assert "the secret is short or repetitive" in cluster.server.output()  # type: ignore
-    out = subprocess.run([sys.executable, "-m", "achilles", "secret"], capture_output=True,
-                         text=True, timeout=60, check=True, env=isolated_env())
+    out = subprocess.run(
+        [sys.executable, "-m", "achilles", "secret"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+        env=isolated_env(),
+    )
     secret = out.stdout.strip()
     assert re.fullmatch(r"[A-Za-z0-9_-]{43}", secret)
     assert auth.secret_bits(secret) > 2 * auth.WEAK_SECRET_BITS
@@ -247,9 +282,24 @@ def test_server_raises_its_descriptor_limit(soft: int, hard: int, expect_warning
     is below its connection cap, it serves fewer connections and says so (before, peers
     past the limit got a silent EOF)."""
     with Cluster() as cluster:
-        server = Proc(["prlimit", f"--nofile={soft}:{hard}", "--", sys.executable, "-m",
-                       "achilles", "server", "--host", "127.0.0.1", "--port", "0"],
-                      env=cluster.env(), cwd=cluster.workdir, name="limited-server")
+        server = Proc(
+            [
+                "prlimit",
+                f"--nofile={soft}:{hard}",
+                "--",
+                sys.executable,
+                "-m",
+                "achilles",
+                "server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+            ],
+            env=cluster.env(),
+            cwd=cluster.workdir,
+            name="limited-server",
+        )
         try:
             wait_until(lambda: "listening on" in server.output(), 20, alive=server.alive)
             assert _soft_nofile(server.pid) == hard

@@ -4,6 +4,7 @@
 The transport is a ``tcp.Connection`` over a real loopback socket pair whose Twisted
 buffer is simulated: ``write``/``writeSequence`` record what Twisted would send later.
 """
+
 from __future__ import annotations
 
 import socket
@@ -112,6 +113,7 @@ def test_send_now_refuses_when_twisted_holds_data(pair) -> None:
 def test_send_now_refuses_large_frames(pair) -> None:
     """A payload over DIRECT_SEND_MAX is never written from another thread."""
     from achilles.net.connection import DIRECT_SEND_MAX
+
     proto, peer = pair
     assert not proto.send_now(m.Chunk("job", 1), b"x" * (DIRECT_SEND_MAX + 1))
     assert drain(peer) == b""
@@ -128,6 +130,7 @@ def test_partial_direct_send_is_finished_before_later_frames(pair) -> None:
     proto.send(second, b"B" * 10)  # the reactor's own next frame
     on_wire = drain(peer)
     later = b"".join(proto.transport._tempDataBuffer)  # what Twisted would send next
-    assert on_wire + later + drain(peer) == \
-        filler + encode_bytes(first, b"A" * 30000) + encode_bytes(second, b"B" * 10)
+    assert on_wire + later + drain(peer) == filler + encode_bytes(
+        first, b"A" * 30000
+    ) + encode_bytes(second, b"B" * 10)
     assert proto._tail == b""

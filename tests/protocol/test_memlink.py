@@ -5,6 +5,7 @@ runs the reactor's next turn), the server side is a registered ``Factory`` and e
 is a ``Protocol`` that records what it was given, in order, as the very objects passed.
 Every test unregisters what it registered, so the module-level registry never leaks.
 """
+
 from __future__ import annotations
 
 import json
@@ -111,8 +112,9 @@ def server_factory() -> Iterator[Recording]:
         unregister(HOST, PORT)
 
 
-def connect(clock: task.Clock, server_factory: Recording,
-            client_cls: type[Recorder] = Recorder) -> tuple[Recorder, Recorder, Recording]:
+def connect(
+    clock: task.Clock, server_factory: Recording, client_cls: type[Recorder] = Recorder
+) -> tuple[Recorder, Recorder, Recording]:
     """One in-memory connection: (client protocol, server protocol, client factory)."""
     endpoint = endpoint_for(clock, HOST, PORT)
     assert endpoint is not None
@@ -163,7 +165,8 @@ def test_unregister_of_an_unknown_address_is_a_no_op() -> None:
 
 # --- connecting ---------------------------------------------------------------------------
 def test_connect_fires_with_the_client_protocol_and_both_sides_are_made(
-        clock: task.Clock, server_factory: Recording) -> None:
+    clock: task.Clock, server_factory: Recording
+) -> None:
     """connect returns a Deferred already fired with the client protocol; each side's
     factory built one protocol, and both had connectionMade once."""
     endpoint = endpoint_for(clock, HOST, PORT)
@@ -186,6 +189,7 @@ def test_connect_fires_with_the_client_protocol_and_both_sides_are_made(
 def test_connect_refused_when_the_server_factory_builds_nothing(clock: task.Clock) -> None:
     """A server factory whose buildProtocol returns None: connect fails with
     ConnectionRefusedError and the client gets no connectionMade."""
+
     class Refusing(Factory):
         def buildProtocol(self, addr: Any) -> None:
             return None
@@ -204,8 +208,9 @@ def test_connect_refused_when_the_server_factory_builds_nothing(clock: task.Cloc
         unregister(HOST, PORT)
 
 
-def test_transport_addresses_mirror_each_other(clock: task.Clock,
-                                               server_factory: Recording) -> None:
+def test_transport_addresses_mirror_each_other(
+    clock: task.Clock, server_factory: Recording
+) -> None:
     """The server transport's peer is the client transport's host and vice versa."""
     client, server, _ = connect(clock, server_factory)
     assert server.transport.getPeer() == client.transport.getHost()
@@ -214,8 +219,9 @@ def test_transport_addresses_mirror_each_other(clock: task.Clock,
     assert client.transport.getPeer().type == "TCP"
 
 
-def test_factories_are_given_the_other_sides_address(clock: task.Clock,
-                                                     server_factory: Recording) -> None:
+def test_factories_are_given_the_other_sides_address(
+    clock: task.Clock, server_factory: Recording
+) -> None:
     """The server factory builds for the client's address (a fresh port) and the client
     factory for the registered server address."""
     _, _, client_factory = connect(clock, server_factory)
@@ -225,7 +231,8 @@ def test_factories_are_given_the_other_sides_address(clock: task.Clock,
 
 
 def test_client_transport_peer_is_the_registered_server_address(
-        clock: task.Clock, server_factory: Recording) -> None:
+    clock: task.Clock, server_factory: Recording
+) -> None:
     """The client transport's getPeer() is the registered (host, port) and the server
     transport's getHost() is that same address, as over TCP."""
     client, server, _ = connect(clock, server_factory)
@@ -234,7 +241,8 @@ def test_client_transport_peer_is_the_registered_server_address(
 
 
 def test_server_peer_is_the_client_address_and_differs_per_connection(
-        clock: task.Clock, server_factory: Recording) -> None:
+    clock: task.Clock, server_factory: Recording
+) -> None:
     """The server transport's getPeer() is the address its factory built for (the
     client's), whose port differs between two connections."""
     _, first, _ = connect(clock, server_factory)
@@ -245,8 +253,9 @@ def test_server_peer_is_the_client_address_and_differs_per_connection(
 
 
 # --- delivery -----------------------------------------------------------------------------
-def test_nothing_is_delivered_before_the_reactor_turns(clock: task.Clock,
-                                                       server_factory: Recording) -> None:
+def test_nothing_is_delivered_before_the_reactor_turns(
+    clock: task.Clock, server_factory: Recording
+) -> None:
     """Writes are not delivered during write(), only on the reactor's next turn, in
     both directions."""
     client, server, _ = connect(clock, server_factory)
@@ -258,8 +267,9 @@ def test_nothing_is_delivered_before_the_reactor_turns(clock: task.Clock,
     assert client.received == [b"pong"]
 
 
-def test_both_directions_deliver_in_order_across_turns(clock: task.Clock,
-                                                       server_factory: Recording) -> None:
+def test_both_directions_deliver_in_order_across_turns(
+    clock: task.Clock, server_factory: Recording
+) -> None:
     """What each side writes over several turns arrives at the other in write order."""
     client, server, _ = connect(clock, server_factory)
     for i in range(3):
@@ -270,8 +280,9 @@ def test_both_directions_deliver_in_order_across_turns(clock: task.Clock,
     assert client.received == [b"s0", b"s1", b"s2"]
 
 
-def test_small_writes_in_one_turn_arrive_joined(clock: task.Clock,
-                                                server_factory: Recording) -> None:
+def test_small_writes_in_one_turn_arrive_joined(
+    clock: task.Clock, server_factory: Recording
+) -> None:
     """Several small write/writeSequence pieces in one turn arrive as one dataReceived,
     in order; empty pieces are ignored."""
     client, server, _ = connect(clock, server_factory)
@@ -294,7 +305,8 @@ def test_empty_writes_deliver_nothing(clock: task.Clock, server_factory: Recordi
 
 
 def test_header_and_large_payload_arrive_as_two_calls_uncopied(
-        clock: task.Clock, server_factory: Recording) -> None:
+    clock: task.Clock, server_factory: Recording
+) -> None:
     """writeSequence([small header, payload of JOIN_BELOW bytes]) arrives as two
     dataReceived calls, the second being the very payload object written."""
     client, server, _ = connect(clock, server_factory)
@@ -307,8 +319,9 @@ def test_header_and_large_payload_arrive_as_two_calls_uncopied(
     assert server.received[1] is payload
 
 
-def test_large_pieces_split_runs_of_small_ones(clock: task.Clock,
-                                               server_factory: Recording) -> None:
+def test_large_pieces_split_runs_of_small_ones(
+    clock: task.Clock, server_factory: Recording
+) -> None:
     """Small pieces on either side of a large one are joined into their own runs, and the
     large one (and one just under JOIN_BELOW, which is joined) keep the write order."""
     client, server, _ = connect(clock, server_factory)
@@ -324,7 +337,8 @@ def test_large_pieces_split_runs_of_small_ones(clock: task.Clock,
 
 
 def test_consecutive_large_pieces_each_arrive_on_their_own(
-        clock: task.Clock, server_factory: Recording) -> None:
+    clock: task.Clock, server_factory: Recording
+) -> None:
     """Two large writes in one turn arrive as two calls, each the object written."""
     client, server, _ = connect(clock, server_factory)
     first, second = b"1" * JOIN_BELOW, b"2" * (2 * JOIN_BELOW)
@@ -345,8 +359,11 @@ def test_write_from_inside_data_received_is_not_reentrant(clock: task.Clock) -> 
         log = shared_log(client, server)
         client.transport.write(b"hi")
         clock.advance(0)
-        assert log == [("server", "data in", b"hi"), ("server", "data out", b"hi"),
-                       ("client", "data", b"hi")]
+        assert log == [
+            ("server", "data in", b"hi"),
+            ("server", "data out", b"hi"),
+            ("client", "data", b"hi"),
+        ]
         client.transport.write(b"again")
         clock.advance(0)
         assert client.received == [b"hi", b"again"]
@@ -379,7 +396,8 @@ def test_echo_is_scheduled_not_delivered_within_the_write(clock: task.Clock) -> 
 
 # --- closing ------------------------------------------------------------------------------
 def test_lose_connection_delivers_first_then_both_sides_lose_once(
-        clock: task.Clock, server_factory: Recording) -> None:
+    clock: task.Clock, server_factory: Recording
+) -> None:
     """loseConnection delivers what was written, then each side gets connectionLost
     once, with ConnectionDone."""
     client, server, _ = connect(clock, server_factory)
@@ -391,8 +409,10 @@ def test_lose_connection_delivers_first_then_both_sides_lose_once(
     clock.advance(0)
     assert server.received == [b"last"]
     assert log[0] == ("server", "data", b"last")
-    assert sorted(log[1:]) == [("client", "lost", ConnectionDone),
-                               ("server", "lost", ConnectionDone)]
+    assert sorted(log[1:]) == [
+        ("client", "lost", ConnectionDone),
+        ("server", "lost", ConnectionDone),
+    ]
     assert len(client.lost) == 1 and client.lost[0].check(ConnectionDone)
     assert len(server.lost) == 1 and server.lost[0].check(ConnectionDone)
     assert not client.transport.connected and not server.transport.connected
@@ -401,8 +421,7 @@ def test_lose_connection_delivers_first_then_both_sides_lose_once(
     assert clock.getDelayedCalls() == []
 
 
-def test_lose_connection_from_the_server_side(clock: task.Clock,
-                                              server_factory: Recording) -> None:
+def test_lose_connection_from_the_server_side(clock: task.Clock, server_factory: Recording) -> None:
     """The server's loseConnection delivers its last write to the client, then closes
     both sides once."""
     client, server, _ = connect(clock, server_factory)
@@ -414,8 +433,9 @@ def test_lose_connection_from_the_server_side(clock: task.Clock,
     assert [f.type for f in server.lost] == [ConnectionDone]
 
 
-def test_writes_after_lose_connection_are_dropped(clock: task.Clock,
-                                                  server_factory: Recording) -> None:
+def test_writes_after_lose_connection_are_dropped(
+    clock: task.Clock, server_factory: Recording
+) -> None:
     """write and writeSequence after loseConnection deliver nothing."""
     client, server, _ = connect(clock, server_factory)
     client.transport.write(b"kept")
@@ -427,8 +447,9 @@ def test_writes_after_lose_connection_are_dropped(clock: task.Clock,
     assert len(server.lost) == 1 and len(client.lost) == 1
 
 
-def test_abort_connection_drops_undelivered_writes(clock: task.Clock,
-                                                   server_factory: Recording) -> None:
+def test_abort_connection_drops_undelivered_writes(
+    clock: task.Clock, server_factory: Recording
+) -> None:
     """abortConnection drops what was not delivered yet, and each side gets
     connectionLost once, with ConnectionLost."""
     client, server, _ = connect(clock, server_factory)
@@ -444,7 +465,8 @@ def test_abort_connection_drops_undelivered_writes(clock: task.Clock,
 
 
 def test_abort_also_drops_what_the_peer_wrote_in_that_turn(
-        clock: task.Clock, server_factory: Recording) -> None:
+    clock: task.Clock, server_factory: Recording
+) -> None:
     """After the client aborts, what the server writes in the same turn is never
     delivered to the client."""
     client, server, _ = connect(clock, server_factory)
@@ -473,8 +495,9 @@ def test_a_second_close_is_a_no_op(clock: task.Clock, server_factory: Recording)
     assert clock.getDelayedCalls() == []
 
 
-def test_both_sides_closing_in_one_turn_lose_once_each(clock: task.Clock,
-                                                       server_factory: Recording) -> None:
+def test_both_sides_closing_in_one_turn_lose_once_each(
+    clock: task.Clock, server_factory: Recording
+) -> None:
     """Both sides calling loseConnection in the same turn: each gets connectionLost once."""
     client, server, _ = connect(clock, server_factory)
     client.transport.loseConnection()
@@ -484,8 +507,7 @@ def test_both_sides_closing_in_one_turn_lose_once_each(clock: task.Clock,
     assert clock.getDelayedCalls() == []
 
 
-def test_the_peer_cannot_receive_after_close(clock: task.Clock,
-                                             server_factory: Recording) -> None:
+def test_the_peer_cannot_receive_after_close(clock: task.Clock, server_factory: Recording) -> None:
     """Once closed, writes from either side reach nobody and schedule nothing."""
     client, server, _ = connect(clock, server_factory)
     client.transport.loseConnection()
@@ -500,10 +522,10 @@ def test_the_peer_cannot_receive_after_close(clock: task.Clock,
     assert len(client.lost) == 1 and len(server.lost) == 1
 
 
-def test_close_from_inside_data_received_stops_further_delivery(
-        clock: task.Clock) -> None:
+def test_close_from_inside_data_received_stops_further_delivery(clock: task.Clock) -> None:
     """A server that aborts while reading gets connectionLost once, and the client's
     later writes are not delivered to it."""
+
     class Closing(Recorder):
         def dataReceived(self, data: bytes) -> None:
             super().dataReceived(data)
@@ -552,6 +574,7 @@ def test_real_server_sends_its_challenge_in_memory(clock: task.Clock) -> None:
 def test_exception_in_data_received_drops_the_link(clock: task.Clock) -> None:
     """A protocol whose dataReceived raises loses the connection (both sides told once),
     as Twisted does over a socket, instead of the error escaping into the reactor."""
+
     class Raising(Protocol):
         def dataReceived(self, data: bytes) -> None:
             raise RuntimeError("bug")

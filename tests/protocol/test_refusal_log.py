@@ -5,6 +5,7 @@ In memory, as in ``test_server_protocol``: a ``ServerProtocol`` over a
 ``StringTransport``, time a ``task.Clock``, the server's frames read with ``Decoder``; the
 log is the stdlib ``achilles.server`` logger, captured with ``caplog``.
 """
+
 from __future__ import annotations
 
 import logging
@@ -27,8 +28,9 @@ SECRET = "refusal log secret"
 PEER = IPv4Address("TCP", "10.0.0.7", 40123)
 
 
-def handshake(caplog: pytest.LogCaptureFixture, secret: str = SECRET,
-              **fields: Any) -> tuple[m.ErrorFrame, list[logging.LogRecord], StringTransport]:
+def handshake(
+    caplog: pytest.LogCaptureFixture, secret: str = SECRET, **fields: Any
+) -> tuple[m.ErrorFrame, list[logging.LogRecord], StringTransport]:
     """Connect, answer the challenge with an AuthReply (``fields`` override its defaults),
     and return the server's error frame, its WARNING records and the transport."""
     factory = ServerFactory(Settings(secret_key=SECRET, port=0), clock=task.Clock())
@@ -50,12 +52,17 @@ def handshake(caplog: pytest.LogCaptureFixture, secret: str = SECRET,
     return frames[0], records, transport
 
 
-@pytest.mark.parametrize("fields,theirs", [
-    ({"python": "3.99"}, "Python '3.99'"),
-    ({"version": m.PROTOCOL_VERSION + 1}, f"protocol {m.PROTOCOL_VERSION + 1}"),
-], ids=["python", "protocol"])
+@pytest.mark.parametrize(
+    "fields,theirs",
+    [
+        ({"python": "3.99"}, "Python '3.99'"),
+        ({"version": m.PROTOCOL_VERSION + 1}, f"protocol {m.PROTOCOL_VERSION + 1}"),
+    ],
+    ids=["python", "protocol"],
+)
 def test_version_mismatch_is_refused_and_logged_with_both_versions(
-        caplog: pytest.LogCaptureFixture, fields: dict[str, Any], theirs: str) -> None:
+    caplog: pytest.LogCaptureFixture, fields: dict[str, Any], theirs: str
+) -> None:
     """A hello from another Python or protocol version gets a version-mismatch frame and
     one WARNING line naming the peer's address and both sides' versions."""
     err, records, transport = handshake(caplog, **fields)
@@ -80,7 +87,8 @@ def test_wrong_secret_refusal_is_logged(caplog: pytest.LogCaptureFixture) -> Non
 
 
 def test_failed_logins_are_throttled_and_reported_once_per_interval(
-        caplog: pytest.LogCaptureFixture) -> None:
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     """An online guesser: after FREE_FAILURES failures its next connection is refused
     before any challenge ("throttled"), the wait doubling; its failures make one log
     line at once and one report a minute, not a line each."""
@@ -100,15 +108,21 @@ def test_failed_logins_are_throttled_and_reported_once_per_interval(
                 codes.append(frames[0].code)
             else:
                 transport.clear()
-                proto.dataReceived(encode_bytes(wire.auth_reply(
-                    frames[0].nonce, "wrong guess %d" % attempt, role="node")))
+                proto.dataReceived(
+                    encode_bytes(
+                        wire.auth_reply(frames[0].nonce, "wrong guess %d" % attempt, role="node")
+                    )
+                )
                 codes.append(decoder.feed(transport.value())[0].msg.code)
             proto.connectionLost(None)
         clock.advance(REPORT_INTERVAL)
     factory.stopFactory()
     assert codes == ["auth-failed"] * FREE_FAILURES + ["auth-failed", "throttled", "throttled"]
-    lines = [r.getMessage() for r in caplog.records if r.name == "achilles.server"
-             and "login" in r.getMessage()]
+    lines = [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "achilles.server" and "login" in r.getMessage()
+    ]
     assert len(lines) == 2, lines  # the first failure, then one report for the rest
     assert f"{FREE_FAILURES + 1} failed login(s) from 10.0.0.7" in lines[1], lines
 

@@ -5,6 +5,7 @@ No sockets and no reactor: every connection is a ``ServerProtocol`` built by
 what the server writes is decoded with the sans-IO ``Decoder``. A real transport calls
 ``connectionLost`` some time after ``loseConnection``; :meth:`Net.settle` does that here.
 """
+
 from __future__ import annotations
 
 import hmac
@@ -53,8 +54,7 @@ class Peer:
         self.log: list[Frame] = []  # every frame the server sent, in order
         self.proto.makeConnection(self.transport)
         first = self.received()
-        self.challenge = first[0].msg if first and isinstance(first[0].msg, m.Challenge) \
-            else None
+        self.challenge = first[0].msg if first and isinstance(first[0].msg, m.Challenge) else None
         self.role = ""
         self.reply_line = b""
 
@@ -69,8 +69,11 @@ class Peer:
     def messages(self, *types: type) -> list[m.Message]:
         """New messages, leaving out heartbeats and cluster-size pushes unless asked for."""
         skip = () if types else (m.Heartbeat, m.Cluster)
-        return [f.msg for f in self.received()
-                if (isinstance(f.msg, types) if types else not isinstance(f.msg, skip))]
+        return [
+            f.msg
+            for f in self.received()
+            if (isinstance(f.msg, types) if types else not isinstance(f.msg, skip))
+        ]
 
     def feed(self, data: bytes) -> None:
         """Bytes from the peer; an exception escaping dataReceived fails the test."""
@@ -80,13 +83,29 @@ class Peer:
     def send(self, msg: m.Message, payload: bytes = b"") -> None:
         self.feed(encode_bytes(msg, payload))
 
-    def auth_reply(self, role: str = "controller", secret: str = SECRET,
-                   version: int = m.PROTOCOL_VERSION, python: str = PYTHON,
-                   username: str = "achilles", slots: int = 1,
-                   name: str = "peer", session: str | None = None) -> m.AuthReply:
+    def auth_reply(
+        self,
+        role: str = "controller",
+        secret: str = SECRET,
+        version: int = m.PROTOCOL_VERSION,
+        python: str = PYTHON,
+        username: str = "achilles",
+        slots: int = 1,
+        name: str = "peer",
+        session: str | None = None,
+    ) -> m.AuthReply:
         assert self.challenge is not None
-        return wire.auth_reply(self.challenge.nonce, secret, role, username, name, slots,
-                               version, python, session=session)
+        return wire.auth_reply(
+            self.challenge.nonce,
+            secret,
+            role,
+            username,
+            name,
+            slots,
+            version,
+            python,
+            session=session,
+        )
 
     def authenticate(self, role: str = "controller", **kwargs: Any) -> m.Welcome:
         reply = self.auth_reply(role, **kwargs)
@@ -170,8 +189,12 @@ def run_job(net: Net, job: str, args: bytes = b"ARGS") -> None:
     ctl = net.peer("controller")
     ctl.send(submit(job), b"FUNCTION " + job.encode())
     ctl.send(m.Chunk(job, 0), args)
-    tasks = [(p, f) for p in net.live("node") for f in p.received()
-             if isinstance(f.msg, m.Task) and f.msg.job == ctl.key(job)]
+    tasks = [
+        (p, f)
+        for p in net.live("node")
+        for f in p.received()
+        if isinstance(f.msg, m.Task) and f.msg.job == ctl.key(job)
+    ]
     assert len(tasks) == 1, f"chunk not dispatched exactly once: {tasks}"
     node, frame = tasks[0]
     assert frame.payload == args
@@ -276,21 +299,38 @@ def test_proof_for_one_role_does_not_pass_as_another() -> None:
     net = Net()
     peer = net.connect()
     reply = peer.auth_reply("node")
-    forged = m.AuthReply("admin", reply.username, reply.nonce, reply.digest, reply.version,
-                         reply.python, reply.slots, reply.name, reply.session)
+    forged = m.AuthReply(
+        "admin",
+        reply.username,
+        reply.nonce,
+        reply.digest,
+        reply.version,
+        reply.python,
+        reply.slots,
+        reply.name,
+        reply.session,
+    )
     peer.send(forged)
     assert peer.error().code == "auth-failed" and peer.closed
 
 
-@pytest.mark.parametrize("field,value,theirs,ours", [
-    ("python", "3.10", "Python 3.10", f"Python {PYTHON}"),
-    ("python", "2.7", "Python 2.7", f"Python {PYTHON}"),
-    ("version", m.PROTOCOL_VERSION + 1, f"protocol {m.PROTOCOL_VERSION + 1}",
-     f"speaks {m.PROTOCOL_VERSION}"),
-    ("version", 0, "protocol 0", f"speaks {m.PROTOCOL_VERSION}"),
-])
-def test_version_skew_is_refused_naming_both_versions(field: str, value: Any, theirs: str,
-                                                      ours: str) -> None:
+@pytest.mark.parametrize(
+    "field,value,theirs,ours",
+    [
+        ("python", "3.10", "Python 3.10", f"Python {PYTHON}"),
+        ("python", "2.7", "Python 2.7", f"Python {PYTHON}"),
+        (
+            "version",
+            m.PROTOCOL_VERSION + 1,
+            f"protocol {m.PROTOCOL_VERSION + 1}",
+            f"speaks {m.PROTOCOL_VERSION}",
+        ),
+        ("version", 0, "protocol 0", f"speaks {m.PROTOCOL_VERSION}"),
+    ],
+)
+def test_version_skew_is_refused_naming_both_versions(
+    field: str, value: Any, theirs: str, ours: str
+) -> None:
     """An AuthReply claiming another Python or protocol version is refused, naming both."""
     net = Net()
     peer = net.connect()
@@ -344,12 +384,12 @@ def test_preauth_header_limit_is_exact() -> None:
     """Before auth a header of PREAUTH_MAX_HEADER_LENGTH bytes is read; one more is refused."""
     net = Net()
     ok = net.connect()
-    ok.feed(_padded(encode_bytes(ok.auth_reply("node"))[:-1], PREAUTH_MAX_HEADER_LENGTH)
-            + b"\n")
+    ok.feed(_padded(encode_bytes(ok.auth_reply("node"))[:-1], PREAUTH_MAX_HEADER_LENGTH) + b"\n")
     assert ok.messages(m.Welcome)
     over = net.connect()
-    over.feed(_padded(encode_bytes(over.auth_reply("node"))[:-1],
-                      PREAUTH_MAX_HEADER_LENGTH + 1) + b"\n")
+    over.feed(
+        _padded(encode_bytes(over.auth_reply("node"))[:-1], PREAUTH_MAX_HEADER_LENGTH + 1) + b"\n"
+    )
     assert over.error().code == "header-too-long" and over.closed
 
 
@@ -483,6 +523,7 @@ class Tripwire:
 
 def test_server_routes_pickles_without_unpickling(monkeypatch: pytest.MonkeyPatch) -> None:
     """Function and argument pickles pass the server as opaque bytes and are never loaded."""
+
     def refuse(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("the server unpickled something")
 
@@ -496,11 +537,11 @@ def test_server_routes_pickles_without_unpickling(monkeypatch: pytest.MonkeyPatc
     run_job(net, "pickled", args=bomb)
     ctl = net.peer("controller")
     ctl.send(submit("j2"), bomb)
-    functions = [f for p in net.live("node") for f in p.received()
-                 if isinstance(f.msg, m.Function)]
+    functions = [f for p in net.live("node") for f in p.received() if isinstance(f.msg, m.Function)]
     ctl.send(m.Chunk("j2", 0), bomb)
-    functions += [f for p in net.live("node") for f in p.received()
-                  if isinstance(f.msg, m.Function)]
+    functions += [
+        f for p in net.live("node") for f in p.received() if isinstance(f.msg, m.Function)
+    ]
     assert [f.payload for f in functions] == [bomb]
     assert UNPICKLED == []
 
@@ -568,7 +609,8 @@ def test_result_for_a_job_the_node_never_had_is_refused() -> None:
     node = net.peer("node")
     node.send(m.Result("made-up", 0, m.OK, 0.0), b"FORGED")
     assert node.error() == m.ErrorFrame(
-        "refused", "result for chunk 0 of job made-up, which it was not given")
+        "refused", "result for chunk 0 of job made-up, which it was not given"
+    )
     assert node.closed
     assert_still_serving(net)
 
@@ -613,8 +655,7 @@ def test_results_batch_with_a_forged_item_is_refused_after_the_good_ones() -> No
     s = _two_jobs_on_two_nodes(net)
     s["a"].send(m.Chunk("job-a", 1), b"A1")
     s["node_a"].received()
-    s["node_a"].send(m.Results(s["ka"], [0, 5, 1], [1, 1, 1], [m.OK] * 3, [0.0] * 3),
-                     b"xyz")
+    s["node_a"].send(m.Results(s["ka"], [0, 5, 1], [1, 1, 1], [m.OK] * 3, [0.0] * 3), b"xyz")
     assert s["a"].messages(m.Result) == [m.Result("job-a", 0, m.OK, 0.0)]
     assert s["node_a"].error().code == "refused" and s["node_a"].closed
     assert_still_serving(net)
@@ -684,84 +725,199 @@ def msg(message: m.Message, payload: bytes = b"") -> Callable[[Peer], bytes]:
 HOSTILE: list[Row] = [
     # before authentication
     Row("garbage-bytes", None, raw(b"\x00\x01\xfe\xff\x16\x03\x01 garbage\r\n"), ("bad-json",)),
-    Row("endless-header-no-newline", None, raw(b"A" * (PREAUTH_MAX_HEADER_LENGTH + 1)),
-        ("header-too-long",)),
+    Row(
+        "endless-header-no-newline",
+        None,
+        raw(b"A" * (PREAUTH_MAX_HEADER_LENGTH + 1)),
+        ("header-too-long",),
+    ),
     Row("http-request", None, raw(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"), ("bad-json",)),
     Row("json-not-object", None, raw(b'["t", "auth"]\n'), ("not-object",)),
     Row("header-without-type", None, raw(b'{"len": 0}\n'), ("bad-type",)),
     Row("wrong-field-types", None, lambda p: _auth_line(p, slots="all"), ("bad-field",)),
     Row("missing-field", None, raw(line({"t": "auth", "role": "node"})), ("bad-field",)),
     Row("unknown-type", None, raw(line({"t": "exec", "len": 0})), ("unknown-type",)),
-    Row("negative-length", None, raw(line({"t": "chunk", "len": -1, "job": "j", "seq": 0})),
-        ("bad-length",)),
-    Row("payload-before-auth", None, msg(m.Chunk("j", 0), b"12345"),
-        ("payload-before-auth",)),
-    Row("huge-payload-before-auth", None,
-        raw(line({"t": "submit", "len": 1 << 40, "job": "j", "max_attempts": 1,
-                  "timeout": 0.0, "limit": 0, "total": 1})), ("payload-before-auth",)),
+    Row(
+        "negative-length",
+        None,
+        raw(line({"t": "chunk", "len": -1, "job": "j", "seq": 0})),
+        ("bad-length",),
+    ),
+    Row("payload-before-auth", None, msg(m.Chunk("j", 0), b"12345"), ("payload-before-auth",)),
+    Row(
+        "huge-payload-before-auth",
+        None,
+        raw(
+            line(
+                {
+                    "t": "submit",
+                    "len": 1 << 40,
+                    "job": "j",
+                    "max_attempts": 1,
+                    "timeout": 0.0,
+                    "limit": 0,
+                    "total": 1,
+                }
+            )
+        ),
+        ("payload-before-auth",),
+    ),
     Row("status-before-auth", None, msg(m.StatusRequest()), ("not-authenticated",)),
     Row("kill-before-auth", None, msg(m.Kill()), ("not-authenticated",)),
     Row("heartbeat-before-auth", None, msg(m.Heartbeat()), ("not-authenticated",)),
     Row("server-frame-from-peer", None, msg(m.Welcome("00" * 32, 1)), ("not-authenticated",)),
     Row("unknown-role", None, lambda p: _signed_line(p, role="root"), ("bad-role",)),
     Row("wrong-digest", None, lambda p: _auth_line(p, digest="00" * 32), ("auth-failed",)),
-    Row("non-ascii-digest", None, lambda p: _auth_line(p, digest="\u00e9" * 64),
-        ("auth-failed",)),
-    Row("lone-surrogate-nonce", None, lambda p: _auth_line(p, nonce="\ud800"),
-        ("bad-field", "auth-failed")),
-    Row("lone-surrogate-username", None, lambda p: _auth_line(p, username="\udfff"),
-        ("bad-field", "auth-failed")),
-    Row("other-python", None, lambda p: _signed_line(p, python="3.99"),
-        ("version-mismatch",)),
+    Row("non-ascii-digest", None, lambda p: _auth_line(p, digest="\u00e9" * 64), ("auth-failed",)),
+    Row(
+        "lone-surrogate-nonce",
+        None,
+        lambda p: _auth_line(p, nonce="\ud800"),
+        ("bad-field", "auth-failed"),
+    ),
+    Row(
+        "lone-surrogate-username",
+        None,
+        lambda p: _auth_line(p, username="\udfff"),
+        ("bad-field", "auth-failed"),
+    ),
+    Row("other-python", None, lambda p: _signed_line(p, python="3.99"), ("version-mismatch",)),
     Row("other-protocol", None, lambda p: _signed_line(p, version=99), ("version-mismatch",)),
     Row("slots-of-601-digits", None, lambda p: _auth_line(p, slots=10**600), ("bad-field",)),
     # after authentication
-    Row("endless-header-after-auth", "controller", raw(b"A" * (MAX_HEADER_LENGTH + 1)),
-        ("header-too-long",)),
+    Row(
+        "endless-header-after-auth",
+        "controller",
+        raw(b"A" * (MAX_HEADER_LENGTH + 1)),
+        ("header-too-long",),
+    ),
     Row("not-json-after-auth", "controller", raw(b"{oops}\n"), ("bad-json",)),
-    Row("wrong-types-after-auth", "controller",
-        raw(line({"t": "submit", "len": 0, "job": "j", "max_attempts": "3", "timeout": 0,
-                  "limit": 0, "total": 1})), ("bad-field",)),
-    Row("unknown-type-after-auth", "controller", raw(line({"t": "shell", "cmd": "id"})),
-        ("unknown-type",)),
-    Row("payload-over-limit", "controller",
+    Row(
+        "wrong-types-after-auth",
+        "controller",
+        raw(
+            line(
+                {
+                    "t": "submit",
+                    "len": 0,
+                    "job": "j",
+                    "max_attempts": "3",
+                    "timeout": 0,
+                    "limit": 0,
+                    "total": 1,
+                }
+            )
+        ),
+        ("bad-field",),
+    ),
+    Row(
+        "unknown-type-after-auth",
+        "controller",
+        raw(line({"t": "shell", "cmd": "id"})),
+        ("unknown-type",),
+    ),
+    Row(
+        "payload-over-limit",
+        "controller",
         lambda p: encode_bytes(m.Chunk("j", 0), b"x" * (MAX_PAYLOAD + 1)),
-        ("payload-too-large",)),
-    Row("negative-length-after-auth", "controller",
-        raw(line({"t": "chunk", "len": -7, "job": "j", "seq": 0})), ("bad-length",)),
-    Row("payload-on-payloadless-frame", "controller",
-        raw(line({"t": "cancel", "len": 3, "job": "j"}) + b"abc"), ("unexpected-payload",)),
-    Row("seq-of-4300-digits", "controller",
-        raw(line({"t": "chunk", "len": 0, "job": "j", "seq": 10**4299})), ("bad-field",)),
-    Row("negative-seq", "controller", raw(line({"t": "chunk", "len": 0, "job": "j",
-                                                "seq": -1})), ("bad-field",)),
-    Row("job-id-with-escapes", "controller",
-        raw(line({"t": "submit", "len": 0, "job": "j\n\x1b[2J", "max_attempts": 3,
-                  "timeout": 0, "limit": 0, "total": 1})), ("bad-field",)),
+        ("payload-too-large",),
+    ),
+    Row(
+        "negative-length-after-auth",
+        "controller",
+        raw(line({"t": "chunk", "len": -7, "job": "j", "seq": 0})),
+        ("bad-length",),
+    ),
+    Row(
+        "payload-on-payloadless-frame",
+        "controller",
+        raw(line({"t": "cancel", "len": 3, "job": "j"}) + b"abc"),
+        ("unexpected-payload",),
+    ),
+    Row(
+        "seq-of-4300-digits",
+        "controller",
+        raw(line({"t": "chunk", "len": 0, "job": "j", "seq": 10**4299})),
+        ("bad-field",),
+    ),
+    Row(
+        "negative-seq",
+        "controller",
+        raw(line({"t": "chunk", "len": 0, "job": "j", "seq": -1})),
+        ("bad-field",),
+    ),
+    Row(
+        "job-id-with-escapes",
+        "controller",
+        raw(
+            line(
+                {
+                    "t": "submit",
+                    "len": 0,
+                    "job": "j\n\x1b[2J",
+                    "max_attempts": 3,
+                    "timeout": 0,
+                    "limit": 0,
+                    "total": 1,
+                }
+            )
+        ),
+        ("bad-field",),
+    ),
     Row("job-id-too-long", "controller", msg(submit("j" * 65)), ("bad-field",)),
-    Row("sizes-over-64-bits", "node",
-        raw(line({"t": "results", "len": 0, "job": "j", "seqs": [0], "sizes": [2**64],
-                  "statuses": ["ok"], "elapsed": [0.0]})), ("bad-field",)),
-    Row("controller-sends-result", "controller", msg(m.Result("j", 0, m.OK, 0.0), b"R"),
-        ("not-allowed",)),
-    Row("controller-sends-task", "controller", msg(m.Task("j", 0, 0.0), b"T"),
-        ("not-allowed",)),
-    Row("controller-authenticates-again", "controller", lambda p: p.reply_line,
-        ("not-allowed",)),
+    Row(
+        "sizes-over-64-bits",
+        "node",
+        raw(
+            line(
+                {
+                    "t": "results",
+                    "len": 0,
+                    "job": "j",
+                    "seqs": [0],
+                    "sizes": [2**64],
+                    "statuses": ["ok"],
+                    "elapsed": [0.0],
+                }
+            )
+        ),
+        ("bad-field",),
+    ),
+    Row(
+        "controller-sends-result",
+        "controller",
+        msg(m.Result("j", 0, m.OK, 0.0), b"R"),
+        ("not-allowed",),
+    ),
+    Row("controller-sends-task", "controller", msg(m.Task("j", 0, 0.0), b"T"), ("not-allowed",)),
+    Row("controller-authenticates-again", "controller", lambda p: p.reply_line, ("not-allowed",)),
     Row("node-sends-submit", "node", msg(submit("j"), b"F"), ("not-allowed",)),
     Row("node-sends-chunk", "node", msg(m.Chunk("j", 0), b"A"), ("not-allowed",)),
     Row("node-sends-kill", "node", msg(m.Kill()), ("not-allowed",)),
     Row("node-asks-status", "node", msg(m.StatusRequest()), ("not-allowed",)),
     Row("admin-sends-chunk", "admin", msg(m.Chunk("j", 0), b"A"), ("not-allowed",)),
-    Row("admin-sends-result", "admin", msg(m.Result("j", 0, m.OK, 0.0), b"R"),
-        ("not-allowed",)),
-    Row("result-for-chunk-never-given", "node",
-        victim(lambda job: m.Result(job, 99, m.OK, 0.0)), ("refused",), setup=_job_for_node),
-    Row("result-for-another-controllers-job", "node",
-        msg(m.Result("not-yours", 0, m.OK, 0.0), b"R"), ("refused",),
-        setup=_other_controllers_job),
-    Row("result-with-unknown-status", "node",
-        victim(lambda job: m.Result(job, 0, "pwned", 0.0)), ("refused",), setup=_job_for_node),
+    Row("admin-sends-result", "admin", msg(m.Result("j", 0, m.OK, 0.0), b"R"), ("not-allowed",)),
+    Row(
+        "result-for-chunk-never-given",
+        "node",
+        victim(lambda job: m.Result(job, 99, m.OK, 0.0)),
+        ("refused",),
+        setup=_job_for_node,
+    ),
+    Row(
+        "result-for-another-controllers-job",
+        "node",
+        msg(m.Result("not-yours", 0, m.OK, 0.0), b"R"),
+        ("refused",),
+        setup=_other_controllers_job,
+    ),
+    Row(
+        "result-with-unknown-status",
+        "node",
+        victim(lambda job: m.Result(job, 0, "pwned", 0.0)),
+        ("refused",),
+        setup=_job_for_node,
+    ),
 ]
 
 
@@ -850,11 +1006,16 @@ def test_refused_submit_and_chunk_are_told_to_the_controller() -> None:
     ctl.send(submit("j"), b"F")
     ctl.send(m.Chunk("nope", 4), b"A")
     ctl.send(m.Chunks("other", [1, 2], [1, 1]), b"AB")
-    got = [(f.msg, f.payload) for f in ctl.received()
-           if not isinstance(f.msg, (m.Heartbeat, m.Cluster))]
-    assert got == [(m.JobFailed("j", -1, "refused"), b"job j exists already"),
-                   (m.JobFailed("nope", 4, "refused"), b"chunk 4 for unknown job nope"),
-                   (m.JobFailed("other", 1, "refused"), b"chunk 1 for unknown job other")]
+    got = [
+        (f.msg, f.payload)
+        for f in ctl.received()
+        if not isinstance(f.msg, (m.Heartbeat, m.Cluster))
+    ]
+    assert got == [
+        (m.JobFailed("j", -1, "refused"), b"job j exists already"),
+        (m.JobFailed("nope", 4, "refused"), b"chunk 4 for unknown job nope"),
+        (m.JobFailed("other", 1, "refused"), b"chunk 1 for unknown job other"),
+    ]
     assert not ctl.closed
     assert_still_serving(net)
 
@@ -878,9 +1039,11 @@ def test_status_shows_job_ids_and_owner_names_never_sessions() -> None:
 
 
 def test_node_claiming_too_many_slots_is_capped_with_a_warning(
-        caplog: pytest.LogCaptureFixture) -> None:
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     """A node advertising 10**9 slots counts as MAX_SLOTS, with a warning naming it."""
     from achilles.core.scheduler import MAX_SLOTS
+
     net = Net()
     with caplog.at_level(logging.WARNING, logger="achilles.server"):
         net.peer("node", slots=10**9, name="greedy")
@@ -907,8 +1070,9 @@ def test_the_servers_ticker_takes_away_a_chunk_held_past_the_time_limit() -> Non
             holder.send(m.Heartbeat())
         assert _tasks(other) == []
         net.advance(TICK)
-        assert [f.msg for f in holder.received() if not isinstance(f.msg, m.Heartbeat)] \
-            == [m.Cancel(ctl.key("j"))]
+        assert [f.msg for f in holder.received() if not isinstance(f.msg, m.Heartbeat)] == [
+            m.Cancel(ctl.key("j"))
+        ]
         assert [(f.msg.job, f.payload) for f in _tasks(other)] == [(ctl.key("j"), b"A")]
         assert not holder.closed
     finally:

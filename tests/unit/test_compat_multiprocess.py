@@ -1,6 +1,7 @@
 """Pins the multiprocess internals that :mod:`achilles.compat.multiprocess` uses: if an
 upgrade moves one, this fails by name (and setup.py's upper bound on multiprocess is the
 newest release it passed on). No process is started: the pool's workers are stand-ins."""
+
 from __future__ import annotations
 
 import ast
@@ -76,8 +77,9 @@ class FakeContext:
 def pool(monkeypatch: pytest.MonkeyPatch) -> Iterator[compat.Pool]:
     """A compat.Pool of two stand-in workers, its threads running; terminated after."""
     finishes: list[tuple[Any, ...]] = []
-    monkeypatch.setattr(compat.Pool, "_help_stuff_finish",
-                        staticmethod(lambda *a: finishes.append(a)))
+    monkeypatch.setattr(
+        compat.Pool, "_help_stuff_finish", staticmethod(lambda *a: finishes.append(a))
+    )
     p = compat.Pool(2, context=FakeContext(), queue_class=_worker.PickleQueue)
     p.finishes = finishes
     try:
@@ -91,14 +93,19 @@ def pool(monkeypatch: pytest.MonkeyPatch) -> Iterator[compat.Pool]:
 # --- the Pool subclass's hooks -------------------------------------------------------------
 def test_pool_hooks_exist_with_their_signatures() -> None:
     """The methods compat.Pool overrides exist on multiprocess's Pool, called the same way."""
-    assert params(mp_pool.Pool.__init__) == ["self", "processes", "initializer", "initargs",
-                                             "maxtasksperchild", "context"]
+    assert params(mp_pool.Pool.__init__) == [
+        "self",
+        "processes",
+        "initializer",
+        "initargs",
+        "maxtasksperchild",
+        "context",
+    ]
     assert isinstance(inspect.getattr_static(mp_pool.Pool, "Process"), staticmethod)
     assert params(mp_pool.Pool.Process) == ["ctx", "args", "kwds"]
     assert params(mp_pool.Pool._setup_queues) == ["self"]
     assert params(mp_pool.Pool._get_sentinels) == ["self"]
-    assert isinstance(inspect.getattr_static(mp_pool.Pool, "_help_stuff_finish"),
-                      staticmethod)
+    assert isinstance(inspect.getattr_static(mp_pool.Pool, "_help_stuff_finish"), staticmethod)
     assert params(mp_pool.Pool._help_stuff_finish) == ["inqueue", "task_handler", "size"]
     assert isinstance(mp_pool.TERMINATE, str)
 
@@ -213,11 +220,18 @@ def test_forkserver_launch_is_what_forkserver_context_copies() -> None:
     helpers it calls exist as called."""
     assert params(popen_forkserver.Popen._launch) == ["self", "process_obj"]
     source = inspect.getsource(popen_forkserver.Popen._launch)
-    steps = ["spawn.get_preparation_data(process_obj._name)", "set_spawning_popen(self)",
-             "reduction.dump(prep_data, buf)", "reduction.dump(process_obj, buf)",
-             "set_spawning_popen(None)", "forkserver.connect_to_new_process(self._fds)",
-             "os.dup(w)", "util.Finalize(self, util.close_fds,", "f.write(buf.getbuffer())",
-             "forkserver.read_signed(self.sentinel)"]
+    steps = [
+        "spawn.get_preparation_data(process_obj._name)",
+        "set_spawning_popen(self)",
+        "reduction.dump(prep_data, buf)",
+        "reduction.dump(process_obj, buf)",
+        "set_spawning_popen(None)",
+        "forkserver.connect_to_new_process(self._fds)",
+        "os.dup(w)",
+        "util.Finalize(self, util.close_fds,",
+        "f.write(buf.getbuffer())",
+        "forkserver.read_signed(self.sentinel)",
+    ]
     at = [source.find(step) for step in steps]
     assert -1 not in at and at == sorted(at), dict(zip(steps, at))
     assert params(forkserver.connect_to_new_process) == ["fds"]
@@ -231,13 +245,13 @@ def test_forkserver_launch_is_what_forkserver_context_copies() -> None:
 def test_forkserver_popen_keeps_fds_and_the_context_takes_our_process() -> None:
     """``Popen.__init__`` makes ``_fds`` before ``_launch``; a context's ``Process``
     is the class whose ``_Popen`` starts a process."""
+
     class Probe(popen_forkserver.Popen):
         def _launch(self, process_obj: Any) -> None:
             self.fds_at_launch = list(self._fds)
 
     assert Probe(None).fds_at_launch == []
-    assert isinstance(inspect.getattr_static(mp_context.ForkServerProcess, "_Popen"),
-                      staticmethod)
+    assert isinstance(inspect.getattr_static(mp_context.ForkServerProcess, "_Popen"), staticmethod)
     ctx = compat.forkserver_context(drop=_worker._MAIN_KEYS)
     assert isinstance(ctx, mp_context.ForkServerContext)
     assert issubclass(ctx.Process, mp_context.ForkServerProcess)
@@ -249,8 +263,7 @@ def test_forkserver_popen_polls_one_at_a_time(monkeypatch: pytest.MonkeyPatch) -
     code from the sentinel once, then returns the one it recorded; ``reap`` polls
     through the public ``exitcode``."""
     assert params(popen_forkserver.Popen.poll) == ["self", "flag"]
-    assert inspect.signature(popen_forkserver.Popen.poll).parameters["flag"].default \
-        == os.WNOHANG
+    assert inspect.signature(popen_forkserver.Popen.poll).parameters["flag"].default == os.WNOHANG
     popen: Any = compat.forkserver_context(drop=_worker._MAIN_KEYS).Popen
     r, w = os.pipe()
 
@@ -300,8 +313,9 @@ def test_forkserver_fields(monkeypatch: pytest.MonkeyPatch) -> None:
     """``forkserver._forkserver`` holds the pid, the "alive" fd, the address and a lock;
     forgetting them (in a forked child) closes only our copy of the fd."""
     server = forkserver.ForkServer()
-    assert {"_forkserver_pid", "_forkserver_alive_fd", "_forkserver_address",
-            "_lock"} <= set(vars(server))
+    assert {"_forkserver_pid", "_forkserver_alive_fd", "_forkserver_address", "_lock"} <= set(
+        vars(server)
+    )
     monkeypatch.setattr(forkserver, "_forkserver", server)
     r, w = os.pipe()
     server._forkserver_pid, server._forkserver_alive_fd = 4321, w
@@ -310,8 +324,11 @@ def test_forkserver_fields(monkeypatch: pytest.MonkeyPatch) -> None:
     try:
         assert compat.forkserver_pid() == 4321
         compat.forget_forkserver()
-        assert (server._forkserver_pid, server._forkserver_alive_fd,
-                server._forkserver_address) == (None, None, None)
+        assert (
+            server._forkserver_pid,
+            server._forkserver_alive_fd,
+            server._forkserver_address,
+        ) == (None, None, None)
         assert server._lock is not old_lock
         assert os.read(r, 1) == b""  # the write end is closed: the reader sees EOF
         assert compat.forkserver_pid() is None
@@ -323,8 +340,13 @@ def test_compat_imports_no_twisted_and_no_achilles() -> None:
     """The module runs inside the fork server (through achilles.node.worker): it imports
     neither Twisted nor any achilles module that might."""
     tree = ast.parse(inspect.getsource(compat))
-    names = [alias.name for node in ast.walk(tree) if isinstance(node, ast.Import)
-             for alias in node.names]
-    names += [node.module for node in ast.walk(tree)
-              if isinstance(node, ast.ImportFrom) and node.module]
+    names = [
+        alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import)
+        for alias in node.names
+    ]
+    names += [
+        node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module
+    ]
     assert [n for n in names if n.split(".")[0] in ("twisted", "achilles")] == []

@@ -1,6 +1,7 @@
 """Pins the Twisted internals that :mod:`achilles.compat.twisted` uses: if an upgrade
 moves one, this fails by name (and setup.py's upper bound on Twisted is the newest
 release it passed on)."""
+
 from __future__ import annotations
 
 import socket
@@ -67,9 +68,13 @@ def test_forget_reactor_uninstalls_the_global_one() -> None:
     """The installed reactor lives in sys.modules and as an attribute of
     twisted.internet; ``threadable.ioThread`` names its thread."""
     import twisted.internet
+
     missing = object()
-    saved = (sys.modules.get("twisted.internet.reactor", missing),
-             getattr(twisted.internet, "reactor", missing), threadable.ioThread)
+    saved = (
+        sys.modules.get("twisted.internet.reactor", missing),
+        getattr(twisted.internet, "reactor", missing),
+        threadable.ioThread,
+    )
     sentinel = object()
     sys.modules["twisted.internet.reactor"] = sentinel  # type: ignore[assignment]
     twisted.internet.reactor = sentinel  # type: ignore[attr-defined]

@@ -1,4 +1,5 @@
 """Settings: args > ACHILLES_* environment > .env > defaults, validation, genConfig."""
+
 from __future__ import annotations
 
 import os
@@ -20,7 +21,13 @@ from achilles.errors import ConfigError
 
 # Port *values* for configuration parsing: nothing listens on them in these tests.
 DOTENV_PORT, ARG_PORT, HIGHEST_PORT, SOME_PORT, GEN_PORT, OTHER_PORT = (
-    1111, 3333, 65535, 1234, 5555, 6000)
+    1111,
+    3333,
+    65535,
+    1234,
+    5555,
+    6000,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -35,7 +42,8 @@ def clean(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
 
 def write_env(path: Path, **values: object) -> None:
     path.joinpath(".env").write_text(
-        "".join(f"ACHILLES_{k.upper()}={v}\n" for k, v in values.items()), encoding="utf-8")
+        "".join(f"ACHILLES_{k.upper()}={v}\n" for k, v in values.items()), encoding="utf-8"
+    )
 
 
 # --- precedence ---------------------------------------------------------------------------
@@ -49,7 +57,11 @@ def test_dotenv_overrides_defaults(tmp_path: Path) -> None:
     """A .env in the working directory overrides the defaults, converting types."""
     write_env(tmp_path, port=DOTENV_PORT, host="10.0.0.1", heartbeat_timeout="2.5")
     settings = resolve()
-    assert (settings.port, settings.host, settings.heartbeat_timeout) == (DOTENV_PORT, "10.0.0.1", 2.5)
+    assert (settings.port, settings.host, settings.heartbeat_timeout) == (
+        DOTENV_PORT,
+        "10.0.0.1",
+        2.5,
+    )
     assert settings.username == "achilles"
 
 
@@ -60,8 +72,7 @@ def test_environment_overrides_dotenv(monkeypatch: pytest.MonkeyPatch, tmp_path:
     assert (resolve().port, resolve().host) == (2222, "10.0.0.1")
 
 
-def test_argument_overrides_environment(monkeypatch: pytest.MonkeyPatch,
-                                        tmp_path: Path) -> None:
+def test_argument_overrides_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """An explicit argument overrides the environment and .env; None means not given."""
     write_env(tmp_path, port=DOTENV_PORT)
     monkeypatch.setenv("ACHILLES_PORT", "2222")
@@ -69,19 +80,23 @@ def test_argument_overrides_environment(monkeypatch: pytest.MonkeyPatch,
     assert resolve(port=None).port == 2222
 
 
-def test_each_source_supplies_its_own_keys(monkeypatch: pytest.MonkeyPatch,
-                                           tmp_path: Path) -> None:
+def test_each_source_supplies_its_own_keys(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Keys come from the highest source that sets them, mixing all four sources."""
     write_env(tmp_path, host="dotenv-host", port=DOTENV_PORT, username="dotenv-user")
     monkeypatch.setenv("ACHILLES_PORT", "2222")
     monkeypatch.setenv("ACHILLES_USERNAME", "env-user")
     settings = resolve(username="arg-user")
     assert (settings.host, settings.port, settings.username, settings.max_attempts) == (
-        "dotenv-host", 2222, "arg-user", 3)
+        "dotenv-host",
+        2222,
+        "arg-user",
+        3,
+    )
 
 
-def test_empty_environment_variable_falls_through(monkeypatch: pytest.MonkeyPatch,
-                                                  tmp_path: Path) -> None:
+def test_empty_environment_variable_falls_through(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     """An empty ACHILLES_* variable counts as unset."""
     write_env(tmp_path, port=DOTENV_PORT)
     monkeypatch.setenv("ACHILLES_PORT", "")
@@ -159,8 +174,9 @@ def test_cluster_not_configured_by_default() -> None:
     assert cluster_configured(username="someone", processes=2) is False
 
 
-def test_cluster_configured_from_each_source(monkeypatch: pytest.MonkeyPatch,
-                                             tmp_path: Path) -> None:
+def test_cluster_configured_from_each_source(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     """Host, port or secret from any source means a cluster is configured."""
     assert cluster_configured(port=SOME_PORT) is True
     monkeypatch.setenv("ACHILLES_HOST", "10.1.1.1")
@@ -188,7 +204,11 @@ def test_genconfig_writes_file_that_resolve_reads(tmp_path: Path) -> None:
     assert path == str(tmp_path / ".env")
     settings = resolve()
     assert (settings.host, settings.port, settings.username, settings.secret_key) == (
-        "10.2.3.4", GEN_PORT, "ann", "s3cr3t")
+        "10.2.3.4",
+        GEN_PORT,
+        "ann",
+        "s3cr3t",
+    )
 
 
 def test_genconfig_creates_file_private() -> None:
@@ -199,8 +219,9 @@ def test_genconfig_creates_file_private() -> None:
 
 def test_genconfig_keeps_unrelated_lines_and_updates_keys(tmp_path: Path) -> None:
     """genConfig updates its keys in an existing .env and keeps every other line."""
-    (tmp_path / ".env").write_text("# my settings\nOTHER_TOOL=1\nACHILLES_PORT=1\n",
-                                   encoding="utf-8")
+    (tmp_path / ".env").write_text(
+        "# my settings\nOTHER_TOOL=1\nACHILLES_PORT=1\n", encoding="utf-8"
+    )
     genConfig(port=OTHER_PORT, secret_key="k")
     text = (tmp_path / ".env").read_text(encoding="utf-8")
     assert "# my settings\n" in text and "OTHER_TOOL=1\n" in text

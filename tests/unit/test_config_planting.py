@@ -1,6 +1,7 @@
 """A settings file another user could have written is not trusted: a planted ``.env``
 would otherwise decide where ``Pool()`` sends the user's code and data. And genConfig
 never follows a symbolic link."""
+
 from __future__ import annotations
 
 import os
@@ -29,8 +30,10 @@ def clean(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
 
 def plant(folder: Path, mode: int = 0o600, uid: int | None = None) -> Path:
     env = folder / ".env"
-    env.write_text(f"ACHILLES_HOST=10.9.9.9\nACHILLES_PORT={PLANTED_PORT}\n"
-                   "ACHILLES_SECRET_KEY=the-attackers-secret\n")
+    env.write_text(
+        f"ACHILLES_HOST=10.9.9.9\nACHILLES_PORT={PLANTED_PORT}\n"
+        "ACHILLES_SECRET_KEY=the-attackers-secret\n"
+    )
     env.chmod(mode)
     if uid is not None:
         os.chown(env, uid, -1)
@@ -46,13 +49,17 @@ def test_own_private_file_is_used(clean: Path) -> None:
 needs_root = pytest.mark.skipif(os.getuid() != 0, reason="chown to another user needs root")
 
 
-@pytest.mark.parametrize("mode,uid,why", [
-    (0o666, None, "writable by other users"),
-    (0o620, None, "writable by other users"),
-    pytest.param(0o600, NOBODY, "belongs to another user", marks=needs_root),
-])
-def test_planted_file_is_ignored_with_a_warning(clean: Path, mode: int, uid: int | None,
-                                               why: str) -> None:
+@pytest.mark.parametrize(
+    "mode,uid,why",
+    [
+        (0o666, None, "writable by other users"),
+        (0o620, None, "writable by other users"),
+        pytest.param(0o600, NOBODY, "belongs to another user", marks=needs_root),
+    ],
+)
+def test_planted_file_is_ignored_with_a_warning(
+    clean: Path, mode: int, uid: int | None, why: str
+) -> None:
     """Pool() would have been the planted cluster's client: now nothing is configured
     (so Pool() runs its own local cluster), and the warning names the file and why."""
     env = plant(clean, mode, uid)
@@ -80,8 +87,9 @@ def test_symlink_to_a_planted_file_is_ignored(clean: Path, tmp_path: Path) -> No
     assert "links to" in distrust(str(clean / ".env"))
 
 
-def test_genconfig_refuses_a_symlink_and_leaves_its_target_alone(clean: Path,
-                                                                tmp_path: Path) -> None:
+def test_genconfig_refuses_a_symlink_and_leaves_its_target_alone(
+    clean: Path, tmp_path: Path
+) -> None:
     """Before, genConfig chmod-ed the link's target to 0600 (and wrote into it)."""
     target = tmp_path / "someone-elses-file"
     target.write_text("keep me\n")

@@ -1,4 +1,5 @@
 """Sans-IO framing: round trips, every split of a byte stream, limits, malformed headers."""
+
 from __future__ import annotations
 
 import itertools
@@ -29,9 +30,20 @@ from achilles.protocol.framing import (
 SAMPLES: list[tuple[m.Message, bytes]] = [
     (m.Hello(), b""),
     (m.Challenge(nonce="ab" * 16, version=1, python="3.11"), b""),
-    (m.AuthReply(role="node", username="achilles", nonce="cd" * 16, digest="ef" * 32,
-                 version=1, python="3.11", slots=4, name="n\u00f6de-1",
-                 session="ab" * 16), b""),
+    (
+        m.AuthReply(
+            role="node",
+            username="achilles",
+            nonce="cd" * 16,
+            digest="ef" * 32,
+            version=1,
+            python="3.11",
+            slots=4,
+            name="n\u00f6de-1",
+            session="ab" * 16,
+        ),
+        b"",
+    ),
     (m.Welcome(digest="01" * 32, peer_id=7), b""),
     (m.ErrorFrame(code="bad-json", detail="header is not JSON"), b""),
     (m.Heartbeat(), b""),
@@ -43,12 +55,16 @@ SAMPLES: list[tuple[m.Message, bytes]] = [
     (m.End(job="j1"), b""),
     (m.Kill(), b""),
     (m.StatusRequest(), b""),
-    (m.Function(job="j1"), b"\x00\xff\n{\"t\":\"hb\"}\n"),
+    (m.Function(job="j1"), b'\x00\xff\n{"t":"hb"}\n'),
     (m.Task(job="j1", seq=1, timeout=0.0), b"payload"),
     (m.Tasks(job="j1", seqs=[5, 6], sizes=[1, 1], timeout=1.5), b"\n\n"),
     (m.Result(job="j1", seq=1, status=m.OK, elapsed=0.125), b"R" * 40),
-    (m.Results(job="j1", seqs=[1, 2], sizes=[3, 1], statuses=[m.OK, m.ERROR],
-               elapsed=[0.5, 1e-06]), b"R\nRE"),
+    (
+        m.Results(
+            job="j1", seqs=[1, 2], sizes=[3, 1], statuses=[m.OK, m.ERROR], elapsed=[0.5, 1e-06]
+        ),
+        b"R\nRE",
+    ),
     (m.Drain(), b""),
     (m.JobFailed(job="j1", seq=3, reason="crashed"), "worker died \u2620".encode()),
     (m.Cluster(nodes=2, slots=8), b""),
@@ -107,14 +123,18 @@ def test_every_chunk_size_gives_same_frames() -> None:
         decoder = Decoder()
         frames: list[Frame] = []
         for i in range(0, len(STREAM), size):
-            frames.extend(decoder.feed(STREAM[i:i + size]))
+            frames.extend(decoder.feed(STREAM[i : i + size]))
         assert frames == EXPECTED, f"chunk size {size}"
 
 
 def test_every_two_way_split_gives_same_frames() -> None:
     """Splitting a stream once at every offset, newlines and payloads included, changes nothing."""
-    sample = [Frame(m.Heartbeat()), Frame(m.Chunk(job="j", seq=1), b"a\nb\r\n"),
-              Frame(m.Cancel(job="j")), Frame(m.Status(), b"\n")]
+    sample = [
+        Frame(m.Heartbeat()),
+        Frame(m.Chunk(job="j", seq=1), b"a\nb\r\n"),
+        Frame(m.Cancel(job="j")),
+        Frame(m.Status(), b"\n"),
+    ]
     stream = b"".join(encode_bytes(f.msg, f.payload) for f in sample)
     for cut in range(len(stream) + 1):
         decoder = Decoder()
@@ -127,10 +147,12 @@ def test_split_at_newline_and_inside_payload() -> None:
     newline = data.index(b"\n")
     decoder = Decoder()
     assert decoder.feed(data[:newline]) == []
-    assert decoder.feed(data[newline:newline + 1]) == []  # header complete, payload owed
-    assert decoder.feed(data[newline + 1:newline + 4]) == []  # "pay"
-    assert decoder.feed(data[newline + 4:] + b'{"t":"hb","len":0}\n') == [
-        Frame(m.Chunk(job="j", seq=0), b"pay\nload"), Frame(m.Heartbeat())]
+    assert decoder.feed(data[newline : newline + 1]) == []  # header complete, payload owed
+    assert decoder.feed(data[newline + 1 : newline + 4]) == []  # "pay"
+    assert decoder.feed(data[newline + 4 :] + b'{"t":"hb","len":0}\n') == [
+        Frame(m.Chunk(job="j", seq=0), b"pay\nload"),
+        Frame(m.Heartbeat()),
+    ]
 
 
 def test_frame_reader_gives_one_frame_at_a_time_and_keeps_only_a_partial_header() -> None:
@@ -179,9 +201,10 @@ def test_frame_reader_limits_change_after_authentication() -> None:
 
 def test_encode_matches_json_dumps() -> None:
     """The hand-built header is exactly json.dumps of the same fields, compact."""
-    for msg, payload in SAMPLES + [(m.ErrorFrame(code="q\"", detail="\u2603\x00\n\\"), b""),
-                                   (m.Result(job="j", seq=2**70, status="ok",
-                                             elapsed=1e-300), b"x")]:
+    for msg, payload in SAMPLES + [
+        (m.ErrorFrame(code='q"', detail="\u2603\x00\n\\"), b""),
+        (m.Result(job="j", seq=2**70, status="ok", elapsed=1e-300), b"x"),
+    ]:
         header: dict[str, object] = {"t": msg.TYPE, "len": len(payload)}
         header.update({f: getattr(msg, f) for f in m.FIELD_TYPES[msg.TYPE]})
         expected = json.dumps(header, separators=(",", ":")).encode() + b"\n"
@@ -297,20 +320,33 @@ def test_payload_before_auth() -> None:
     assert info.value.code == "payload-before-auth"
 
 
-@pytest.mark.parametrize("header", [
-    {"t": "chunk", "len": 0, "job": "j"},
-    {"t": "welcome", "digest": "00"},
-    {"t": "result", "job": "j", "seq": 0, "status": "ok"},
-])
+@pytest.mark.parametrize(
+    "header",
+    [
+        {"t": "chunk", "len": 0, "job": "j"},
+        {"t": "welcome", "digest": "00"},
+        {"t": "result", "job": "j", "seq": 0, "status": "ok"},
+    ],
+)
 def test_missing_field(header: dict[str, object]) -> None:
     """A header lacking one of its type's fields is a bad-field error."""
     assert error_code(header) == "bad-field"
 
 
-@pytest.mark.parametrize("field,value", [
-    ("seq", "1"), ("seq", 1.0), ("seq", True), ("seq", None),
-    ("job", 5), ("job", ["j"]), ("timeout", "1"), ("timeout", None), ("timeout", False),
-])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("seq", "1"),
+        ("seq", 1.0),
+        ("seq", True),
+        ("seq", None),
+        ("job", 5),
+        ("job", ["j"]),
+        ("timeout", "1"),
+        ("timeout", None),
+        ("timeout", False),
+    ],
+)
 def test_wrong_field_type(field: str, value: object) -> None:
     """A field of the wrong JSON type (bools count as wrong for numbers) is a bad-field error."""
     header = {"t": "task", "len": 0, "job": "j", "seq": 1, "timeout": 0.5}
@@ -327,14 +363,13 @@ def test_int_accepted_for_float_field() -> None:
 
 def test_huge_int_in_float_field_is_protocol_error() -> None:
     """An int too large for a float in a float field is bad-field, not OverflowError."""
-    line = (b'{"t":"task","len":0,"job":"j","seq":1,"timeout":' + b"9" * 400 + b"}")
+    line = b'{"t":"task","len":0,"job":"j","seq":1,"timeout":' + b"9" * 400 + b"}"
     assert error_code(line) == "bad-field"
 
 
 def test_extra_fields_are_ignored() -> None:
     """Unknown extra keys in a header do not prevent decoding."""
-    assert decode_line({"t": "cancel", "job": "j", "extra": [1, 2]}) == [
-        Frame(m.Cancel(job="j"))]
+    assert decode_line({"t": "cancel", "job": "j", "extra": [1, 2]}) == [Frame(m.Cancel(job="j"))]
 
 
 # --- fuzzing ------------------------------------------------------------------------------
@@ -347,19 +382,29 @@ def _feed_in_pieces(data: bytes, cuts: list[int], **kwargs: object) -> list[Fram
     return frames
 
 
-FUZZ = settings(max_examples=200, deadline=None, database=None,
-                suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(
+    max_examples=200, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow]
+)
 _frames = st.sampled_from([encode_bytes(*s) for s in SAMPLES])
-_json_value = (st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8)
-               | st.lists(st.integers(), max_size=2))
+_json_value = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats()
+    | st.text(max_size=8)
+    | st.lists(st.integers(), max_size=2)
+)
 _field_names = sorted({name for fields in m.FIELD_TYPES.values() for name in fields} | {"len"})
 
 
 @FUZZ
-@given(st.tuples(st.binary(max_size=40), _frames, st.binary(max_size=40), _frames),
-       st.lists(st.integers(min_value=0, max_value=400), max_size=5))
-def test_arbitrary_bytes_yield_frames_or_protocol_error(pieces: tuple[bytes, ...],
-                                                        cuts: list[int]) -> None:
+@given(
+    st.tuples(st.binary(max_size=40), _frames, st.binary(max_size=40), _frames),
+    st.lists(st.integers(min_value=0, max_value=400), max_size=5),
+)
+def test_arbitrary_bytes_yield_frames_or_protocol_error(
+    pieces: tuple[bytes, ...], cuts: list[int]
+) -> None:
     """Any byte stream, split anywhere, gives frames or a ProtocolError and nothing else."""
     data = b"".join(pieces)
     try:
@@ -371,11 +416,15 @@ def test_arbitrary_bytes_yield_frames_or_protocol_error(pieces: tuple[bytes, ...
 
 
 @settings(FUZZ, max_examples=100)
-@given(st.sampled_from(sorted(m.MESSAGES)),
-       st.dictionaries(st.sampled_from(_field_names), _json_value, max_size=6),
-       st.binary(max_size=20), st.booleans())
+@given(
+    st.sampled_from(sorted(m.MESSAGES)),
+    st.dictionaries(st.sampled_from(_field_names), _json_value, max_size=6),
+    st.binary(max_size=20),
+    st.booleans(),
+)
 def test_arbitrary_headers_yield_typed_frames_or_protocol_error(
-        t: str, fields: dict[str, object], tail: bytes, allow_payload: bool) -> None:
+    t: str, fields: dict[str, object], tail: bytes, allow_payload: bool
+) -> None:
     """A JSON header with arbitrary field values decodes to its type, or is a ProtocolError."""
     line = json.dumps({"t": t, **fields}).encode()
     try:
@@ -386,17 +435,21 @@ def test_arbitrary_headers_yield_typed_frames_or_protocol_error(
         assert not frames or type(frames[0].msg) is m.MESSAGES[t]
 
 
-@pytest.mark.parametrize("header,payload,why", [
-    ({"seqs": [1, 2], "sizes": [1, 1]}, b"abc", "sizes do not add up"),
-    ({"seqs": [1], "sizes": [1, 1]}, b"ab", "has 2 items, not 1"),
-    ({"seqs": [], "sizes": []}, b"", "with 0 items"),
-    ({"seqs": [1, "2"], "sizes": [1, 1]}, b"ab", "must be int"),
-    ({"seqs": 1, "sizes": [1]}, b"a", "must be a list"),
-    ({"seqs": [1, 2], "sizes": [3, -1]}, b"ab", "do not add up"),
-    ({"seqs": list(range(1025)), "sizes": [0] * 1025}, b"", "1 to 1024"),
-])
-def test_malformed_batch_frames_are_bad_fields(header: dict[str, object], payload: bytes,
-                                               why: str) -> None:
+@pytest.mark.parametrize(
+    "header,payload,why",
+    [
+        ({"seqs": [1, 2], "sizes": [1, 1]}, b"abc", "sizes do not add up"),
+        ({"seqs": [1], "sizes": [1, 1]}, b"ab", "has 2 items, not 1"),
+        ({"seqs": [], "sizes": []}, b"", "with 0 items"),
+        ({"seqs": [1, "2"], "sizes": [1, 1]}, b"ab", "must be int"),
+        ({"seqs": 1, "sizes": [1]}, b"a", "must be a list"),
+        ({"seqs": [1, 2], "sizes": [3, -1]}, b"ab", "do not add up"),
+        ({"seqs": list(range(1025)), "sizes": [0] * 1025}, b"", "1 to 1024"),
+    ],
+)
+def test_malformed_batch_frames_are_bad_fields(
+    header: dict[str, object], payload: bytes, why: str
+) -> None:
     """A batch whose lists disagree in length, hold the wrong types, or whose sizes do not
     cut its payload exactly is a bad-field error naming the problem."""
     line = json.dumps({"t": "chunks", "len": len(payload), "job": "j", **header}).encode()
@@ -407,8 +460,10 @@ def test_malformed_batch_frames_are_bad_fields(header: dict[str, object], payloa
 
 def test_batch_float_list_accepts_ints_and_refuses_non_finite() -> None:
     """elapsed lists take ints as floats, like float fields; NaN is refused."""
-    base = '{"t":"results","len":2,"job":"j","seqs":[1,2],"sizes":[1,1],' \
-           '"statuses":["ok","ok"],"elapsed":[%s]}\nab'
+    base = (
+        '{"t":"results","len":2,"job":"j","seqs":[1,2],"sizes":[1,1],'
+        '"statuses":["ok","ok"],"elapsed":[%s]}\nab'
+    )
     [frame] = decode_all((base % "1, 0.5").encode())
     assert frame.msg.elapsed == [1.0, 0.5] and type(frame.msg.elapsed[0]) is float
     with pytest.raises(ProtocolError):
@@ -420,31 +475,48 @@ def test_split_and_runs_cut_batches() -> None:
     and never more than the limit, and the largest batch header fits the limit."""
     assert split(b"abcdef", [1, 0, 5]) == [b"a", b"", b"bcdef"]
     assert split(b"abc", [3]) == [b"abc"]
-    assert [len(r) for r in runs(list(range(10)) + [20] * 3 + [1], lambda x: x >= 10,
-                                 limit=4)] == [4, 4, 2, 3, 1]
+    assert [len(r) for r in runs(list(range(10)) + [20] * 3 + [1], lambda x: x >= 10, limit=4)] == [
+        4,
+        4,
+        2,
+        3,
+        1,
+    ]
     assert list(runs([], lambda x: x)) == []
-    widest = m.Results("f" * 96, [INT_MAX] * BATCH_LIMIT, [2**40] * BATCH_LIMIT,
-                       [m.CANCELLED] * BATCH_LIMIT, [1.2345678901234567e-05] * BATCH_LIMIT)
+    widest = m.Results(
+        "f" * 96,
+        [INT_MAX] * BATCH_LIMIT,
+        [2**40] * BATCH_LIMIT,
+        [m.CANCELLED] * BATCH_LIMIT,
+        [1.2345678901234567e-05] * BATCH_LIMIT,
+    )
     assert len(encode(widest, b"x")[0]) < MAX_HEADER_LENGTH
 
 
 @pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
 def test_non_finite_float_field_is_protocol_error(literal: str) -> None:
     """A float field holding NaN or Infinity (JSON extensions) is refused as bad-field."""
-    line = ('{"t":"result","len":0,"job":"j","seq":0,"status":"ok","elapsed":%s}'
-            % literal).encode()
+    line = (
+        '{"t":"result","len":0,"job":"j","seq":0,"status":"ok","elapsed":%s}' % literal
+    ).encode()
     with pytest.raises(ProtocolError) as info:
         parse_header(line)
     assert info.value.code == "bad-field"
 
 
-@given(st.one_of(st.lists(st.integers()), st.lists(st.text()),
-                 st.lists(st.floats(allow_nan=False, allow_infinity=False)),
-                 st.lists(st.one_of(st.integers(), st.booleans(), st.floats()))))
+@given(
+    st.one_of(
+        st.lists(st.integers()),
+        st.lists(st.text()),
+        st.lists(st.floats(allow_nan=False, allow_infinity=False)),
+        st.lists(st.one_of(st.integers(), st.booleans(), st.floats())),
+    )
+)
 def test_list_field_text_is_json_dumps(value: list) -> None:
     """A list field's header text is exactly what json.dumps gives, whatever it holds
     (the fast path for lists of one plain type, the encoder for anything else)."""
     from achilles.protocol.framing import _json_value
+
     try:
         expected = json.dumps(value, separators=(",", ":"))
     except ValueError:
@@ -452,16 +524,30 @@ def test_list_field_text_is_json_dumps(value: list) -> None:
     assert _json_value(value) == expected
 
 
-@pytest.mark.parametrize("elem, value, plain", [
-    (int, [1, 2, 3], True), (int, [1, True], False), (int, [1, 2.0], False),
-    (str, ["ok", "error"], True), (str, ["ok", "é"], False), (str, ["ok", 1], False),
-    (float, [0.5, 1.0], True), (float, [0.5, float("nan")], False), (float, [1], False),
-    (int, [], True), (int, (1, 2), False), (int, [0, INT_MAX], True),
-    (int, [0, INT_MAX + 1], False), (int, [INT_MIN - 1, 0], False)])
+@pytest.mark.parametrize(
+    "elem, value, plain",
+    [
+        (int, [1, 2, 3], True),
+        (int, [1, True], False),
+        (int, [1, 2.0], False),
+        (str, ["ok", "error"], True),
+        (str, ["ok", "é"], False),
+        (str, ["ok", 1], False),
+        (float, [0.5, 1.0], True),
+        (float, [0.5, float("nan")], False),
+        (float, [1], False),
+        (int, [], True),
+        (int, (1, 2), False),
+        (int, [0, INT_MAX], True),
+        (int, [0, INT_MAX + 1], False),
+        (int, [INT_MIN - 1, 0], False),
+    ],
+)
 def test_plain_list_fast_path(elem: type, value: object, plain: bool) -> None:
     """The fast check of a list field takes only a list of exactly its element type (ASCII
     text, finite floats); anything else goes to the item-by-item path."""
     from achilles.protocol.framing import _plain_list
+
     assert _plain_list(value, elem) is plain
 
 
@@ -476,8 +562,15 @@ def test_integers_in_headers_fit_in_64_bits() -> None:
         with pytest.raises(ProtocolError) as info:
             decode_line({**chunk, "seq": seq})
         assert info.value.code == "bad-field" and "'seq' is out of range" in info.value.detail
-    submit = {"t": "submit", "len": 0, "job": "j", "max_attempts": 3, "timeout": 0,
-              "total": 1, "isolated": 0}
+    submit = {
+        "t": "submit",
+        "len": 0,
+        "job": "j",
+        "max_attempts": 3,
+        "timeout": 0,
+        "total": 1,
+        "isolated": 0,
+    }
     [frame] = decode_line({**submit, "limit": INT_MIN})
     assert frame.msg.limit == INT_MIN  # type: ignore[attr-defined]
     assert error_code({**submit, "limit": INT_MIN - 1}) == "bad-field"
@@ -487,23 +580,33 @@ def test_integers_in_headers_fit_in_64_bits() -> None:
 def test_integers_in_header_lists_fit_in_64_bits() -> None:
     """List fields are bounded the same way, on the fast path and item by item."""
     base = {"t": "chunks", "len": 2, "job": "j"}
-    for seqs, sizes in (([0, 2**63], [1, 1]), ([0, 1], [2**64, -(2**64)]),
-                        ([0, 2**63], [1, True])):
+    for seqs, sizes in (([0, 2**63], [1, 1]), ([0, 1], [2**64, -(2**64)]), ([0, 2**63], [1, True])):
         line = json.dumps({**base, "seqs": seqs, "sizes": sizes}).encode()
         with pytest.raises(ProtocolError) as info:
             decode_all(line + b"\nab")
         assert info.value.code == "bad-field"
 
 
-@pytest.mark.parametrize("header", [
-    {"t": "chunk", "len": 0, "job": "j", "seq": -1},
-    {"t": "task", "len": 0, "job": "j", "seq": -1, "timeout": 0},
-    {"t": "result", "len": 0, "job": "j", "seq": -5, "status": "ok", "elapsed": 0},
-    {"t": "jobfailed", "len": 0, "job": "j", "seq": -2, "reason": "crashed"},
-    {"t": "tasks", "len": 0, "job": "j", "seqs": [0, -1], "sizes": [0, 0], "timeout": 0},
-    {"t": "submit", "len": 0, "job": "j", "max_attempts": 3, "timeout": 0, "limit": 0,
-     "total": -2, "isolated": 0},
-])
+@pytest.mark.parametrize(
+    "header",
+    [
+        {"t": "chunk", "len": 0, "job": "j", "seq": -1},
+        {"t": "task", "len": 0, "job": "j", "seq": -1, "timeout": 0},
+        {"t": "result", "len": 0, "job": "j", "seq": -5, "status": "ok", "elapsed": 0},
+        {"t": "jobfailed", "len": 0, "job": "j", "seq": -2, "reason": "crashed"},
+        {"t": "tasks", "len": 0, "job": "j", "seqs": [0, -1], "sizes": [0, 0], "timeout": 0},
+        {
+            "t": "submit",
+            "len": 0,
+            "job": "j",
+            "max_attempts": 3,
+            "timeout": 0,
+            "limit": 0,
+            "total": -2,
+            "isolated": 0,
+        },
+    ],
+)
 def test_chunk_numbers_are_never_negative(header: dict[str, object]) -> None:
     """A sequence number indexes a job's arguments: a negative one (or a total below -1,
     which means unknown) is bad-field."""
@@ -518,9 +621,17 @@ BAD_IDS = ["", "j k", "j\n", "j\x1b[2J", "\u00e9t\u00e9", "a/b", "a\u202eb", "x"
 def test_safe_job_ids_are_accepted_in_every_frame(job: str) -> None:
     """Job ids of the safe alphabet (a controller's uuid4 hex, the server's ``<owner>-<id>``
     keys) pass in every frame that carries one."""
-    for msg in (m.Submit(job, 3, 0.0, 0, 1), m.Chunk(job, 0), m.Cancel(job), m.End(job),
-                m.Function(job), m.Task(job, 0, 0.0), m.Result(job, 0, m.OK, 0.0),
-                m.JobFailed(job, 0, m.CRASHED), m.Chunks(job, [0], [0])):
+    for msg in (
+        m.Submit(job, 3, 0.0, 0, 1),
+        m.Chunk(job, 0),
+        m.Cancel(job),
+        m.End(job),
+        m.Function(job),
+        m.Task(job, 0, 0.0),
+        m.Result(job, 0, m.OK, 0.0),
+        m.JobFailed(job, 0, m.CRASHED),
+        m.Chunks(job, [0], [0]),
+    ):
         assert decode_all(encode_bytes(msg)) == [Frame(msg)]
 
 
@@ -528,9 +639,17 @@ def test_safe_job_ids_are_accepted_in_every_frame(job: str) -> None:
 def test_unsafe_job_ids_are_refused_in_every_frame(job: str) -> None:
     """A job id with spaces, control characters, non-ASCII, a slash, or over 96
     characters is bad-field wherever it comes (it would reach logs and status as is)."""
-    for msg in (m.Submit(job, 3, 0.0, 0, 1), m.Chunk(job, 0), m.Cancel(job), m.End(job),
-                m.Function(job), m.Task(job, 0, 0.0), m.Result(job, 0, m.OK, 0.0),
-                m.JobFailed(job, 0, m.CRASHED), m.Results(job, [0], [0], [m.OK], [0.0])):
+    for msg in (
+        m.Submit(job, 3, 0.0, 0, 1),
+        m.Chunk(job, 0),
+        m.Cancel(job),
+        m.End(job),
+        m.Function(job),
+        m.Task(job, 0, 0.0),
+        m.Result(job, 0, m.OK, 0.0),
+        m.JobFailed(job, 0, m.CRASHED),
+        m.Results(job, [0], [0], [m.OK], [0.0]),
+    ):
         with pytest.raises(ProtocolError) as info:
             decode_all(encode_bytes(msg))
         assert info.value.code == "bad-field", msg

@@ -1,4 +1,5 @@
 """Controller-side job bookkeeping: window, dedup, reorder, chunk sizes."""
+
 from __future__ import annotations
 
 import multiprocessing.pool
@@ -73,8 +74,11 @@ def test_raised_input_takes_its_place_in_order() -> None:
     assert job.take() == []  # chunks 0 and 1 first
     job.on_result(0, OK, res(0))
     job.on_result(1, OK, res(1))
-    assert job.take() == [Outcome(0, OK, res(0), 0, 3), Outcome(1, OK, res(1), 3, 3),
-                          Outcome(2, RAISED, b"", 6, 0, boom)]
+    assert job.take() == [
+        Outcome(0, OK, res(0), 0, 3),
+        Outcome(1, OK, res(1), 3, 3),
+        Outcome(2, RAISED, b"", 6, 0, boom),
+    ]
     job.close_input()
     assert job.complete() and job.finished()
 
@@ -114,8 +118,11 @@ def test_ordered_take_gives_contiguous_in_order_outcomes() -> None:
     job.on_result(1, OK, res(1))
     assert job.take() == []  # chunk 0 is missing
     job.on_result(0, OK, res(0))
-    assert job.take() == [Outcome(0, OK, res(0), 0, 3), Outcome(1, OK, res(1), 3, 3),
-                          Outcome(2, OK, res(2), 6, 3)]
+    assert job.take() == [
+        Outcome(0, OK, res(0), 0, 3),
+        Outcome(1, OK, res(1), 3, 3),
+        Outcome(2, OK, res(2), 6, 3),
+    ]
     job.on_result(3, OK, res(3))
     assert job.take() == [Outcome(3, OK, res(3), 9, 3)]
     assert job.consumed == 4
@@ -145,8 +152,7 @@ def test_failure_at_k_is_delivered_in_position(fail: str) -> None:
     assert job.take() == []
     job.on_result(1, OK, res(1))
     job.on_result(0, OK, res(0))
-    assert job.take() == [Outcome(0, OK, res(0), 0, 2), Outcome(1, OK, res(1), 2, 2),
-                          expected]
+    assert job.take() == [Outcome(0, OK, res(0), 0, 2), Outcome(1, OK, res(1), 2, 2), expected]
 
 
 def test_finished_after_closed_input_fully_consumed() -> None:
@@ -176,7 +182,10 @@ def test_failure_keeps_the_servers_reason() -> None:
     assert job.on_failed(1, "worker died", CRASHED)
     job.on_result(2, OK, res(2))
     assert sorted((o.seq, o.status, o.reason) for o in job.take()) == [
-        (0, FAILED, TIMEOUT), (1, FAILED, CRASHED), (2, OK, "")]
+        (0, FAILED, TIMEOUT),
+        (1, FAILED, CRASHED),
+        (2, OK, ""),
+    ]
 
 
 def test_position_gives_argument_range_of_pending_chunk() -> None:
@@ -198,11 +207,15 @@ def test_position_gives_argument_range_of_pending_chunk() -> None:
 def cpython_chunksize(n_items: int, slots: int) -> int:
     """Ask CPython's own Pool._map_async which chunksize it would pick, without a pool."""
     fake = types.SimpleNamespace(
-        _check_running=lambda: None, _pool=[None] * slots, _cache={},
+        _check_running=lambda: None,
+        _pool=[None] * slots,
+        _cache={},
         _taskqueue=types.SimpleNamespace(put=lambda item: None),
-        _guarded_task_generation=lambda *args: None)
+        _guarded_task_generation=lambda *args: None,
+    )
     result = multiprocessing.pool.Pool._map_async(
-        fake, abs, range(n_items), multiprocessing.pool.mapstar)  # type: ignore[arg-type]
+        fake, abs, range(n_items), multiprocessing.pool.mapstar
+    )  # type: ignore[arg-type]
     return int(result._chunksize)
 
 
@@ -252,6 +265,7 @@ def test_pool_measures_the_first_item_for_automatic_chunks() -> None:
     """Pool's estimate of an item's size: length for bytes and text, pickled size for
     other objects, nothing for plain numbers, iterators or an empty input."""
     from achilles.pool import _item_bytes
+
     assert _item_bytes([b"x" * 1000, b""], 2) == 1000
     assert _item_bytes(["abc"], 1) == 3
     assert _item_bytes([1, 2, 3], 3) == 0
@@ -302,8 +316,10 @@ def test_adaptive_chunker_ignores_empty_chunks() -> None:
     assert chunker.size == 1
 
 
-@pytest.mark.parametrize("slots,limit,expected", [
-    (1, 0, 4), (2, 0, 6), (10, 0, 30), (10, 3, 9), (10, 1, 4), (2, 50, 6), (0, 0, 4)])
+@pytest.mark.parametrize(
+    "slots,limit,expected",
+    [(1, 0, 4), (2, 0, 6), (10, 0, 30), (10, 3, 9), (10, 1, 4), (2, 50, 6), (0, 0, 4)],
+)
 def test_window_for(slots: int, limit: int, expected: int) -> None:
     """window_for is three chunks per usable slot, at least four, capped by the job limit."""
     assert window_for(slots, limit) == expected
@@ -315,6 +331,7 @@ def test_pool_chooses_the_exception_by_the_servers_reason() -> None:
     the server gave, whatever the text says."""
     from achilles.errors import ChunkFailedError
     from achilles.pool.results import _exception
+
     text = b"worker died (time limit of its own making)"
     timed_out = _exception(Outcome(4, FAILED, b"ran past its time limit", 8, 2, reason=TIMEOUT))
     crashed = _exception(Outcome(4, FAILED, text, 8, 2, reason=CRASHED))

@@ -3,6 +3,7 @@
 The imports are measured in fresh interpreters (``sys.executable -c``), because this
 test process has long since imported everything. Two children serve all the tests.
 """
+
 from __future__ import annotations
 
 import ast
@@ -18,9 +19,12 @@ import achilles
 
 PACKAGE_DIR = pathlib.Path(achilles.__file__).parent
 #: every module of the sans-IO layers (found, not listed: a new one is checked too)
-CORE_MODULES = [f"achilles.{layer}.{path.stem}" for layer in ("core", "protocol")
-                for path in sorted((PACKAGE_DIR / layer).glob("*.py"))
-                if path.stem != "__init__"]
+CORE_MODULES = [
+    f"achilles.{layer}.{path.stem}"
+    for layer in ("core", "protocol")
+    for path in sorted((PACKAGE_DIR / layer).glob("*.py"))
+    if path.stem != "__init__"
+]
 #: never acceptable in the core's import graph
 IO_LIBRARIES = ["twisted", "dill", "multiprocess"]
 #: forbidden too, unless a bare interpreter already has them at start-up
@@ -48,8 +52,13 @@ _IMPORT_CORE = "".join(f"import {name}\n" for name in CORE_MODULES)
 
 def run_probe(body: str, watch: list[str]) -> dict[str, list[str]]:
     code = _PROBE.format(watch=watch) + body + "print(json.dumps(seen))\n"
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=60, cwd=PACKAGE_DIR.parent.parent)
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=PACKAGE_DIR.parent.parent,
+    )
     assert proc.returncode == 0, proc.stderr
     result: dict[str, list[str]] = json.loads(proc.stdout.strip().splitlines()[-1])
     return result
@@ -58,16 +67,18 @@ def run_probe(body: str, watch: list[str]) -> dict[str, list[str]]:
 @pytest.fixture(scope="module")
 def core_alone() -> dict[str, list[str]]:
     """The core modules imported with the package __init__ bypassed."""
-    body = (_STUB_PACKAGE.format(path=str(PACKAGE_DIR)) + _IMPORT_CORE
-            + "seen['core'] = loaded()\n")
+    body = _STUB_PACKAGE.format(path=str(PACKAGE_DIR)) + _IMPORT_CORE + "seen['core'] = loaded()\n"
     return run_probe(body, IO_LIBRARIES + STDLIB_IO)
 
 
 @pytest.fixture(scope="module")
 def through_package() -> dict[str, list[str]]:
     """`import achilles`, then the core modules, imported the normal way."""
-    body = ("import achilles\nseen['achilles'] = loaded()\n" + _IMPORT_CORE
-            + "seen['core'] = loaded()\n")
+    body = (
+        "import achilles\nseen['achilles'] = loaded()\n"
+        + _IMPORT_CORE
+        + "seen['core'] = loaded()\n"
+    )
     return run_probe(body, IO_LIBRARIES + ["twisted.internet.reactor"])
 
 
@@ -77,7 +88,8 @@ def test_core_import_graph_has_no_io_libraries(core_alone: dict[str, Any]) -> No
 
 
 def test_importing_core_through_the_package_loads_no_io_libraries(
-        through_package: dict[str, Any]) -> None:
+    through_package: dict[str, Any],
+) -> None:
     """Importing the core modules the normal way loads no twisted/dill/multiprocess."""
     assert [m for m in through_package["core"] if m in IO_LIBRARIES] == []
 
@@ -91,8 +103,7 @@ def test_core_import_graph_has_no_socket_or_threading(core_alone: dict[str, Any]
 def test_worker_module_loads_no_twisted() -> None:
     """The code that runs in a node's worker processes (preloaded by the fork server,
     which must stay small and reactor-free) imports no Twisted."""
-    seen = run_probe("import achilles.node.worker\nseen['worker'] = loaded()\n",
-                     ["twisted"])
+    seen = run_probe("import achilles.node.worker\nseen['worker'] = loaded()\n", ["twisted"])
     assert seen["worker"] == []
 
 
@@ -105,8 +116,10 @@ def test_import_achilles_installs_no_reactor(through_package: dict[str, Any]) ->
 def test_core_sources_import_only_downward() -> None:
     """Core and protocol sources import no I/O module and no achilles layer above them."""
     banned = set(IO_LIBRARIES) | set(STDLIB_IO) | {"time", "multiprocessing"}
-    allowed = {"core": ("achilles.core", "achilles.protocol", "achilles.errors"),
-               "protocol": ("achilles.protocol", "achilles.errors")}
+    allowed = {
+        "core": ("achilles.core", "achilles.protocol", "achilles.errors"),
+        "protocol": ("achilles.protocol", "achilles.errors"),
+    }
     problems = []
     for layer, prefixes in allowed.items():
         for path in sorted((PACKAGE_DIR / layer).glob("*.py")):

@@ -1,5 +1,6 @@
 """A node's core: events in, exact instruction lists out (no processes, no pipes, no
 clock); its invariants are checked after every event."""
+
 from __future__ import annotations
 
 import random
@@ -65,14 +66,26 @@ def report(job: str, seq: int, elapsed: float = LONG) -> Report:
 
 
 def died(job: str, seq: int, pid: int, how: str = "signal 9 SIGKILL") -> Report:
-    return Report(job, seq, CRASHED, (f"worker pid {pid} died ({how}) running chunk {seq} "
-                                      f"of job {job} on node {NAME}").encode(), 0.0)
+    return Report(
+        job,
+        seq,
+        CRASHED,
+        (f"worker pid {pid} died ({how}) running chunk {seq} of job {job} on node {NAME}").encode(),
+        0.0,
+    )
 
 
 def caught(job: str, seq: int, times: int) -> Report:
-    return Report(job, seq, CRASHED, (f"chunk {seq} of job {job} was running on node {NAME} "
-                                      f"when its pool had to be restarted, {times} times"
-                                      ).encode(), 0.0)
+    return Report(
+        job,
+        seq,
+        CRASHED,
+        (
+            f"chunk {seq} of job {job} was running on node {NAME} "
+            f"when its pool had to be restarted, {times} times"
+        ).encode(),
+        0.0,
+    )
 
 
 class Work:
@@ -98,9 +111,14 @@ class Work:
         """Outcomes read from pool ``generation`` (0: the current one)."""
         return self(ResultsRead(generation or self.core.generation, outcomes))
 
-    def deaths(self, *exits: tuple[int, int | None], busy: list[Busy],
-               slot_pids: list[int] | None = None, now: float = 1.0,
-               generation: int = 0) -> list[Instruction]:
+    def deaths(
+        self,
+        *exits: tuple[int, int | None],
+        busy: list[Busy],
+        slot_pids: list[int] | None = None,
+        now: float = 1.0,
+        generation: int = 0,
+    ) -> list[Instruction]:
         """Workers of pool ``generation`` (0: the current one) exited; the slot table
         holds ``slot_pids`` (by default, the busy ones)."""
         pids = [b[0] for b in busy] if slot_pids is None else slot_pids
@@ -152,8 +170,13 @@ def test_results_free_room_and_end_with_one_flush() -> None:
     sends the reports on as a burst."""
     w = Work(processes=1)
     w.job("a", 0, 1, 2, 3, 4)
-    assert w.results(ok("a", 0), ok("a", 1)) == [report("a", 0), report("a", 1),
-                                                 send("a", 2), send("a", 3), Flush()]
+    assert w.results(ok("a", 0), ok("a", 1)) == [
+        report("a", 0),
+        report("a", 1),
+        send("a", 2),
+        send("a", 3),
+        Flush(),
+    ]
     assert w.results(ok("a", 2)) == [report("a", 2), send("a", 4), Flush()]
     assert w.core.done == 3
 
@@ -165,11 +188,15 @@ def test_short_chunks_deepen_the_pool() -> None:
     w.job("a", *range(40))
     out = w.results(*[ok("a", s, 1e-6) for s in range(PREFETCH)])
     assert [i.seq for i in out if isinstance(i, SendToPool)] == list(
-        range(PREFETCH, PREFETCH + MAX_PREFETCH))
+        range(PREFETCH, PREFETCH + MAX_PREFETCH)
+    )
     assert w.core.pace.depth == MAX_PREFETCH
     err: Outcome = ("a", PREFETCH, ERROR, b"exc", 0.0)
-    assert w.results(err) == [Report("a", PREFETCH, ERROR, b"exc", 0.0),
-                              send("a", PREFETCH + MAX_PREFETCH), Flush()]
+    assert w.results(err) == [
+        Report("a", PREFETCH, ERROR, b"exc", 0.0),
+        send("a", PREFETCH + MAX_PREFETCH),
+        Flush(),
+    ]
     assert w.core.pace.depth == MAX_PREFETCH
 
 
@@ -197,14 +224,19 @@ def test_worker_death_blames_the_chunk_in_its_slot_and_reruns_the_others() -> No
     w = Work(processes=2)
     w.job("a", *range(6))
     busy = [(101, 1, 0, 0.5), (102, 1, 1, 0.5)]
-    assert w.deaths((101, -9), busy=busy) == [
-        RestartPool(2, "worker 101 signal 9 SIGKILL")]
+    assert w.deaths((101, -9), busy=busy) == [RestartPool(2, "worker 101 signal 9 SIGKILL")]
     assert w.chunks("a", 6) == []  # no new chunk for a pool about to be killed
     # a1's result was in the pipe: read before the kill, it counts
     assert w.restarted(ok("a", 1)) == [
-        report("a", 1), died("a", 0, 101),
+        report("a", 1),
+        died("a", 0, 101),
         # a2 and a3 go back in front of a4 (one by one, so the later first)
-        send("a", 3), send("a", 2), send("a", 4), send("a", 5), Flush()]
+        send("a", 3),
+        send("a", 2),
+        send("a", 4),
+        send("a", 5),
+        Flush(),
+    ]
     assert w.core.generation == 2
     assert w.waiting() == [("a", 6)]
 
@@ -241,8 +273,13 @@ def test_rerun_budget_exhausted_reports_the_chunk_crashed() -> None:
     w.deaths((101, -9), busy=[(101, 1, 2, 0.0)])  # a1 waits behind a2 now
     assert w.restarted() == [died("a", 2, 101), send("a", 1), send("a", 3), Flush()]
     w.deaths((102, -9), busy=[(102, 1, 3, 0.0)])
-    assert w.restarted() == [caught("a", 1, MAX_LOCAL_RERUNS + 1), died("a", 3, 102),
-                             send("a", 4), send("a", 5), Flush()]
+    assert w.restarted() == [
+        caught("a", 1, MAX_LOCAL_RERUNS + 1),
+        died("a", 3, 102),
+        send("a", 4),
+        send("a", 5),
+        Flush(),
+    ]
 
 
 def test_retired_worker_is_no_death() -> None:
@@ -252,8 +289,7 @@ def test_retired_worker_is_no_death() -> None:
     w = Work()
     w.job("a", 0, 1)
     assert w.deaths((101, 0), busy=[], slot_pids=[102]) == []
-    assert w.deaths((102, 0), busy=[(102, 1, 0, 0.0)]) == [
-        RestartPool(2, "worker 102 exit code 0")]
+    assert w.deaths((102, 0), busy=[(102, 1, 0, 0.0)]) == [RestartPool(2, "worker 102 exit code 0")]
     assert w.restarted() == [died("a", 0, 102, "exit code 0"), send("a", 1), Flush()]
 
 
@@ -275,9 +311,19 @@ def test_time_limit_reports_timeout_and_restarts() -> None:
     assert w(Tick(9.0, busy)) == []
     assert w(Tick(9.5, busy)) == [RestartPool(2, "worker 101 time limit")]
     assert w.restarted() == [
-        Report("a", 0, TIMEOUT, (f"chunk 0 of job a ran past its time limit of 5 s on node "
-                                 f"{NAME}; its worker was killed").encode(), 0.0),
-        send("a", 1), Flush()]
+        Report(
+            "a",
+            0,
+            TIMEOUT,
+            (
+                f"chunk 0 of job a ran past its time limit of 5 s on node "
+                f"{NAME}; its worker was killed"
+            ).encode(),
+            0.0,
+        ),
+        send("a", 1),
+        Flush(),
+    ]
 
 
 def test_no_time_limit_means_none() -> None:
@@ -293,11 +339,17 @@ def test_death_and_time_limit_in_one_look_make_one_restart() -> None:
     w.job("a", 0, 1, 2, timeout=1.0)
     busy = [(101, 1, 0, 0.0), (102, 1, 1, 0.0)]
     assert w.deaths((101, -9), busy=busy, now=3.0) == [
-        RestartPool(2, "worker 101 signal 9 SIGKILL, worker 102 time limit")]
+        RestartPool(2, "worker 101 signal 9 SIGKILL, worker 102 time limit")
+    ]
     out = w.restarted()
-    assert [(type(i).__name__, getattr(i, "seq", None), getattr(i, "status", None))
-            for i in out] == [("Report", 0, CRASHED), ("Report", 1, TIMEOUT),
-                              ("SendToPool", 2, None), ("Flush", None, None)]
+    assert [
+        (type(i).__name__, getattr(i, "seq", None), getattr(i, "status", None)) for i in out
+    ] == [
+        ("Report", 0, CRASHED),
+        ("Report", 1, TIMEOUT),
+        ("SendToPool", 2, None),
+        ("Flush", None, None),
+    ]
 
 
 # --- cancellation -------------------------------------------------------------------------
@@ -350,9 +402,16 @@ def test_closing_stops_everything() -> None:
     assert w(Closing()) == [Shutdown()]
     assert w.waiting() == [] and w.running() == [] and w.core.closed
     events: list[Event] = [
-        FunctionArrived("b", code("b")), ChunksArrived("a", [3], [b"x"]),
-        ResultsRead(1, [ok("a", 0)]), WorkersDied(1, 1.0, [(101, -9)], [101], []),
-        Tick(1.0, []), PoolRestarted(1, []), JobCancelled("a"), AllCancelled(), Closing()]
+        FunctionArrived("b", code("b")),
+        ChunksArrived("a", [3], [b"x"]),
+        ResultsRead(1, [ok("a", 0)]),
+        WorkersDied(1, 1.0, [(101, -9)], [101], []),
+        Tick(1.0, []),
+        PoolRestarted(1, []),
+        JobCancelled("a"),
+        AllCancelled(),
+        Closing(),
+    ]
     for event in events:
         assert w(event) == []
 
@@ -369,9 +428,17 @@ def test_closing_during_a_restart_ends_it() -> None:
 
 
 # --- texts --------------------------------------------------------------------------------
-@pytest.mark.parametrize("code_,text", [(-9, "signal 9 SIGKILL"), (-11, "signal 11 SIGSEGV"),
-                                        (-99, "signal 99"), (3, "exit code 3"),
-                                        (0, "exit code 0"), (None, "unknown exit")])
+@pytest.mark.parametrize(
+    "code_,text",
+    [
+        (-9, "signal 9 SIGKILL"),
+        (-11, "signal 11 SIGSEGV"),
+        (-99, "signal 99"),
+        (3, "exit code 3"),
+        (0, "exit code 0"),
+        (None, "unknown exit"),
+    ],
+)
 def test_describe_exit(code_: int | None, text: str) -> None:
     """An exit code reads as a signal (with its name when it has one) or a code."""
     assert describe_exit(code_) == text
@@ -402,8 +469,10 @@ def test_random_histories_keep_the_invariants() -> None:
                 out = w.results(*[ok(j, s, rng.choice([1e-6, LONG])) for j, s in done])
             elif roll < 0.8 and running:
                 numbers = core.job_numbers
-                busy = [(100 + n, numbers[j], s, 0.0)
-                        for n, (j, s) in enumerate(running[:core.processes])]
+                busy = [
+                    (100 + n, numbers[j], s, 0.0)
+                    for n, (j, s) in enumerate(running[: core.processes])
+                ]
                 if rng.random() < 0.5:
                     out = w.deaths((rng.choice(busy)[0], -9), busy=busy)
                 else:

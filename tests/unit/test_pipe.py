@@ -1,5 +1,6 @@
 """The reactor's pool pipes: message splitting at every offset, interop with multiprocess's
 own Connection, a writer that never blocks, a reader driven by a fake reactor."""
+
 from __future__ import annotations
 
 import os
@@ -38,13 +39,22 @@ def feed_in_pieces(data: bytes, size: int) -> list[bytes]:
     splitter = MessageSplitter()
     out: list[bytes] = []
     for i in range(0, len(data), size):
-        out.extend(splitter.feed(data[i:i + size]))
+        out.extend(splitter.feed(data[i : i + size]))
     return out
 
 
 # Small messages: an empty one, one-byte ones, bytes that look like headers.
-SMALL = [b"", b"a", b"hello world", b"\x00\x00\x00\x05", b"\xff\xff\xff\xff", b"",
-         bytes(range(256)), b"x" * 1000, b"\n"]
+SMALL = [
+    b"",
+    b"a",
+    b"hello world",
+    b"\x00\x00\x00\x05",
+    b"\xff\xff\xff\xff",
+    b"",
+    bytes(range(256)),
+    b"x" * 1000,
+    b"\n",
+]
 SMALL_STREAM = b"".join(frame(msg) for msg in SMALL)
 # One message over 64 KiB between small ones.
 BIG = random.Random(7).randbytes(100 * KIB + 3)
@@ -195,8 +205,30 @@ def test_every_two_way_split_gives_same_messages() -> None:
 def test_many_chunk_sizes_with_a_message_over_64_kib() -> None:
     """A stream holding a message over 64 KiB gives the same messages for pieces of many
     sizes, from single bytes to the whole stream."""
-    sizes = [1, 2, 3, 4, 5, 7, 11, 12, 13, 100, 4095, 4096, 4097, 16384, 65535, 65536, 65537,
-             len(BIG) - 1, len(BIG), len(BIG) + 1, len(BIG_STREAM) - 1, len(BIG_STREAM)]
+    sizes = [
+        1,
+        2,
+        3,
+        4,
+        5,
+        7,
+        11,
+        12,
+        13,
+        100,
+        4095,
+        4096,
+        4097,
+        16384,
+        65535,
+        65536,
+        65537,
+        len(BIG) - 1,
+        len(BIG),
+        len(BIG) + 1,
+        len(BIG_STREAM) - 1,
+        len(BIG_STREAM),
+    ]
     for size in sizes:
         assert feed_in_pieces(BIG_STREAM, size) == BIG_MESSAGES, f"chunk size {size}"
 
@@ -231,15 +263,21 @@ def test_header_fed_byte_by_byte() -> None:
     """Header bytes fed one at a time give nothing until the payload is complete."""
     splitter = MessageSplitter()
     data = frame(b"xy")
-    assert [splitter.feed(data[i:i + 1]) for i in range(len(data))] == [[], [], [], [], [],
-                                                                          [b"xy"]]
+    assert [splitter.feed(data[i : i + 1]) for i in range(len(data))] == [
+        [],
+        [],
+        [],
+        [],
+        [],
+        [b"xy"],
+    ]
 
 
 def test_large_message_in_many_pieces_is_returned_once_whole() -> None:
     """A large message fed in many pieces is returned once, whole, with the last piece."""
     splitter = MessageSplitter()
     data = frame(BIG)
-    pieces = [data[i:i + 1000] for i in range(0, len(data), 1000)]
+    pieces = [data[i : i + 1000] for i in range(0, len(data), 1000)]
     results = [splitter.feed(piece) for piece in pieces]
     assert all(r == [] for r in results[:-1])
     assert results[-1] == [BIG]
@@ -260,8 +298,7 @@ def test_long_header_for_a_small_message() -> None:
     """A -1 plus 8-byte length header is parsed for small n too (the format allows it),
     at every split of the stream."""
     messages = [b"hello", b"", b"z" * 300, b"tail"]
-    stream = (long_frame(b"hello") + long_frame(b"") + frame(b"z" * 300)
-              + long_frame(b"tail"))
+    stream = long_frame(b"hello") + long_frame(b"") + frame(b"z" * 300) + long_frame(b"tail")
     assert MessageSplitter().feed(long_frame(b"hello")) == [b"hello"]
     for size in range(1, len(stream) + 1):
         assert feed_in_pieces(stream, size) == messages, f"chunk size {size}"
@@ -287,12 +324,14 @@ def mp_pipe(request: pytest.FixtureRequest) -> tuple[mpc.Connection, mpc.Connect
     def close() -> None:
         writer.close()
         reader.close()
+
     request.addfinalizer(close)
     return reader, writer
 
 
 def test_send_bytes_stream_is_split_into_the_same_messages(
-        mp_pipe: tuple[mpc.Connection, mpc.Connection]) -> None:
+    mp_pipe: tuple[mpc.Connection, mpc.Connection],
+) -> None:
     """The raw bytes a real multiprocess Connection's send_bytes writes are split by
     MessageSplitter into exactly the messages sent."""
     reader, writer = mp_pipe
@@ -426,7 +465,7 @@ def test_writer_stop_drops_queue_and_further_sends(pipe: Pipe, reactor: FakeReac
     assert reactor.calls == [("addWriter", writer), ("removeWriter", writer)]
     assert not writer.writing and not writer.queue and writer.fileno() == -1
     written = pipe.drain_nonblocking()  # what went out before stop: a prefix, no more
-    assert written == frame(b"B" * (OVER))[:len(written)]
+    assert written == frame(b"B" * (OVER))[: len(written)]
     writer.send(b"dropped")
     writer.send(b"C" * (OVER))
     writer.doWrite()
@@ -482,7 +521,8 @@ def sink() -> Sink:
 
 
 def test_reader_registers_and_delivers_one_list_per_doread(
-        pipe: Pipe, reactor: FakeReactor, sink: Sink) -> None:
+    pipe: Pipe, reactor: FakeReactor, sink: Sink
+) -> None:
     """A PipeReader registers with the reactor and delivers all messages in the pipe as
     one list per doRead call."""
     reader = PipeReader(reactor, pipe.r, sink.on_messages, sink.on_closed)
@@ -515,8 +555,9 @@ def test_reader_keeps_partial_message(pipe: Pipe, reactor: FakeReactor, sink: Si
     assert sink.events == [[b"first", b"second"]]
 
 
-def test_reader_on_closed_when_write_end_closes(pipe: Pipe, reactor: FakeReactor,
-                                                sink: Sink) -> None:
+def test_reader_on_closed_when_write_end_closes(
+    pipe: Pipe, reactor: FakeReactor, sink: Sink
+) -> None:
     """Closing the write end makes doRead deliver what was left, then call on_closed and
     remove the reader; fileno() is -1 after."""
     reader = PipeReader(reactor, pipe.r, sink.on_messages, sink.on_closed)
@@ -535,8 +576,9 @@ def test_reader_on_closed_when_write_end_closes(pipe: Pipe, reactor: FakeReactor
     assert len(reactor.calls) == 2
 
 
-def test_reader_full_pipe_then_eof_in_one_doread(pipe: Pipe, reactor: FakeReactor,
-                                                 sink: Sink) -> None:
+def test_reader_full_pipe_then_eof_in_one_doread(
+    pipe: Pipe, reactor: FakeReactor, sink: Sink
+) -> None:
     """When a doRead takes a full 64 KiB and then meets end of file, the messages are
     delivered, then on_closed, each once."""
     messages = [b"m" * 1000] * 10 + [b"q" * (64 * KIB - 10 * 1004 - 4)]
@@ -580,8 +622,9 @@ def test_reader_stop(pipe: Pipe, reactor: FakeReactor, sink: Sink) -> None:
     assert sink.events == []
 
 
-def test_reader_read_budget(pipe: Pipe, reactor: FakeReactor, sink: Sink,
-                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_reader_read_budget(
+    pipe: Pipe, reactor: FakeReactor, sink: Sink, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """One doRead takes at most READ_BUDGET bytes; the rest waits for the next turn."""
     monkeypatch.setattr(_pipe, "READ_BUDGET", 6)
     reader = PipeReader(reactor, pipe.r, sink.on_messages, sink.on_closed)
@@ -615,6 +658,7 @@ def test_both_ends_widen_the_pipe(pipe: Pipe, reactor: FakeReactor) -> None:
     """A PipeWriter and a PipeReader ask for PIPE_SIZE of pipe buffer (Linux), so a large
     chunk crosses in a few reactor turns."""
     import fcntl
+
     PipeWriter(reactor, pipe.w)
     assert fcntl.fcntl(pipe.w, 1032) >= _pipe.PIPE_SIZE  # F_GETPIPE_SZ
     other = Pipe()

@@ -1,4 +1,5 @@
 """The server's scheduler: events in, exact instruction lists out (no I/O, no clock)."""
+
 from __future__ import annotations
 
 import pytest
@@ -78,9 +79,17 @@ def key(job: str, owner: int = OWNER) -> str:
     return job_key(owner, job)
 
 
-def report(s: Scheduler, node: int, job: str, seq: int, status: str = OK,
-           payload: bytes | None = None, now: float = 1.0,
-           elapsed: float = 0.25, owner: int = OWNER) -> list[object]:
+def report(
+    s: Scheduler,
+    node: int,
+    job: str,
+    seq: int,
+    status: str = OK,
+    payload: bytes | None = None,
+    now: float = 1.0,
+    elapsed: float = 0.25,
+    owner: int = OWNER,
+) -> list[object]:
     if payload is None:
         payload = result(job, seq)
     return s.handle(ResultReceived(node, key(job, owner), seq, status, payload, elapsed), now)
@@ -90,15 +99,16 @@ def send_fn(node: int, job: str, owner: int = OWNER) -> SendFunction:
     return SendFunction(node, key(job, owner), fn_bytes(job))
 
 
-def task(node: int, job: str, seq: int, timeout: float = 0.0,
-         owner: int = OWNER) -> SendTask:
+def task(node: int, job: str, seq: int, timeout: float = 0.0, owner: int = OWNER) -> SendTask:
     return SendTask(node, key(job, owner), seq, chunk(job, seq), timeout)
 
 
-def forward(job: str, seq: int, status: str = OK, owner: int = OWNER,
-            payload: bytes | None = None) -> ForwardResult:
-    return ForwardResult(owner, job, seq, status,
-                         result(job, seq) if payload is None else payload, 0.25)
+def forward(
+    job: str, seq: int, status: str = OK, owner: int = OWNER, payload: bytes | None = None
+) -> ForwardResult:
+    return ForwardResult(
+        owner, job, seq, status, result(job, seq) if payload is None else payload, 0.25
+    )
 
 
 # --- dispatch -----------------------------------------------------------------------------
@@ -117,9 +127,14 @@ def test_function_sent_once_per_node() -> None:
     join(s, 1)
     join(s, 2)
     submit(s)
-    assert add(s, "j", 0, 1, 2, 3) == [send_fn(1, "j"), task(1, "j", 0),
-                                       send_fn(2, "j"), task(2, "j", 1),
-                                       task(1, "j", 2), task(2, "j", 3)]
+    assert add(s, "j", 0, 1, 2, 3) == [
+        send_fn(1, "j"),
+        task(1, "j", 0),
+        send_fn(2, "j"),
+        task(2, "j", 1),
+        task(1, "j", 2),
+        task(2, "j", 3),
+    ]
 
 
 def test_capacity_is_slots_times_prefetch() -> None:
@@ -166,19 +181,26 @@ def test_batch_events_equal_their_items_one_by_one() -> None:
         join(s, 1, slots=2)
         submit(s)
     singles = [i for seq in range(6) for i in add(one, "j", seq)]
-    batch = many.handle(ChunksAdded("j", list(range(6)), [chunk("j", q) for q in range(6)],
-                                    OWNER), 0.0)
+    batch = many.handle(
+        ChunksAdded("j", list(range(6)), [chunk("j", q) for q in range(6)], OWNER), 0.0
+    )
     assert [i for i in singles if not isinstance(i, ClusterChanged)] == batch
     singles = [i for seq in (0, 1) for i in report(one, 1, "j", seq)]
-    batch = many.handle(ResultsReceived(1, key("j"), [0, 1], [OK, OK],
-                                        [result("j", 0), result("j", 1)], [0.25, 0.25]), 1.0)
+    batch = many.handle(
+        ResultsReceived(
+            1, key("j"), [0, 1], [OK, OK], [result("j", 0), result("j", 1)], [0.25, 0.25]
+        ),
+        1.0,
+    )
     assert sorted(map(repr, singles)) == sorted(map(repr, batch))
-    out = many.handle(ResultsReceived(1, key("j"), [2, 99, 3], [OK, OK, OK],
-                                      [b"a", b"b", b"c"], [0.25] * 3), 1.0)
+    out = many.handle(
+        ResultsReceived(1, key("j"), [2, 99, 3], [OK, OK, OK], [b"a", b"b", b"c"], [0.25] * 3), 1.0
+    )
     assert [type(i).__name__ for i in out] == ["ForwardResult", "Refuse"]
     assert 3 in many.jobs[key("j")].inflight  # the item after the refused one was not taken
     assert many.handle(ChunksAdded("nope", [0, 1], [b"x", b"y"], OWNER), 1.0) == [
-        Refuse(OWNER, "chunk 0 for unknown job nope", job="nope", seq=0)]
+        Refuse(OWNER, "chunk 0 for unknown job nope", job="nope", seq=0)
+    ]
 
 
 def test_ok_result_is_forwarded_and_next_task_dispatched() -> None:
@@ -196,8 +218,7 @@ def test_job_submitted_with_no_nodes_waits_for_a_node() -> None:
     s = Scheduler()
     submit(s)
     assert add(s, "j", 0, 1, 2) == []
-    assert join(s, 1) == [ClusterChanged(1, 1), send_fn(1, "j"), task(1, "j", 0),
-                          task(1, "j", 1)]
+    assert join(s, 1) == [ClusterChanged(1, 1), send_fn(1, "j"), task(1, "j", 0), task(1, "j", 1)]
 
 
 def test_duplicate_chunk_is_not_queued_twice() -> None:
@@ -222,8 +243,7 @@ def test_node_lost_requeues_its_chunks_first_on_another_node() -> None:
     join(s, 1)
     submit(s)
     assert add(s, "j", 0, 1, 2, 3, 4) == [send_fn(1, "j"), task(1, "j", 0), task(1, "j", 1)]
-    assert join(s, 2) == [ClusterChanged(2, 2), send_fn(2, "j"), task(2, "j", 2),
-                          task(2, "j", 3)]
+    assert join(s, 2) == [ClusterChanged(2, 2), send_fn(2, "j"), task(2, "j", 2), task(2, "j", 3)]
     assert s.handle(NodeLost(1, "connection lost"), 1.0) == [ClusterChanged(1, 1)]
     assert list(s.jobs[key("j")].queue) == [0, 1, 4]
     assert report(s, 2, "j", 2) == [forward("j", 2), task(2, "j", 0)]
@@ -239,8 +259,12 @@ def test_node_lost_with_free_node_redispatches_immediately() -> None:
     submit(s)
     add(s, "j", 0, 1)
     join(s, 2)
-    assert s.handle(NodeLost(1, "gone"), 1.0) == [ClusterChanged(1, 1), send_fn(2, "j"),
-                                                  task(2, "j", 0), task(2, "j", 1)]
+    assert s.handle(NodeLost(1, "gone"), 1.0) == [
+        ClusterChanged(1, 1),
+        send_fn(2, "j"),
+        task(2, "j", 0),
+        task(2, "j", 1),
+    ]
 
 
 def test_lost_node_unknown_is_ignored() -> None:
@@ -284,7 +308,8 @@ def test_crashed_chunk_retried_until_max_attempts_then_fails_alone() -> None:
     assert list(s.jobs[key("j")].queue) == [2]
     assert report(s, 1, "j", 0, CRASHED, b"worker died (signal 11)") == [
         FailJob(OWNER, "j", 0, CRASHED, "worker died (signal 11) (attempt 2 of 2)"),
-        task(1, "j", 2)]
+        task(1, "j", 2),
+    ]
     assert list(s.jobs[key("j")].queue) == []  # the job goes on, as multiprocessing's does
     assert add(s, "j", 3) == []  # later chunks are still queued
     assert list(s.jobs[key("j")].queue) == [3]
@@ -299,7 +324,8 @@ def test_timeout_result_is_retried_like_a_crash() -> None:
     submit(s, max_attempts=1)
     add(s, "j", 0)
     assert report(s, 1, "j", 0, TIMEOUT, b"over 5 s") == [
-        FailJob(OWNER, "j", 0, TIMEOUT, "over 5 s (attempt 1 of 1)")]
+        FailJob(OWNER, "j", 0, TIMEOUT, "over 5 s (attempt 1 of 1)")
+    ]
 
 
 def test_node_loss_counts_towards_max_attempts() -> None:
@@ -310,9 +336,11 @@ def test_node_loss_counts_towards_max_attempts() -> None:
     submit(s, max_attempts=1)
     add(s, "j", 0)
     assert s.handle(NodeLost(1, "reset"), 1.0) == [
-        FailJob(OWNER, "j", 0, CRASHED,
-                "node n1 was lost (reset) while running it (attempt 1 of 1)"),
-        ClusterChanged(1, 1)]
+        FailJob(
+            OWNER, "j", 0, CRASHED, "node n1 was lost (reset) while running it (attempt 1 of 1)"
+        ),
+        ClusterChanged(1, 1),
+    ]
 
 
 def test_error_result_forwarded_and_the_job_goes_on() -> None:
@@ -322,8 +350,10 @@ def test_error_result_forwarded_and_the_job_goes_on() -> None:
     join(s, 1)
     submit(s)
     add(s, "j", 0, 1, 2, 3)
-    assert report(s, 1, "j", 0, ERROR, b"exc") == [forward("j", 0, ERROR, payload=b"exc"),
-                                                    task(1, "j", 2)]
+    assert report(s, 1, "j", 0, ERROR, b"exc") == [
+        forward("j", 0, ERROR, payload=b"exc"),
+        task(1, "j", 2),
+    ]
     assert list(s.jobs[key("j")].queue) == [3]
     assert add(s, "j", 4) == []
     assert list(s.jobs[key("j")].queue) == [3, 4]
@@ -336,8 +366,10 @@ def test_isolated_job_error_fails_only_its_chunk() -> None:
     join(s, 1)
     submit(s, isolated=True)
     add(s, "j", 0, 1, 2, 3)
-    assert report(s, 1, "j", 0, ERROR, b"exc") == [forward("j", 0, ERROR, payload=b"exc"),
-                                                    task(1, "j", 2)]
+    assert report(s, 1, "j", 0, ERROR, b"exc") == [
+        forward("j", 0, ERROR, payload=b"exc"),
+        task(1, "j", 2),
+    ]
     assert list(s.jobs[key("j")].queue) == [3]
     assert add(s, "j", 4) == []  # queued behind 3, not dropped
     assert list(s.jobs[key("j")].queue) == [3, 4]
@@ -352,7 +384,9 @@ def test_isolated_job_outlives_a_chunk_that_fails_for_good() -> None:
     submit(s, max_attempts=1, isolated=True)
     add(s, "j", 0, 1, 2)
     assert report(s, 1, "j", 0, CRASHED, b"worker died") == [
-        FailJob(OWNER, "j", 0, CRASHED, "worker died (attempt 1 of 1)"), task(1, "j", 2)]
+        FailJob(OWNER, "j", 0, CRASHED, "worker died (attempt 1 of 1)"),
+        task(1, "j", 2),
+    ]
     assert report(s, 1, "j", 1) == [forward("j", 1)]
     assert add(s, "j", 3) == [task(1, "j", 3)]
     assert s.jobs[key("j")].attempts == {}
@@ -371,9 +405,15 @@ def test_cancelled_answer_for_a_live_job_counts_an_attempt() -> None:
     assert list(s.jobs[key("j")].queue) == [2]
     assert s.jobs[key("j")].attempts == {0: 1}
     assert report(s, 1, "j", 0, CANCELLED, b"") == [
-        FailJob(OWNER, "j", 0, CRASHED, "node n1 answered 'cancelled' for it, though its "
-                                        "job was live (attempt 2 of 2)"),
-        task(1, "j", 2)]
+        FailJob(
+            OWNER,
+            "j",
+            0,
+            CRASHED,
+            "node n1 answered 'cancelled' for it, though its job was live (attempt 2 of 2)",
+        ),
+        task(1, "j", 2),
+    ]
 
 
 def test_node_answering_cancelled_gets_no_more_of_the_job_while_others_can_take_it() -> None:
@@ -398,7 +438,8 @@ def test_unknown_status_is_refused_and_chunk_not_lost() -> None:
     submit(s)
     add(s, "j", 0)
     assert report(s, 1, "j", 0, "bogus", b"") == [
-        Refuse(1, "unknown result status 'bogus'", close=True)]
+        Refuse(1, "unknown result status 'bogus'", close=True)
+    ]
     job = s.jobs[key("j")]
     assert job.inflight == {0: 1} and not job.queue  # still the node's, not lost
     assert report(s, 1, "j", 0) == [forward("j", 0)]
@@ -412,10 +453,15 @@ def test_two_jobs_share_the_cluster_interleaved() -> None:
     submit(s, "b")
     add(s, "a", 0, 1, 2, 3)
     add(s, "b", 0, 1, 2, 3)
-    assert join(s, 1, slots=2) == [ClusterChanged(1, 2),
-                                   send_fn(1, "a"), task(1, "a", 0),
-                                   send_fn(1, "b"), task(1, "b", 0),
-                                   task(1, "a", 1), task(1, "b", 1)]
+    assert join(s, 1, slots=2) == [
+        ClusterChanged(1, 2),
+        send_fn(1, "a"),
+        task(1, "a", 0),
+        send_fn(1, "b"),
+        task(1, "b", 0),
+        task(1, "a", 1),
+        task(1, "b", 1),
+    ]
 
 
 def test_freed_slot_goes_to_job_with_fewest_in_flight() -> None:
@@ -448,8 +494,12 @@ def test_limited_job_leaves_room_for_others() -> None:
     submit(s, "a", limit=1)
     submit(s, "b")
     add(s, "a", 0, 1)
-    assert add(s, "b", 0, 1, 2, 3) == [send_fn(1, "b"), task(1, "b", 0), task(1, "b", 1),
-                                       task(1, "b", 2)]
+    assert add(s, "b", 0, 1, 2, 3) == [
+        send_fn(1, "b"),
+        task(1, "b", 0),
+        task(1, "b", 1),
+        task(1, "b", 2),
+    ]
 
 
 # --- job lifecycle ------------------------------------------------------------------------
@@ -463,8 +513,12 @@ def test_owner_lost_removes_its_jobs_and_cancels_on_nodes() -> None:
     add(s, "a", 0, 1, 2, owner=10)  # a#0 -> n1, a#1 -> n2, a#2 -> n1
     add(s, "b", 0, 1, 2, owner=20)  # b#0 -> n2, then both nodes are full
     assert s.handle(OwnerLost(10), 1.0) == [
-        CancelOnNode(1, key("a", 10)), CancelOnNode(2, key("a", 10)),
-        send_fn(1, "b", 20), task(1, "b", 1, owner=20), task(1, "b", 2, owner=20)]
+        CancelOnNode(1, key("a", 10)),
+        CancelOnNode(2, key("a", 10)),
+        send_fn(1, "b", 20),
+        task(1, "b", 1, owner=20),
+        task(1, "b", 2, owner=20),
+    ]
     assert set(s.jobs) == {key("b", 20)}
     assert list(s.nodes[1].inflight) == [(key("b", 20), 1), (key("b", 20), 2)]
     assert report(s, 1, "a", 0, owner=10) == []  # late result of a removed job: dropped
@@ -522,9 +576,11 @@ def test_chunk_for_unknown_or_foreign_job_refused() -> None:
     s = Scheduler()
     submit(s, owner=1)
     assert s.handle(ChunkAdded("nope", 0, b"", 1), 0.0) == [
-        Refuse(1, "chunk 0 for unknown job nope", job="nope", seq=0)]
+        Refuse(1, "chunk 0 for unknown job nope", job="nope", seq=0)
+    ]
     assert s.handle(ChunkAdded("j", 3, b"", 2), 0.0) == [
-        Refuse(2, "chunk 3 for unknown job j", job="j", seq=3)]
+        Refuse(2, "chunk 3 for unknown job j", job="j", seq=3)
+    ]
 
 
 # --- stray results ------------------------------------------------------------------------
@@ -539,8 +595,9 @@ def test_late_result_from_dropped_node_is_dropped() -> None:
     assert s.jobs[key("j")].inflight == {0: 2}
     assert report(s, 1, "j", 0) == []
     assert report(s, 2, "j", 0) == [forward("j", 0)]
-    assert report(s, 2, "j", 0) == [Refuse(2, "result for chunk 0 of job 100-j, which it was "
-                                              "not given", close=True)]
+    assert report(s, 2, "j", 0) == [
+        Refuse(2, "result for chunk 0 of job 100-j, which it was not given", close=True)
+    ]
 
 
 def test_result_from_node_that_no_longer_holds_chunk_is_refused() -> None:
@@ -553,8 +610,9 @@ def test_result_from_node_that_no_longer_holds_chunk_is_refused() -> None:
     assert report(s, 1, "j", 0, CRASHED, b"died") == [send_fn(2, "j"), task(2, "j", 0)]
     # node 1 is not running chunk 0 any more: a result from it now can only come from a
     # misbehaving node (ours never reports a chunk after reporting it crashed)
-    assert report(s, 1, "j", 0) == [Refuse(1, "result for chunk 0 of job 100-j, which it was "
-                                              "not given", close=True)]
+    assert report(s, 1, "j", 0) == [
+        Refuse(1, "result for chunk 0 of job 100-j, which it was not given", close=True)
+    ]
     assert s.jobs[key("j")].inflight == {0: 2, 1: 1}
     assert report(s, 2, "j", 0) == [forward("j", 0)]
 
@@ -566,8 +624,8 @@ def test_result_for_chunk_never_given_is_refused() -> None:
     submit(s)
     add(s, "j", 0)
     assert report(s, 1, "j", 99) == [
-        Refuse(1, "result for chunk 99 of job 100-j, which it was not given",
-               close=True)]
+        Refuse(1, "result for chunk 99 of job 100-j, which it was not given", close=True)
+    ]
     assert s.jobs[key("j")].inflight == {0: 1}
 
 
@@ -581,11 +639,22 @@ def test_snapshot_shape() -> None:
     s.handle(ResultReceived(1, key("j"), 0, OK, b"r", 0.1), 3.0)
     s.handle(ChunkAdded("j", 1, b"c", OWNER), 4.0)
     assert s.snapshot() == {
-        "nodes": [{"id": 1, "name": "n1", "slots": 2, "inflight": 1, "done": 1,
-                   "draining": False}],
-        "jobs": [{"id": "j", "owner": OWNER, "done": 1, "total": None, "added": 2,
-                  "queued": 0, "inflight": 1, "retries": 0, "age": 2.0,
-                  "chunks_per_s": 0.5, "failed": 0}],
+        "nodes": [{"id": 1, "name": "n1", "slots": 2, "inflight": 1, "done": 1, "draining": False}],
+        "jobs": [
+            {
+                "id": "j",
+                "owner": OWNER,
+                "done": 1,
+                "total": None,
+                "added": 2,
+                "queued": 0,
+                "inflight": 1,
+                "retries": 0,
+                "age": 2.0,
+                "chunks_per_s": 0.5,
+                "failed": 0,
+            }
+        ],
     }
 
 
@@ -635,10 +704,11 @@ def test_result_for_a_job_the_node_never_had_is_refused() -> None:
     submit(s)
     add(s, "j", 0)  # -> n1
     assert s.handle(ResultReceived(2, "j", 0, OK, b"forged", 0.0), 1.0) == [
-        Refuse(2, "result for chunk 0 of job j, which it was not given", close=True)]
+        Refuse(2, "result for chunk 0 of job j, which it was not given", close=True)
+    ]
     assert s.handle(ResultReceived(2, key("j"), 0, OK, b"forged", 0.0), 1.0) == [
-        Refuse(2, f"result for chunk 0 of job {key('j')}, which it was not given",
-               close=True)]
+        Refuse(2, f"result for chunk 0 of job {key('j')}, which it was not given", close=True)
+    ]
     assert s.handle(JobCancelled("j", OWNER), 1.0) == [CancelOnNode(1, key("j"))]
     assert report(s, 1, "j", 0) == []
 
@@ -669,12 +739,19 @@ def test_chunk_held_past_its_deadline_every_attempt_fails_with_timeout() -> None
     join(s, 1)
     submit(s, timeout=4.0, max_attempts=2)
     add(s, "j", 0)
-    assert s.handle(Tick(), 10.5) == [CancelOnNode(1, key("j")), send_fn(1, "j"),
-                                      task(1, "j", 0, 4.0)]
-    detail = ("node n1 held chunk 0 of job j past its time limit of 4 s (and 2 s of "
-              "grace) without an answer; taken away (attempt 2 of 2)")
-    assert s.handle(Tick(), 17.0) == [FailJob(OWNER, "j", 0, TIMEOUT, detail),
-                                      CancelOnNode(1, key("j"))]
+    assert s.handle(Tick(), 10.5) == [
+        CancelOnNode(1, key("j")),
+        send_fn(1, "j"),
+        task(1, "j", 0, 4.0),
+    ]
+    detail = (
+        "node n1 held chunk 0 of job j past its time limit of 4 s (and 2 s of "
+        "grace) without an answer; taken away (attempt 2 of 2)"
+    )
+    assert s.handle(Tick(), 17.0) == [
+        FailJob(OWNER, "j", 0, TIMEOUT, detail),
+        CancelOnNode(1, key("j")),
+    ]
 
 
 def test_a_chunks_clock_starts_when_the_node_can_be_running_it() -> None:
@@ -688,8 +765,11 @@ def test_a_chunks_clock_starts_when_the_node_can_be_running_it() -> None:
     assert report(s, 1, "j", 0, now=2.9) == [forward("j", 0)]
     assert s.handle(Tick(), 3.0) == []  # 1's clock starts now, not at t=0
     assert s.handle(Tick(), 6.0) == []
-    assert s.handle(Tick(), 6.5) == [CancelOnNode(1, key("j")), send_fn(1, "j"),
-                                     task(1, "j", 1, 1.0)]
+    assert s.handle(Tick(), 6.5) == [
+        CancelOnNode(1, key("j")),
+        send_fn(1, "j"),
+        task(1, "j", 1, 1.0),
+    ]
 
 
 def test_a_crash_report_restarts_the_clocks_of_the_nodes_other_chunks() -> None:
@@ -702,8 +782,12 @@ def test_a_crash_report_restarts_the_clocks_of_the_nodes_other_chunks() -> None:
     assert report(s, 1, "j", 0, CRASHED, b"worker died", now=2.5) == [task(1, "j", 0, 1.0)]
     assert s.handle(Tick(), 3.5) == []  # 1 would be late by its first clock; it restarts
     assert s.handle(Tick(), 5.4) == []
-    assert s.handle(Tick(), 5.6) == [CancelOnNode(1, key("j")), send_fn(1, "j"),
-                                     task(1, "j", 0, 1.0), task(1, "j", 1, 1.0)]
+    assert s.handle(Tick(), 5.6) == [
+        CancelOnNode(1, key("j")),
+        send_fn(1, "j"),
+        task(1, "j", 0, 1.0),
+        task(1, "j", 1, 1.0),
+    ]
     assert s.jobs[key("j")].attempts == {0: 2}  # 0 was late (sent again at 2.5), 1 not
 
 

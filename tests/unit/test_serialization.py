@@ -1,4 +1,5 @@
 """How code, data and exceptions cross the wire (dill for code, C pickle for data)."""
+
 from __future__ import annotations
 
 import importlib
@@ -49,6 +50,7 @@ def test_lambda_round_trip() -> None:
 
 def test_closure_round_trip() -> None:
     """A closure keeps its captured values."""
+
     def make(offset: int) -> Callable[[int], int]:
         return lambda x: x + offset
 
@@ -57,8 +59,9 @@ def test_closure_round_trip() -> None:
 
 def test_module_level_function_round_trip() -> None:
     """A module-level function round-trips, with the initializer and mode around it."""
-    bundle = round_trip(module_level_square, mode="star", initializer=module_level_square,
-                        initargs=(3,))
+    bundle = round_trip(
+        module_level_square, mode="star", initializer=module_level_square, initargs=(3,)
+    )
     assert bundle["fn"](7) == 49
     assert (bundle["mode"], bundle["initargs"]) == ("star", (3,))
     assert bundle["initializer"](2) == 4
@@ -82,12 +85,15 @@ def test_unserialisable_function_is_serialization_error() -> None:
 
 
 # --- data chunks --------------------------------------------------------------------------
-@pytest.mark.parametrize("items", [
-    [1, 2.5, "three", b"four", None, True],
-    [(1, 2), {"k": [1, 2]}, {3, 4}, frozenset({5})],
-    list(range(1000)),
-    [],
-])
+@pytest.mark.parametrize(
+    "items",
+    [
+        [1, 2.5, "three", b"four", None, True],
+        [(1, 2), {"k": [1, 2]}, {3, 4}, frozenset({5})],
+        list(range(1000)),
+        [],
+    ],
+)
 def test_plain_data_round_trip_uses_c_pickle(items: list[Any]) -> None:
     """Plain data round-trips, and the bytes are ordinary pickle protocol 5."""
     data = dumps_chunk(items)
@@ -137,7 +143,7 @@ def test_exception_chain_and_traceback_are_dropped() -> None:
         try:
             raise KeyError("inner")
         except KeyError:
-            raise RuntimeError("outer")
+            raise RuntimeError("outer")  # noqa: B904 (the implicit context is the point)
     except RuntimeError as caught:
         exc, _ = loads_exception(dumps_exception(caught, "tb"))
     assert type(exc) is RuntimeError and exc.__context__ is None and exc.__cause__ is None
@@ -180,8 +186,7 @@ CHILD = textwrap.dedent("""
 """)
 
 
-def test_local_module_is_shipped_by_source(tmp_path: Path,
-                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_local_module_is_shipped_by_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A function from a local module runs in a process that does not have the module file."""
     name = "achilles_test_shipped_mod"
     src_dir = tmp_path / "src"
@@ -197,14 +202,21 @@ def test_local_module_is_shipped_by_source(tmp_path: Path,
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.run([sys.executable, "-c", CHILD, name], input=data,
-                          capture_output=True, cwd=elsewhere, env=env, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD, name],
+        input=data,
+        capture_output=True,
+        cwd=elsewhere,
+        env=env,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr.decode(errors="replace")
     assert proc.stdout.decode().strip() == "22"
 
 
-def test_bundle_reused_until_its_source_file_changes(tmp_path: Path,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bundle_reused_until_its_source_file_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The same function gives the very same bundle on the next call; an edit of its
     module's file (seen by mtime and size) gives a new one carrying the new source."""
     name = "achilles_test_cached_mod"
@@ -245,4 +257,5 @@ def test_bundle_follows_a_changed_main_namespace(monkeypatch: pytest.MonkeyPatch
 def loads_function_sources(data: bytes) -> dict[str, str]:
     """The shipped module sources of a bundle (its first part)."""
     import pickle
+
     return pickle.loads(data)[0]  # type: ignore[no-any-return]

@@ -2,6 +2,7 @@
 
 Owners are plain strings here; in the controller they are the jobs' handles.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -128,8 +129,13 @@ def test_job_opened_while_disconnected_waits_for_the_connection() -> None:
     and the connection sends the Submit, then the chunks in order, then Ready."""
     s = session(connected=False)
     assert run(s, opened("A", "a"), made("a", 1), made("a", 0)) == []  # deadline running
-    assert s.handle(Connected()) == [CancelDeadline(), Send(submit("a"), fn("a")),
-                                     resent("a", 0), resent("a", 1), Ready()]
+    assert s.handle(Connected()) == [
+        CancelDeadline(),
+        Send(submit("a"), fn("a")),
+        resent("a", 0),
+        resent("a", 1),
+        Ready(),
+    ]
 
 
 def test_a_job_opened_after_the_deadline_passed_starts_it_again() -> None:
@@ -145,16 +151,27 @@ def test_reconnect_submits_again_with_exactly_the_unfinished_chunks() -> None:
     """After a reconnect every open job is submitted again, in the order they opened,
     each followed by exactly its chunks without an outcome, in sequence order."""
     s = session()
-    run(s, opened("A", "a"), *(made("a", i) for i in range(4)), opened("B", "b"),
-        made("b", 0), call("C", "c", 0), call("C", "c", 1))
+    run(
+        s,
+        opened("A", "a"),
+        *(made("a", i) for i in range(4)),
+        opened("B", "b"),
+        made("b", 0),
+        call("C", "c", 0),
+        call("C", "c", 1),
+    )
     run(s, result("a", 1), result("a", 3), result("b", 0), result("c", 0))
     assert s.handle(Disconnected()) == [LOST, StartDeadline(DEADLINE)]
     assert s.handle(Connected()) == [
         CancelDeadline(),
-        Send(submit("a"), fn("a")), resent("a", 0), resent("a", 2),
+        Send(submit("a"), fn("a")),
+        resent("a", 0),
+        resent("a", 2),
         Send(submit("b"), fn("b")),
-        Send(submit("c", isolated=1), fn("c")), resent("c", 1),
-        Ready()]
+        Send(submit("c", isolated=1), fn("c")),
+        resent("c", 1),
+        Ready(),
+    ]
 
 
 def test_chunks_made_while_disconnected_are_held_not_sent() -> None:
@@ -164,8 +181,14 @@ def test_chunks_made_while_disconnected_are_held_not_sent() -> None:
     s.handle(Disconnected())
     assert run(s, made("a", 1), call("C", "c", 0)) == []
     assert s.handle(Connected()) == [
-        CancelDeadline(), Send(submit("a"), fn("a")), resent("a", 0), resent("a", 1),
-        Send(submit("c", isolated=1), fn("c")), resent("c", 0), Ready()]
+        CancelDeadline(),
+        Send(submit("a"), fn("a")),
+        resent("a", 0),
+        resent("a", 1),
+        Send(submit("c", isolated=1), fn("c")),
+        resent("c", 0),
+        Ready(),
+    ]
 
 
 def test_duplicate_results_after_a_resend_are_dropped() -> None:
@@ -227,7 +250,8 @@ def test_a_transient_refusal_only_warns() -> None:
     s = session(connected=False)
     run(s, opened("A", "a"))
     assert s.handle(Refused("too many", transient=True)) == [
-        Warn("the achilles server is busy (too many); retrying")]
+        Warn("the achilles server is busy (too many); retrying")
+    ]
     assert s.holds("a") and s.fatal is None
 
 
@@ -246,8 +270,7 @@ def test_apply_call_opens_its_job_once_and_is_settled_once() -> None:
     """The first call of an apply job submits it (isolated), later ones only send their
     chunk; each call's outcome is delivered once, whatever comes after."""
     s = session()
-    assert s.handle(call("C", "c", 0)) == [Send(submit("c", isolated=1), fn("c")),
-                                           resent("c", 0)]
+    assert s.handle(call("C", "c", 0)) == [Send(submit("c", isolated=1), fn("c")), resent("c", 0)]
     assert s.handle(call("C", "c", 1)) == [resent("c", 1)]
     assert s.handle(result("c", 1)) == [delivered("C", "c", 1)]
     assert s.handle(result("c", 1)) == []
@@ -273,7 +296,11 @@ def test_an_abandoned_call_is_not_sent_again() -> None:
     s = session()
     run(s, call("C", "c", 0), call("C", "c", 1), CallAbandoned("c", 0), Disconnected())
     assert s.handle(Connected()) == [
-        CancelDeadline(), Send(submit("c", isolated=1), fn("c")), resent("c", 1), Ready()]
+        CancelDeadline(),
+        Send(submit("c", isolated=1), fn("c")),
+        resent("c", 1),
+        Ready(),
+    ]
     assert s.handle(result("c", 0)) == []
 
 
@@ -282,7 +309,8 @@ def test_a_failure_reason_reaches_the_owner() -> None:
     s = session()
     run(s, opened("A", "a"), made("a", 0), made("a", 1))
     assert s.handle(FailureReceived("a", 1, CRASHED, "worker died")) == [
-        DeliverFailure("A", 1, CRASHED, "worker died")]
+        DeliverFailure("A", 1, CRASHED, "worker died")
+    ]
 
 
 # --- end and cancel ---------------------------------------------------------------------------
@@ -294,8 +322,12 @@ def test_cancel_sends_cancel_and_forgets_the_job() -> None:
     assert s.handle(JobCancelled("a")) == [Send(Cancel("a"))]
     assert s.handle(JobCancelled("a")) == []
     assert run(s, made("a", 1), result("a", 0)) == []
-    assert run(s, Disconnected(), Connected()) == [LOST, StartDeadline(DEADLINE),
-                                                    CancelDeadline(), Ready()]
+    assert run(s, Disconnected(), Connected()) == [
+        LOST,
+        StartDeadline(DEADLINE),
+        CancelDeadline(),
+        Ready(),
+    ]
 
 
 def test_end_sends_end_once() -> None:
@@ -320,8 +352,11 @@ def test_end_or_cancel_while_disconnected_just_forgets(event: ses.Event[str]) ->
 # --- the module itself ------------------------------------------------------------------------
 def test_every_event_and_instruction_says_what_it_is() -> None:
     """Each event and instruction class has a one-line docstring of its own."""
-    names = [n for n, v in vars(ses).items() if isinstance(v, type)
-             and dataclasses.is_dataclass(v) and v.__module__ == ses.__name__]
+    names = [
+        n
+        for n, v in vars(ses).items()
+        if isinstance(v, type) and dataclasses.is_dataclass(v) and v.__module__ == ses.__name__
+    ]
     assert len(names) == 26  # 14 events, 11 instructions, HeldJob
     for name in names:
         doc = vars(ses)[name].__doc__
@@ -329,15 +364,16 @@ def test_every_event_and_instruction_says_what_it_is() -> None:
 
 
 def test_a_new_controller_gives_up_after_three_unproven_auth_refusals() -> None:
-    """"auth-failed" without the server's proof is not final (a stand-in may hold the
+    """ "auth-failed" without the server's proof is not final (a stand-in may hold the
     port), but a controller that never got in and hears it three times in a row fails
     its waiters with AuthenticationError, instead of waiting for the deadline."""
     s = Session[str]("h:1", 60.0)
     s.handle(Started())
     refusal = Refused("wrong secret key", transient=True, unproven_auth=True)
     for _ in range(2):
-        assert s.handle(refusal) == [Warn("the achilles server is busy (wrong secret key); "
-                                          "retrying")]
+        assert s.handle(refusal) == [
+            Warn("the achilles server is busy (wrong secret key); retrying")
+        ]
     out = s.handle(refusal)
     assert out[0] == StopReconnecting() and isinstance(out[-1], FailWaiters)
     assert isinstance(s.fatal, AuthenticationError) and "3 times" in str(s.fatal)

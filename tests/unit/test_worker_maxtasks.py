@@ -1,5 +1,6 @@
 """maxtasksperchild inside a worker: the bundle carries it, the worker counts a pool's
 chunks, retires without reading another task, and frees its slot for a replacement."""
+
 from __future__ import annotations
 
 import multiprocess
@@ -17,15 +18,15 @@ from achilles.serialization import (
 
 def test_bundle_carries_maxtasks():
     """dumps_function's maxtasks reaches the worker's runtime dict (None by default)."""
-    assert loads_function(dumps_function(abs, "map", None, (), "p1", maxtasks=3))[
-        "maxtasks"] == 3
+    assert loads_function(dumps_function(abs, "map", None, (), "p1", maxtasks=3))["maxtasks"] == 3
     assert loads_function(dumps_function(abs, "map", None, (), "p1"))["maxtasks"] is None
 
 
 def test_bundle_cache_keys_on_maxtasks():
     """Two pools differing only in maxtasksperchild get different bundles."""
-    assert dumps_function(abs, "map", None, (), "p2", maxtasks=1) != \
-        dumps_function(abs, "map", None, (), "p2", maxtasks=2)
+    assert dumps_function(abs, "map", None, (), "p2", maxtasks=1) != dumps_function(
+        abs, "map", None, (), "p2", maxtasks=2
+    )
 
 
 def test_slot_table_reuses_freed_slots():
@@ -33,7 +34,7 @@ def test_slot_table_reuses_freed_slots():
     table = _worker.SlotTable.create(multiprocess.get_context("spawn"), 2)
     assert [table.claim(), table.claim(), table.claim()] == [0, 1, -1]
     table.release(0)
-    assert list(table.pids)[0] == 0
+    assert table.pids[0] == 0
     assert table.claim() == 0
 
 
@@ -42,8 +43,14 @@ def worker_state(monkeypatch):
     """This process stands in for a pool worker owning slot 0 of a fresh table."""
     table = _worker.SlotTable.create(multiprocess.get_context("spawn"), 1)
     slot = table.claim()
-    for name, value in [("_slots", table), ("_slot", slot), ("_jobs", type(_worker._jobs)()),
-                        ("_tasks", {}), ("_initialized", set()), ("_retiring", False)]:
+    for name, value in [
+        ("_slots", table),
+        ("_slot", slot),
+        ("_jobs", type(_worker._jobs)()),
+        ("_tasks", {}),
+        ("_initialized", set()),
+        ("_retiring", False),
+    ]:
         monkeypatch.setattr(_worker, name, value)
     return table
 
