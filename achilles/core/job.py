@@ -140,7 +140,7 @@ class Job:
         round trip, keep more of them outstanding (the servers and nodes queue deeper
         too, see Pace), up to MAX_PREFETCH / PREFETCH times the base window; longer
         chunks keep the base."""
-        self.window = self.base_window * (self.pace.observe(elapsed) // PREFETCH)
+        self.window = min(MAX_WINDOW, self.base_window * (self.pace.observe(elapsed) // PREFETCH))
 
     def lift_window(self) -> None:
         """No limit on outstanding chunks any more: the caller waits for every task to
@@ -190,7 +190,14 @@ class Job:
         return None if info is None else (info.start, info.start + info.count)
 
 
+#: most chunks a job keeps outstanding, whatever the cluster says its size is: the slots
+#: come from nodes (and a node that claimed 10**9 of them once made an ``imap`` over an
+#: endless generator read 377,895 items, 487 MB, in 6 s)
+MAX_WINDOW = 16_384
+
+
 def window_for(slots: int, limit: int = 0) -> int:
-    """How many chunks a job keeps outstanding: a few per slot it can use."""
+    """How many chunks a job keeps outstanding: a few per slot it can use, at most
+    MAX_WINDOW."""
     usable = min(slots, limit) if limit > 0 else slots
-    return max(4, math.ceil(usable * 3))
+    return min(MAX_WINDOW, max(4, math.ceil(usable * 3)))

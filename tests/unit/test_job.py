@@ -340,3 +340,16 @@ def test_pool_chooses_the_exception_by_the_servers_reason() -> None:
     assert isinstance(crashed, ChunkFailedError)
     assert not isinstance(crashed, multiprocessing.TimeoutError)
     assert str(crashed).startswith("chunk 4 (arguments 8 to 9) failed: worker died")
+
+
+def test_window_is_bounded_whatever_the_cluster_claims() -> None:
+    """Slots come from nodes: a window sized from them is capped, so a node claiming
+    10**9 slots cannot make an imap read an endless generator into memory."""
+    from achilles.core.job import MAX_WINDOW, Job, window_for
+
+    assert window_for(10**9) == MAX_WINDOW
+    assert window_for(2) == 6 and window_for(0) == 4
+    job = Job(ordered=True, window=window_for(10**9))
+    for _ in range(50):
+        job.observe(0.000001)  # very short chunks: the window grows, up to the cap
+    assert job.window <= MAX_WINDOW
