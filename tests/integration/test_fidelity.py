@@ -299,16 +299,8 @@ ABANDONED_AFTER_APPLY = """
             for attr in ("_forkserver", "_resource_tracker"):
                 obj = getattr(mod, attr, None)
                 keep.add(getattr(obj, "_forkserver_pid", None) or getattr(obj, "_pid", None))
-        parents = {}
-        for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                try:
-                    with open(f"/proc/{entry}/stat") as f:
-                        fields = f.read().rsplit(")", 1)[1].split()
-                except OSError:
-                    continue
-                if fields[0] != "Z":
-                    parents[int(entry)] = int(fields[1])
+        from achilles.testing import proc_table
+        parents = {p: pp for p, (pp, _, state) in proc_table().items() if state != "Z"}
         found, frontier = set(), {os.getpid()}
         while frontier:
             frontier = {p for p, pp in parents.items() if pp in frontier} - found

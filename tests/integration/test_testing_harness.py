@@ -45,16 +45,7 @@ def environ_of(pid: int) -> dict[str, str]:
 
 def descendants(pid: int) -> set[int]:
     """``pid`` and every live process under it, from /proc."""
-    parent = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if fields[0] != "Z":
-                parent[int(entry)] = int(fields[1])
+    parent = {p: pp for p, (pp, _, state) in testing.proc_table().items() if state != "Z"}
     found = {pid}
     grew = True
     while grew:
