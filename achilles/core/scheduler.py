@@ -297,6 +297,8 @@ class Scheduler:
     def _on_tick(self, ev: Tick) -> None:
         """Start the clocks of chunks a node can now be running; take away the chunks of
         jobs with a time limit that a node has held past their deadline."""
+        if not any(job.timeout > 0 for job in self.jobs.values()):
+            return  # only chunks of jobs with a time limit need clocks (O(jobs), not slots)
         now = self._now
         late: dict[tuple[int, str], set[int]] = {}  # (node, job) -> its late chunks
         for node in self.nodes.values():
