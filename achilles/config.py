@@ -75,7 +75,14 @@ _CONVERT: dict[str, Any] = {
     "handshake_timeout": float,
     "insecure": _flag,
 }
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address or a name) is this machine's loopback: 127.0.0.0/8,
+    ``::1`` (also IPv4-mapped), or ``localhost``."""
+    return host == "localhost" or host.startswith(("127.", "::1", "::ffff:127."))
+
+
 TLS_MODES = ("auto", "on", "off")
 #: keys whose presence means "a cluster is configured" (else Pool() runs a local one)
 CLUSTER_KEYS = ("host", "port", "secret_key")
@@ -187,7 +194,7 @@ def cluster_configured(env_file: str | None = None, **explicit: Any) -> bool:
 
 def require_secret(settings: Settings, who: str) -> str:
     """The secret to authenticate with; the empty one only for loopback insecure mode."""
-    if not settings.secret_key and settings.insecure and settings.host in LOOPBACK:
+    if not settings.secret_key and settings.insecure and is_loopback(settings.host):
         return ""
     if not settings.secret_key:
         raise ConfigError(

@@ -10,7 +10,7 @@ import threading
 from typing import Any
 
 from achilles.protocol import messages as m
-from achilles.protocol.framing import MAX_PAYLOAD_LENGTH, Frame, FrameReader, encode
+from achilles.protocol.framing import MAX_PAYLOAD_LENGTH, Frame, FrameReader, encode, split
 from achilles.protocol.messages import Message
 
 
@@ -209,3 +209,17 @@ class Raw:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def unpack(msg: Any, payload: bytes) -> tuple[list[int], list[bytes]]:
+    """The sequence numbers and payloads a single-item or batch frame carries."""
+    if isinstance(msg, m.Batch):
+        return msg.seqs, split(payload, msg.sizes)
+    return [msg.seq], [payload]
+
+
+def outcomes(msg: Any) -> tuple[list[str], list[float]]:
+    """The statuses and run times a ``Result`` or ``Results`` frame carries."""
+    if isinstance(msg, m.Results):
+        return msg.statuses, msg.elapsed
+    return [msg.status], [msg.elapsed]

@@ -18,6 +18,7 @@ from typing import Any
 from twisted.internet import protocol, task
 
 from achilles.compat import twisted as compat
+from achilles.config import is_loopback
 from achilles.errors import AuthenticationError, ProtocolError
 from achilles.net import memlink as _memlink
 from achilles.net import tls
@@ -416,7 +417,7 @@ def client_endpoint(reactor: Any, settings: Any) -> Any:
     use_tls = (
         settings.tls == "on"
         or bool(settings.tls_ca)
-        or (settings.tls == "auto" and not tls.is_loopback(settings.host))
+        or (settings.tls == "auto" and not is_loopback(settings.host))
     )
     if not use_tls:
         return plain

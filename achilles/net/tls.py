@@ -24,6 +24,7 @@ from typing import Any
 
 from twisted.internet import protocol
 
+from achilles.config import is_loopback
 from achilles.errors import ConfigError
 from achilles.protocol import auth
 
@@ -32,7 +33,6 @@ log = logging.getLogger("achilles.server")
 CERT_FILE = "server-tls.pem"
 #: first byte of a TLS handshake record
 TLS_RECORD = 0x16
-LOOPBACK_PEERS = ("127.", "::1", "::ffff:127.")
 
 
 def _new_certificate() -> bytes:
@@ -148,10 +148,6 @@ def client_options(settings: Any) -> Any:
             ca = ssl.Certificate.loadPEM(f.read())
         return ssl.optionsForClientTLS(settings.host, trustRoot=ca)
     return ssl.CertificateOptions(verify=False)
-
-
-def is_loopback(host: str) -> bool:
-    return host == "localhost" or host.startswith(LOOPBACK_PEERS)
 
 
 class _Sniffer(protocol.Protocol):

@@ -18,7 +18,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from achilles.protocol.framing import BATCH_LIMIT, runs, split
+from achilles.protocol.framing import BATCH_LIMIT, runs
 from achilles.protocol.messages import Batch, Chunk, Chunks, Message, Result, Results, Task, Tasks
 
 
@@ -82,19 +82,3 @@ def pack(kind: type[Batch], group: Sequence[Any]) -> tuple[Message, bytes]:
     return Results(
         first.job, seqs, sizes, [i.status for i in group], [i.elapsed for i in group]
     ), payload
-
-
-def unpack(
-    msg: Chunk | Chunks | Task | Tasks | Result | Results, payload: bytes
-) -> tuple[list[int], list[bytes]]:
-    """The sequence numbers and payloads a single-item or batch frame carries."""
-    if isinstance(msg, Batch):
-        return msg.seqs, split(payload, msg.sizes)
-    return [msg.seq], [payload]
-
-
-def outcomes(msg: Result | Results) -> tuple[list[str], list[float]]:
-    """The statuses and run times a ``Result`` or ``Results`` frame carries."""
-    if isinstance(msg, Results):
-        return msg.statuses, msg.elapsed
-    return [msg.status], [msg.elapsed]

@@ -58,6 +58,8 @@ class ServerProtocol(FramedProtocol):
     binding = ""
     #: why this plain connection is refused (plain TCP from another machine), if it is
     plain_refusal = ""
+    _hello = False  # its Hello was read (one is allowed, before the AuthReply)
+    _closed = False  # connectionLost ran (``connected`` is never cleared by a close)
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -126,8 +128,6 @@ class ServerProtocol(FramedProtocol):
         self.factory.open_connections -= 1
         self.factory.peer_lost(self, reason)
 
-    _closed = False
-
     def frameReceived(self, frame: Frame) -> None:
         msg = frame.msg
         if not self.authenticated:
@@ -142,8 +142,6 @@ class ServerProtocol(FramedProtocol):
         if not isinstance(msg, ALLOWED[self.role]):
             raise ProtocolError("not-allowed", f"a {self.role} may not send {msg.TYPE!r}")
         self.factory.message(self, msg, frame.payload)
-
-    _hello = False
 
     def _transcript(self, msg: AuthReply) -> auth.Transcript:
         return auth.Transcript(

@@ -13,7 +13,7 @@ from typing import Any
 
 from twisted.internet import protocol, task
 
-from achilles.config import LOOPBACK, Settings, require_secret, user_config_dir
+from achilles.config import Settings, is_loopback, require_secret, user_config_dir
 from achilles.core import scheduler as sch
 from achilles.core.throttle import REPORT_INTERVAL, LoginThrottle
 from achilles.errors import ConfigError
@@ -203,7 +203,7 @@ class ServerFactory(protocol.Factory):
     def plain_accepted(self, host: str) -> None:
         """A plain TCP connection was let in: warn (once per address) if it came from
         another machine (only ``--tls off`` allows that)."""
-        if not tls.is_loopback(host) and host not in self._plain_warned:
+        if not is_loopback(host) and host not in self._plain_warned:
             self._plain_warned.add(host)
             log.warning(
                 "accepted plain TCP (unencrypted) from %s: anyone on the network "
@@ -382,7 +382,7 @@ def listen(settings: Settings, reactor: Any = None) -> Any:
     """
     if reactor is None:
         from twisted.internet import reactor
-    if settings.insecure and not settings.secret_key and settings.host not in LOOPBACK:
+    if settings.insecure and not settings.secret_key and not is_loopback(settings.host):
         raise ConfigError(
             "insecure mode (no secret) is only allowed on a loopback address, "
             f"not on {settings.host!r}"

@@ -17,13 +17,13 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+import wire
 from conftest import Cluster, child_env, wait_until
 from wire import Raw
 
 from achilles import ChunkFailedError, Pool
 from achilles.core.pace import PREFETCH
 from achilles.core.scheduler import MAX_SLOTS
-from achilles.protocol import batching
 from achilles.protocol import messages as m
 from achilles.serialization import dumps_chunk, dumps_function, loads_chunk
 
@@ -81,7 +81,7 @@ class HostileNode:
             if isinstance(msg, m.Heartbeat):
                 self.raw.send_msg(m.Heartbeat())
             elif isinstance(msg, (m.Task, m.Tasks)):
-                seqs, _ = batching.unpack(msg, frame.payload)
+                seqs, _ = wire.unpack(msg, frame.payload)
                 self.tasks.extend((msg.job, seq) for seq in seqs)
                 reply = self.answer(msg.job, seqs)
                 if reply is not None:
@@ -183,8 +183,8 @@ def run_abs(conn: Raw, job: str, values: list[int], submit: bool = True) -> list
         msg = frame.msg
         assert not isinstance(msg, (m.ErrorFrame, m.JobFailed)), msg
         if isinstance(msg, (m.Result, m.Results)) and msg.job == job:
-            [seq], [payload] = batching.unpack(msg, frame.payload)
-            assert seq == 0 and batching.outcomes(msg)[0] == [m.OK]
+            [seq], [payload] = wire.unpack(msg, frame.payload)
+            assert seq == 0 and wire.outcomes(msg)[0] == [m.OK]
             return list(loads_chunk(payload))
 
 

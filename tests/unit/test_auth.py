@@ -32,18 +32,6 @@ from achilles.protocol.messages import PROTOCOL_VERSION
 SECRET = "correct horse battery staple"
 SERVER_NONCE = make_nonce(bytes(range(NONCE_BYTES)))
 PEER_NONCE = make_nonce(bytes(range(100, 100 + NONCE_BYTES)))
-T = Transcript(
-    SERVER_NONCE,
-    PEER_NONCE,
-    "node",
-    "achilles",
-    "host-a:12",
-    PROTOCOL_VERSION,
-    "3.11",
-    "3.11",
-    "ab" * 32,
-    "cd" * 16,
-)
 
 
 def _hmac(*fields: object) -> str:
@@ -52,18 +40,9 @@ def _hmac(*fields: object) -> str:
     return hmac.new(SECRET.encode(), text.encode(), hashlib.sha256).hexdigest()
 
 
-FIELDS = (
-    SERVER_NONCE,
-    PEER_NONCE,
-    "node",
-    "achilles",
-    "host-a:12",
-    PROTOCOL_VERSION,
-    "3.11",
-    "3.11",
-    "ab" * 32,
-    "cd" * 16,
-)
+FIELDS = (SERVER_NONCE, PEER_NONCE, "node", "achilles", "host-a:12", PROTOCOL_VERSION,
+          "3.11", "3.11", "ab" * 32, "cd" * 16)  # fmt: skip
+T = Transcript(*FIELDS)
 
 
 def test_proofs_are_hmacs_of_the_canonical_transcript() -> None:
