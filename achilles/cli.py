@@ -13,6 +13,7 @@ from typing import Any
 
 from achilles.config import Settings, resolve
 from achilles.errors import AchillesError
+from achilles.launch import commands as _launch_commands
 
 
 def _common(p: argparse.ArgumentParser, secret: bool = True) -> None:
@@ -60,9 +61,15 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="run without a secret, on a loopback address only",
     )
+    _unit_option(p)
     p = sub.add_parser("node", help="run a node: all cores of this machine work for the cluster")
     _common(p)
     p.add_argument("--processes", type=int, help="worker processes (default: all cores)")
+    p.add_argument(
+        "--name", help="this node's name in `achilles status` (ACHILLES_NAME; default: host name)"
+    )
+    p.add_argument("--launched-by", dest="launched_by", default="", help=argparse.SUPPRESS)
+    _unit_option(p)
     p = sub.add_parser("kill", help="stop every node of the cluster")
     _common(p)
     p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
@@ -70,6 +77,7 @@ def _parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--json", action="store_true", help="print JSON")
     sub.add_parser("secret", help="print a new strong secret for ACHILLES_SECRET_KEY")
+    _launch_commands.add_parsers(sub, _common)
     return parser
 
 
@@ -80,6 +88,7 @@ def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
         "username",
         "secret_key",
         "processes",
+        "name",
         "log_level",
         "tls_ca",
         "tls_cert",
@@ -109,7 +118,40 @@ def _listening(port: Any) -> None:
     print(f"listening on {host.host}:{host.port}", flush=True)
 
 
+def _unit_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--print-systemd-unit",
+        dest="print_unit",
+        action="store_true",
+        help="print a systemd unit that runs this command as a service, and exit",
+    )
+
+
+#: options a systemd unit carries over from the command line (never the secret: the unit
+#: reads it from its 0600 environment file)
+_UNIT_OPTIONS = ("host", "port", "processes", "name", "tls", "tls_ca", "tls_cert", "tls_key",
+                 "username", "log_level")  # fmt: skip
+
+
+def _print_unit(args: argparse.Namespace) -> int:
+    from achilles.launch.systemd import unit
+
+    if getattr(args, "secret_key", None):
+        raise AchillesError(
+            "a unit never carries the secret: put ACHILLES_SECRET_KEY in its environment file"
+        )
+    argv: list[str] = []
+    for key in _UNIT_OPTIONS:
+        value = getattr(args, key, None)
+        if value is not None:
+            argv += ["--" + key.replace("_", "-"), str(value)]
+    print(unit(args.command, argv), end="")
+    return 0
+
+
 def cmd_server(args: argparse.Namespace) -> int:
+    if args.print_unit:
+        return _print_unit(args)
     sys.setswitchinterval(0.0005)
     from achilles.net.reactor import reactor as global_reactor
 
@@ -139,6 +181,8 @@ def _early_worker_start() -> None:
 
 
 def cmd_node(args: argparse.Namespace) -> int:
+    if args.print_unit:
+        return _print_unit(args)
     _early_worker_start()
     from achilles import node
 
@@ -146,7 +190,7 @@ def cmd_node(args: argparse.Namespace) -> int:
     _logging(settings.log_level)
     if settings.processes is not None and settings.processes < 1:
         raise AchillesError("--processes must be at least 1")
-    return node.run_node(settings)
+    return node.run_node(settings, launcher=args.launched_by)
 
 
 def _admin_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -194,13 +238,16 @@ def cmd_status(args: argparse.Namespace) -> int:
         f"{len(status['nodes'])} node(s), {status['controllers']} controller(s), "
         f"{len(status['jobs'])} job(s)"
     )
-    print(f"{'NODE':<32} {'SLOTS':>5} {'BUSY':>5} {'DONE':>8} {'HEARTBEAT':>10}  STATE")
+    print(
+        f"{'NODE':<32} {'SLOTS':>5} {'BUSY':>5} {'DONE':>8} {'HEARTBEAT':>10}  {'STATE':<8} "
+        "STARTED BY"
+    )
     for n in status["nodes"]:
         seen = n.get("last_seen_age")
         print(
             f"{_cell(n['name'], 64):<32} {n['slots']:>5} {n['inflight']:>5} {n['done']:>8} "
             f"{'-' if seen is None else f'{seen:.1f}s ago':>10}  "
-            f"{'leaving' if n['draining'] else 'ready'}"
+            f"{'leaving' if n['draining'] else 'ready':<8} {_cell(n.get('launcher') or '-', 16)}"
         )
     if status["jobs"]:
         print(
@@ -224,6 +271,9 @@ COMMANDS = {
     "kill": cmd_kill,
     "status": cmd_status,
     "secret": cmd_secret,
+    "up": lambda args: _launch_commands.cmd_up(args, _settings(args)),
+    "down": lambda args: _launch_commands.cmd_down(args, _settings(args)),
+    "logs": lambda args: _launch_commands.cmd_logs(args, _settings(args)),
 }
 
 

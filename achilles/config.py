@@ -31,6 +31,7 @@ class Settings:
     username: str = "achilles"
     secret_key: str | None = None
     processes: int | None = None  # node: workers (None: every core)
+    name: str | None = None  # node: its name in the cluster (None: this host's name)
     heartbeat_interval: float = 5.0  # seconds between a node's heartbeats
     heartbeat_timeout: float = 30.0  # server: a node silent this long is lost
     reconnect_timeout: float = 60.0  # controller: give up if the server stays away
@@ -178,7 +179,7 @@ def resolve(env_file: str | None = None, **explicit: Any) -> Settings:
             raise ConfigError(f"{source} must be one of {', '.join(TLS_MODES)}, got {value!r}")
         if name == "tls":
             values[name] = str(value).strip().lower()
-        if name == "username" and not re.fullmatch(NAME_PATTERN, str(value)):
+        if name in ("username", "name") and not re.fullmatch(NAME_PATTERN, str(value)):
             raise ConfigError(
                 f"{source} must be 1-64 letters, digits or ._@:+- (starting "
                 f"with a letter or digit), got {str(value)[:80]!r}"

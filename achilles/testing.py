@@ -41,7 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 __all__ = [
@@ -388,8 +388,8 @@ class Cluster:
         return len(self.status()["nodes"])
 
     def node_pids(self) -> set[int]:
-        """PIDs of the registered nodes (a node's name is ``hostname:pid``)."""
-        return {int(pid) for pid in _name_pids(n["name"] for n in self.status()["nodes"])}
+        """PIDs of the registered nodes (each says its own, once connected)."""
+        return {n["pid"] for n in self.status()["nodes"] if n.get("pid")}
 
     def wait_nodes(self, timeout: float = 60.0) -> None:
         """Wait until exactly the live nodes started here are registered (no stale ones)."""
@@ -422,14 +422,6 @@ class Cluster:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def _name_pids(names: Iterable[str]) -> Iterable[str]:
-    """The PID part of each ``hostname:pid`` node name that has one."""
-    for name in names:
-        pid = name.rsplit(":", 1)[-1]
-        if pid.isdigit():
-            yield pid
 
 
 def start_cluster(nodes: int = 2, processes: int = 1, **options: Any) -> Cluster:

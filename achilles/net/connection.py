@@ -254,8 +254,11 @@ class ClientProtocol(FramedProtocol):
         heartbeat_interval: float = 5.0,
         heartbeat_timeout: float = 30.0,
         session: str = "",
+        name: str = "",
     ) -> None:
         self.secret = secret
+        #: the name the server shows for this peer ("" for ``host:pid``)
+        self.name = name
         #: the owner's session token, the same on every reconnect (see AuthReply)
         self.session = session or _PROCESS_SESSION
         self.clock = clock
@@ -324,7 +327,7 @@ class ClientProtocol(FramedProtocol):
                 PROTOCOL_VERSION,
             )
         nonce = auth.make_nonce(os.urandom(auth.NONCE_BYTES))
-        name = node_name()
+        name = self.name or node_name()
         t = self._transcript = auth.Transcript(
             msg.nonce,
             nonce,

@@ -6,24 +6,26 @@ from __future__ import annotations
 
 import logging
 import os
+import platform
 import random
 import signal
+import socket
 from collections.abc import Callable
 from typing import Any, cast
 
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.internet.interfaces import IProtocolFactory
 
+from achilles import __version__
 from achilles.config import Settings, require_secret
 from achilles.net.connection import (
     TRANSIENT_REFUSALS,
     ClientFactory,
     ClientProtocol,
     client_endpoint,
-    node_name,
 )
 from achilles.node.executor import Executor
-from achilles.protocol import batching
+from achilles.protocol import auth, batching
 from achilles.protocol.framing import split
 from achilles.protocol.messages import (
     Cancel,
@@ -32,6 +34,7 @@ from achilles.protocol.messages import (
     Function,
     Kill,
     Message,
+    NodeInfo,
     Results,
     Task,
     Tasks,
@@ -94,7 +97,11 @@ class Node:
     """Connects to the server (reconnecting with backoff) and feeds the executor."""
 
     def __init__(
-        self, settings: Settings, reactor: Any = None, on_stop: Callable[[int], None] | None = None
+        self,
+        settings: Settings,
+        reactor: Any = None,
+        on_stop: Callable[[int], None] | None = None,
+        launcher: str = "",
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor
@@ -102,7 +109,8 @@ class Node:
         self.reactor = reactor
         self.secret = require_secret(settings, "achilles-node")
         self.processes = settings.processes or os.cpu_count() or 1
-        self.name = node_name()
+        self.name = settings.name or auth.safe_name(socket.gethostname())
+        self.launcher = launcher
         self.proto: NodeProtocol | None = None
         self._outbox: list[batching.Piece] = []
         self.exit_code = 0
@@ -120,6 +128,7 @@ class Node:
             slots=self.processes,
             heartbeat_interval=settings.heartbeat_interval,
             heartbeat_timeout=settings.heartbeat_timeout,
+            name=self.name,
         )
         # cast: zope's @implementer is invisible to mypy without its plugin
         self.service = ClientService(
@@ -143,6 +152,15 @@ class Node:
 
     def connected(self, proto: NodeProtocol) -> None:
         self.proto = proto
+        proto.send(
+            NodeInfo(
+                __version__,
+                platform.python_version(),
+                auth.safe_name(socket.gethostname()),
+                self.launcher,
+                os.getpid(),
+            )
+        )
         log.info(
             "connected to achilles server at %s:%d as node %d",
             self.settings.host,
@@ -215,12 +233,18 @@ class Node:
             self.on_stop(exit_code)
 
 
-def run_node(settings: Settings) -> int:
-    """Run a node until it is killed or told to stop; return the exit code."""
+def run_node(settings: Settings, launcher: str = "") -> int:
+    """Run a node until it is killed or told to stop; return the exit code. ``launcher``
+    says how it was started ("up", "systemd"; shown by ``achilles status``)."""
     from twisted.internet import reactor as installed
 
     reactor: Any = installed  # (mypy takes the module attribute for an interface)
-    node = Node(settings, reactor, on_stop=lambda code: reactor.callLater(0, reactor.stop))
+    node = Node(
+        settings,
+        reactor,
+        on_stop=lambda code: reactor.callLater(0, reactor.stop),
+        launcher=launcher,
+    )
     reactor.callWhenRunning(node.start)
     reactor.callWhenRunning(_graceful_sigterm, node)
     reactor.addSystemEventTrigger("before", "shutdown", node.executor.close)

@@ -19,7 +19,7 @@ from achilles.errors import ProtocolError
 
 #: 2: batch frames (chunks, tasks, results); 3: isolated jobs; 4: the peer speaks first
 #: (Hello), a transcript bound to the TLS certificate, refusals with a proof
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 
 ROLES = ("node", "controller", "admin")
 
@@ -342,6 +342,36 @@ class Results(Batch):
     elapsed: list[float]
 
 
+#: longest text field of a NodeInfo frame (versions, host name, launcher), all of which
+#: are in a safe alphabet: shown as they are
+INFO_MAX = 64
+_INFO = re.compile(r"[A-Za-z0-9._@:+-]{0,64}")
+
+
+@dataclass(frozen=True, slots=True)
+class NodeInfo(Message):
+    """Sent once by a node after it is welcomed: what ``achilles status`` and ``achilles
+    up`` show of it. ``launcher`` is how it was started ("up", "systemd" or "")."""
+
+    TYPE = "nodeinfo"
+    version: str
+    python: str
+    host: str
+    launcher: str
+    pid: int
+
+    def check(self, n: int) -> None:
+        for name in ("version", "python", "host", "launcher"):
+            if not _INFO.fullmatch(getattr(self, name)):
+                raise ProtocolError(
+                    "bad-field",
+                    f"{self.TYPE!r} field {name!r} is not 0 to {INFO_MAX} characters of "
+                    f"A-Z a-z 0-9 . _ @ : + -",
+                )
+        if not 0 <= self.pid < 2**32:
+            raise ProtocolError("bad-field", f"{self.TYPE!r} pid {self.pid} is out of range")
+
+
 @dataclass(frozen=True, slots=True)
 class Drain(Message):
     """A node is leaving: send it no more work."""
@@ -415,6 +445,7 @@ MESSAGES: dict[str, type[Message]] = {
         Result,
         Results,
         Drain,
+        NodeInfo,
         JobFailed,
         Cluster,
         Status,

@@ -30,6 +30,7 @@ from achilles.protocol.messages import (
     Hello,
     Kill,
     Message,
+    NodeInfo,
     Result,
     Results,
     StatusRequest,
@@ -45,7 +46,7 @@ log = logging.getLogger("achilles.server")
 
 # What each role may send once authenticated.
 ALLOWED: dict[str, tuple[type[Message], ...]] = {
-    "node": (Result, Results, Heartbeat, Drain, ErrorFrame),
+    "node": (Result, Results, Heartbeat, Drain, NodeInfo, ErrorFrame),
     "controller": (Submit, Chunk, Chunks, Cancel, End, Kill, StatusRequest, Heartbeat, ErrorFrame),
     "admin": (Kill, StatusRequest, Heartbeat, ErrorFrame),
 }
@@ -60,6 +61,8 @@ class ServerProtocol(FramedProtocol):
     plain_refusal = ""
     _hello = False  # its Hello was read (one is allowed, before the AuthReply)
     _closed = False  # connectionLost ran (``connected`` is never cleared by a close)
+    #: what a node said of itself (its NodeInfo frame, escaped), for ``achilles status``
+    info: dict[str, Any] = {}
 
     def connectionMade(self) -> None:
         super().connectionMade()

@@ -35,6 +35,7 @@ from achilles.protocol.messages import (
     Kill,
     Killed,
     Message,
+    NodeInfo,
     Result,
     Results,
     Status,
@@ -83,6 +84,7 @@ class ServerFactory(protocol.Factory):
             Kill: self._on_kill,
             StatusRequest: self._on_status,
             Drain: self._on_drain,
+            NodeInfo: self._on_node_info,
             Heartbeat: self._on_heartbeat,
             ErrorFrame: self._on_error,
         }
@@ -342,6 +344,17 @@ class ServerFactory(protocol.Factory):
         log.info("node %s is leaving", peer.name)
         self.feed(sch.NodeDraining(peer.peer_id))
 
+    def _on_node_info(self, peer: ServerProtocol, msg: NodeInfo, payload: bytes) -> None:
+        """What the node says of itself, for ``achilles status`` (the frame's check
+        allows only a safe alphabet, so it is shown as it is)."""
+        peer.info = {
+            "version": msg.version,
+            "python": msg.python,
+            "host": msg.host,
+            "launcher": msg.launcher,
+            "pid": msg.pid,
+        }
+
     def _on_kill(self, peer: ServerProtocol, msg: Kill, payload: bytes) -> None:
         nodes = [p for p in self.peers.values() if p.role == "node"]
         log.warning("kill requested by %s: stopping %d node(s)", peer.name, len(nodes))
@@ -355,6 +368,8 @@ class ServerFactory(protocol.Factory):
         for node in snap["nodes"]:
             proto = self.peers.get(node["id"])
             node["last_seen_age"] = round(now - proto.last_heard, 3) if proto else None
+            node["address"] = proto.peer_desc if proto else None
+            node.update(proto.info if proto else {})
         snap["controllers"] = sum(1 for p in self.peers.values() if p.role == "controller")
         for job in snap["jobs"]:
             owner = self.peers.get(job["owner"])

@@ -66,6 +66,7 @@ SAMPLES: list[tuple[m.Message, bytes]] = [
         b"R\nRE",
     ),
     (m.Drain(), b""),
+    (m.NodeInfo("0.1.0", "3.11.7", "worker-7.lab", "up", 4242), b""),
     (m.JobFailed(job="j1", seq=3, reason="crashed"), "worker died \u2620".encode()),
     (m.Cluster(nodes=2, slots=8), b""),
     (m.Status(), b'{"nodes": []}'),
@@ -94,6 +95,24 @@ def error_code(header: dict[str, object] | bytes, **kwargs: object) -> str:
 def test_samples_cover_every_message_type() -> None:
     """The round-trip samples include one frame of every registered type."""
     assert {type(msg).TYPE for msg, _ in SAMPLES} == set(m.MESSAGES)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"host": "evil\x1b[2Jhost"},
+        {"version": "1" * 65},
+        {"launcher": "up\nFAKE LOG LINE"},
+        {"pid": -1},
+        {"pid": 2**40},
+    ],
+)
+def test_node_info_refuses_what_it_could_not_show(fields: dict[str, object]) -> None:
+    """A node's self-description is shown as it is, so only a short safe alphabet and a
+    real pid pass."""
+    header = {"t": "nodeinfo", "version": "0.1.0", "python": "3.11.7", "host": "h"}
+    header |= {"launcher": "up", "pid": 1, **fields}
+    assert error_code(header) == "bad-field"
 
 
 @pytest.mark.parametrize("msg,payload", SAMPLES, ids=[type(s[0]).__name__ for s in SAMPLES])

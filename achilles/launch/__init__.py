@@ -1,0 +1,1 @@
+"""``achilles up`` / ``down`` / ``logs``: nodes on other machines over SSH, and node services."""
