@@ -12,7 +12,7 @@ setup(
     license="MIT",
     python_requires=">=3.11",
     packages=find_packages(include=["achilles", "achilles.*"]),
-    package_data={"achilles": ["py.typed"]},
+    package_data={"achilles": ["py.typed"], "achilles.web": ["static/*"]},
     # Upper bounds where we rely on a dependency's private API (achilles/compat/): each is
     # just above the newest release tests/unit/test_compat_*.py passed on (Twisted 26.10;
     # multiprocess 0.70.15 to 0.70.19; 0.70.14 cannot start a process on Python 3.11.7).

@@ -59,7 +59,12 @@ def killCluster(
     """Stop every node of the cluster (the server and this process keep running).
 
     Asks for confirmation unless ``command_verified=True``. Returns how many nodes were
-    told to stop.
+    told to stop (0 if the confirmation was declined).
+
+    Raises:
+        RuntimeError: no ``command_verified=True`` and no terminal or notebook to ask in.
+        ConnectionLostError: the server cannot be reached (said at once, with the
+            address and the reason).
     """
     if not command_verified and not _confirm("achilles: stop every node of the cluster? [y/N] "):
         print("achilles: killCluster cancelled")

@@ -48,6 +48,9 @@ class Settings:
     #: from anyone and plain TCP from loopback peers. "on": TLS only. "off": plain TCP (a
     #: server then also accepts it from other machines, with a warning).
     tls: str = "auto"
+    #: server: where its web dashboard listens, ``[HOST:]PORT`` or ``off`` (see
+    #: achilles.web; off loopback it asks for the secret)
+    dashboard: str = "127.0.0.1:8999"
 
 
 _ENV = {f.name: "ACHILLES_" + f.name.upper() for f in fields(Settings)}

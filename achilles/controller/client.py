@@ -29,6 +29,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IProtocolFactory
 
 from achilles.config import Settings, require_secret
+from achilles.controller import output
 from achilles.controller.handles import ApplyHandle, Handle
 from achilles.core import session as ses
 from achilles.errors import ConnectionLostError
@@ -36,7 +37,9 @@ from achilles.net.connection import (
     TRANSIENT_REFUSALS,
     ClientFactory,
     ClientProtocol,
+    ReportingEndpoint,
     client_endpoint,
+    describe_connect_error,
 )
 from achilles.protocol import auth, batching
 from achilles.protocol.framing import split
@@ -48,6 +51,7 @@ from achilles.protocol.messages import (
     Kill,
     Killed,
     Message,
+    Output,
     Result,
     Results,
     Status,
@@ -57,6 +61,12 @@ from achilles.protocol.text import shown
 
 log = logging.getLogger("achilles.controller")
 _JITTER = random.Random()  # our own: reconnect jitter must not disturb the global RNG
+#: seconds between two warnings of a controller that cannot reach its server again
+CONNECT_WARN_INTERVAL = 10.0
+#: seconds a job may wait with no node in the cluster before the caller is told, and
+#: then between two such warnings
+NO_NODE_WARN = 3.0
+NO_NODE_REPEAT = 30.0
 
 
 class ControllerProtocol(ClientProtocol):
@@ -86,7 +96,11 @@ class Controller:
         self._deadline: Any = None
         self._chunks_out: list[ses.QueueChunk] = []
         self.users = 0  # pools sharing this connection (see pool.connections)
-        endpoint = client_endpoint(reactor, settings)
+        endpoint: Any = ReportingEndpoint(client_endpoint(reactor, settings), self._attempt_failed)
+        self._connect_error: BaseException | None = None  # the first attempt failed
+        self._warned_at = -1e9  # when a failed attempt was last logged
+        self._no_node_check: Any = None  # the pending look for "no node, jobs waiting"
+        self._no_node_warned = -1e9
         cls = type("Proto", (ControllerProtocol,), {"role": role})
         factory = ClientFactory(
             cls,
@@ -112,8 +126,35 @@ class Controller:
 
     @property
     def fatal(self) -> BaseException | None:
-        """The final refusal that ended this connection, if any."""
-        return self.session.fatal
+        """The final refusal that ended this connection, if any (or the failure of its
+        very first attempt to connect)."""
+        return self.session.fatal or self._connect_error
+
+    def _attempt_failed(self, reason: Any) -> None:
+        """An attempt to connect failed. Before this controller ever connected, that is
+        said at once: whoever waits for it (a new Pool, ``achilles status``) fails with
+        the address and the reason, and no retry follows. Once it has connected (jobs
+        may be open), it keeps retrying until the reconnect deadline, saying so every
+        CONNECT_WARN_INTERVAL seconds."""
+        where = f"{self.settings.host}:{self.settings.port}"
+        why = describe_connect_error(reason)
+        if not self.session.ever_connected and self.session.fatal is None:
+            self._connect_error = ConnectionLostError(f"cannot connect to {where}: {why}")
+            self.service.stopService()
+            waiting, self._ready = self._ready, []
+            for d in waiting:
+                d.errback(self._connect_error)
+            return
+        now = self.reactor.seconds()
+        if now - self._warned_at >= CONNECT_WARN_INTERVAL:
+            self._warned_at = now
+            log.warning(
+                "cannot connect to the achilles server at %s: %s; retrying (open jobs "
+                "wait for it for up to %g s)",
+                where,
+                why,
+                self.settings.reconnect_timeout,
+            )
 
     # -- the session -------------------------------------------------------------------
     def _run(self, event: ses.Event[Handle]) -> None:
@@ -199,6 +240,9 @@ class Controller:
 
     def close(self) -> defer.Deferred[Any]:
         """Stop the connection and reconnecting; fires once closed."""
+        if self._no_node_check is not None and self._no_node_check.active():
+            self._no_node_check.cancel()
+        self._no_node_check = None
         self._run(ses.Closing())
         return self.service.stopService()
 
@@ -212,6 +256,30 @@ class Controller:
     def submit(self, handle: Handle) -> None:
         """Open a job (sent now, or when connected)."""
         self._run(ses.JobOpened(handle, handle.submit_frame(), handle.function))
+        self._watch_for_nodes()
+
+    def _watch_for_nodes(self) -> None:
+        """While the cluster has no node, look again in NO_NODE_WARN seconds whether
+        jobs are waiting for one, and say so."""
+        if self.cluster.nodes or self._no_node_check is not None:
+            return
+        self._no_node_check = self.reactor.callLater(NO_NODE_WARN, self._no_node)
+
+    def _no_node(self) -> None:
+        self._no_node_check = None
+        if self.cluster.nodes or not self.session.jobs or self.session.closing:
+            return
+        now = self.reactor.seconds()
+        if now - self._no_node_warned >= NO_NODE_REPEAT:
+            self._no_node_warned = now
+            log.warning(
+                "no node connected to the cluster at %s:%s; waiting (%d job(s) run when "
+                "one connects: `achilles node --host SERVER`)",
+                self.settings.host,
+                self.settings.port,
+                len(self.session.jobs),
+            )
+        self._watch_for_nodes()
 
     def send_call(self, handle: ApplyHandle, seq: int, payload: bytes) -> None:
         """One apply call: its job is submitted first if this connection does not have
@@ -219,6 +287,7 @@ class Controller:
         if handle.error is not None:  # failed meanwhile: settle this call too
             return handle.fail(handle.error)
         self._run(ses.CallMade(handle, handle.submit_frame(), handle.function, seq, payload))
+        self._watch_for_nodes()
 
     def send_call_now(self, handle: ApplyHandle, seq: int, payload: bytes) -> bool:
         """``send_call`` from the caller's thread, straight to the socket, when this
@@ -313,8 +382,18 @@ class Controller:
             ses.FailureReceived(msg.job, msg.seq, msg.reason, payload.decode("utf-8", "replace"))
         )
 
+    def _on_output(self, msg: Output, payload: bytes) -> None:
+        """What a chunk of one of our jobs printed: shown now (before its result, which
+        the server forwards after it), for a job still held."""
+        held = self.session.jobs.get(msg.job)
+        if held is not None:
+            context = getattr(held.owner, "output_context", None)
+            output.show(msg.node, payload, msg.dropped, context)
+
     def _on_cluster(self, msg: Cluster, payload: bytes) -> None:
         self.cluster = msg
+        if not msg.nodes and self.session.jobs:  # the last node left (killCluster?)
+            self._watch_for_nodes()
 
     def _on_status(self, msg: Status, payload: bytes) -> None:
         self._reply(Status, json.loads(payload))
@@ -335,6 +414,7 @@ _HANDLERS: dict[type, Callable[[Controller, Any, bytes], None]] = {
     Result: Controller._on_result,
     Results: Controller._on_results,
     JobFailed: Controller._on_job_failed,
+    Output: Controller._on_output,
     Cluster: Controller._on_cluster,
     Status: Controller._on_status,
     Killed: Controller._on_killed,

@@ -10,6 +10,7 @@ reconnect, is the controller's session (:mod:`achilles.core.session`), not their
 
 from __future__ import annotations
 
+import contextvars
 import itertools
 import threading
 import uuid
@@ -17,7 +18,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from achilles.core.job import FAILED, AdaptiveChunker, Job, Outcome
-from achilles.protocol.messages import Submit
+from achilles.protocol.messages import FUNCTION_NAME_MAX, Submit
 
 #: how an apply call hears of its outcome: the outcome, or the exception that failed
 #: the connection (in the reactor thread)
@@ -56,13 +57,23 @@ class Handle(Protocol):
 
 def _submit(handle: JobHandle | ApplyHandle, total: int, isolated: bool) -> Submit:
     return Submit(
-        handle.id, handle.max_attempts, handle.timeout, handle.limit, total, int(isolated)
+        handle.id,
+        handle.max_attempts,
+        handle.timeout,
+        handle.limit,
+        total,
+        int(isolated),
+        handle.name[:FUNCTION_NAME_MAX],
     )
 
 
 class JobHandle:
     """One ``map``/``imap`` job, shared by the reactor thread and the pool's threads
     (under ``cond``)."""
+
+    #: the context (a copy of the caller's) that the job's task output is written in:
+    #: a notebook routes it to the cell that ran the job (see controller.output)
+    output_context: contextvars.Context | None = None
 
     def __init__(
         self,
@@ -73,8 +84,10 @@ class JobHandle:
         timeout: float = 0.0,
         limit: int = 0,
         total: int = -1,
+        name: str = "",
     ) -> None:
         self.id = uuid.uuid4().hex
+        self.name = name  # the function's, shown by the server
         self.function = function
         self.max_attempts = max_attempts
         self.timeout = timeout
@@ -154,10 +167,20 @@ class ApplyHandle:
 
     total = -1
 
+    #: the context (a copy of the caller's) that the job's task output is written in:
+    #: a notebook routes it to the cell that ran the job (see controller.output)
+    output_context: contextvars.Context | None = None
+
     def __init__(
-        self, function: bytes, max_attempts: int = 3, timeout: float = 0.0, limit: int = 0
+        self,
+        function: bytes,
+        max_attempts: int = 3,
+        timeout: float = 0.0,
+        limit: int = 0,
+        name: str = "",
     ) -> None:
         self.id = uuid.uuid4().hex
+        self.name = name  # the function's, shown by the server
         self.function = function
         self.max_attempts = max_attempts
         self.timeout = timeout

@@ -138,6 +138,7 @@ class Scheduler:
             self._now,
             total=ev.total,
             isolated=ev.isolated,
+            function_name=ev.function_name,
         )
 
     def _on_chunk_added(self, ev: ChunkAdded) -> None:
@@ -444,6 +445,9 @@ class Scheduler:
                     "name": n.name,
                     "slots": n.slots,
                     "inflight": len(n.inflight),
+                    # a node runs its first ``slots`` chunks; the rest wait in its queue
+                    "busy": min(len(n.inflight), n.slots),
+                    "queued": max(len(n.inflight) - n.slots, 0),
                     "done": n.done,
                     "draining": n.draining,
                 }
@@ -462,6 +466,7 @@ class Scheduler:
                     "age": round(self._now - j.submitted, 3),
                     "chunks_per_s": round(j.done / max(self._now - j.submitted, 1e-9), 2),
                     "failed": j.failures,
+                    "function": j.function_name,
                 }
                 for j in self.jobs.values()
             ],

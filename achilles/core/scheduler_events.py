@@ -53,6 +53,7 @@ class JobSubmitted:
     limit: int = 0
     total: int = -1
     isolated: bool = False  # long-lived (apply calls): keeps no per-chunk history
+    function_name: str = ""  # shown only (escaped by the server)
 
 
 @dataclass(slots=True)  # not frozen: one per chunk (see HOT)

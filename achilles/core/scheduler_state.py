@@ -69,6 +69,7 @@ class JobState:
     retries: int = 0
     last_pick: int = 0
     isolated: bool = False
+    function_name: str = ""
     #: nodes that held a chunk past its deadline or answered "cancelled": they get no
     #: more of this job's chunks while another node can take them
     shunned: set[int] = field(default_factory=set)

@@ -16,6 +16,8 @@ import threading
 from typing import Any
 
 from twisted.internet import protocol, task
+from twisted.internet.interfaces import IStreamClientEndpoint
+from zope.interface import implementer
 
 from achilles.compat import twisted as compat
 from achilles.config import is_loopback
@@ -425,3 +427,42 @@ def client_endpoint(reactor: Any, settings: Any) -> Any:
     if not use_tls:
         return plain
     return endpoints.wrapClientTLS(tls.client_options(settings), plain)  # type: ignore[arg-type]
+
+
+def describe_connect_error(reason: Any) -> str:
+    """Why a connection attempt failed, in a few words ("connection refused", "timed
+    out", "host name not found", ...), from a Twisted Failure or an exception."""
+    from twisted.internet import error
+
+    exc = getattr(reason, "value", reason)
+    kinds = (
+        (error.ConnectionRefusedError, "connection refused"),
+        (error.TimeoutError, "timed out"),
+        (error.DNSLookupError, "host name not found"),
+        (error.NoRouteError, "no route to host"),
+    )
+    for kind, words in kinds:
+        if isinstance(exc, kind):
+            return words
+    text = str(exc).strip().rstrip(".") or type(exc).__name__
+    return text[:200]
+
+
+@implementer(IStreamClientEndpoint)
+class ReportingEndpoint:
+    """A client endpoint that tells ``on_failure(reason)`` about each failed attempt to
+    connect (``ClientService`` retries them in silence), then fails as it would."""
+
+    def __init__(self, endpoint: Any, on_failure: Any) -> None:
+        self.endpoint = endpoint
+        self.on_failure = on_failure
+
+    def connect(self, factory: Any) -> Any:
+        def failed(reason: Any) -> Any:
+            try:
+                self.on_failure(reason)
+            except Exception:
+                log.exception("reporting a failed connection attempt")
+            return reason
+
+        return self.endpoint.connect(factory).addErrback(failed)

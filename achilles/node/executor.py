@@ -72,7 +72,8 @@ WATCH_INTERVAL = 0.1
 
 class Executor:
     """Runs chunks on the pool; calls ``on_result(job, seq, status, payload, elapsed)``
-    for each outcome, then ``on_flush()`` after each burst of them."""
+    for each outcome, then ``on_flush()`` after each burst of them, and
+    ``on_output(job, seq, payload)`` for what a chunk printed, before its outcome."""
 
     #: set from another thread when the workers were killed on the way out (an embedded
     #: cluster whose pool was collected): no new pool generation is started
@@ -85,9 +86,11 @@ class Executor:
         reactor: Any,
         name: str,
         on_flush: Callable[[], None] = lambda: None,
+        on_output: Callable[[str, int, bytes], None] = lambda job, seq, output: None,
     ) -> None:
         self.processes = processes
         self.on_result = on_result
+        self.on_output = on_output  # (job, seq, payload): what a chunk printed
         self.on_flush = on_flush  # after a burst of on_result calls: send them on
         self.reactor = reactor
         self.name = name
@@ -159,7 +162,20 @@ class Executor:
 
     def _results(self, gen: Generation, messages: list[bytes]) -> None:
         """Everything one read of a pool's result pipe brought."""
-        self._handle(ResultsRead(gen.number, gen.outcomes(messages)))
+        self._handle(ResultsRead(gen.number, self._outputs(gen.outcomes(messages))))
+
+    def _outputs(self, outcomes: list[Any]) -> list[Any]:
+        """Send on what chunks printed (a fifth element of their outcome, see
+        ``worker.run_chunk``) before their results, and return the bare outcomes."""
+        if all(len(o) == 5 for o in outcomes):
+            return outcomes
+        bare = []
+        for o in outcomes:
+            if len(o) > 5:
+                self.on_output(o[0], o[1], o[5])
+                o = o[:5]
+            bare.append(o)
+        return bare
 
     def _exited(self, gen: Generation) -> None:
         """A worker's sentinel says it exited: look now, not at the next tick."""
@@ -231,7 +247,7 @@ class Executor:
             return  # the workers were killed on the way out; close() follows
         old = self.gen
         # results its workers wrote before it went are not lost
-        outcomes = old.outcomes(old.results.read_available()[0])
+        outcomes = self._outputs(old.outcomes(old.results.read_available()[0]))
         old.kill()
         self.gen = self._generation(ins.generation)
         self._handle(PoolRestarted(old.number, outcomes))

@@ -14,34 +14,50 @@ from collections.abc import Callable
 from typing import Any, cast
 
 from twisted.application.internet import ClientService, backoffPolicy
+from twisted.internet import task
 from twisted.internet.interfaces import IProtocolFactory
 
 from achilles import __version__
 from achilles.config import Settings, require_secret
+from achilles.net import memlink
 from achilles.net.connection import (
     TRANSIENT_REFUSALS,
     ClientFactory,
     ClientProtocol,
+    ReportingEndpoint,
     client_endpoint,
+    describe_connect_error,
 )
 from achilles.node.executor import Executor
+from achilles.node.stats import ProcessTreeStats
 from achilles.protocol import auth, batching
 from achilles.protocol.framing import split
 from achilles.protocol.messages import (
+    ERROR,
+    OUTPUT_MAX,
     Cancel,
     Drain,
     ErrorFrame,
+    Failure,
     Function,
     Kill,
     Message,
     NodeInfo,
+    NodeStats,
+    Output,
     Results,
     Task,
     Tasks,
 )
+from achilles.protocol.summary import error_summary
 from achilles.protocol.text import shown
 
 log = logging.getLogger("achilles.node")
+
+#: seconds between a node's NodeStats frames (or its heartbeat interval, if shorter)
+STATS_INTERVAL = 2.0
+#: most Failure summaries a node sends per second
+FAILURES_PER_S = 10
 
 
 class NodeProtocol(ClientProtocol):
@@ -113,12 +129,22 @@ class Node:
         self.launcher = launcher
         self.proto: NodeProtocol | None = None
         self._outbox: list[batching.Piece] = []
+        self._stats = ProcessTreeStats()
+        self._stats_call = task.LoopingCall(self._send_stats)
+        self._stats_call.clock = reactor
+        self._failure_window: list[float] = [0.0, 0]  # [second it began, summaries sent]
         self.exit_code = 0
         self.on_stop = on_stop
         self.executor = Executor(
-            self.processes, self._result, reactor, self.name, on_flush=self._send_results
+            self.processes,
+            self._result,
+            reactor,
+            self.name,
+            on_flush=self._send_results,
+            on_output=self._output,
         )
-        endpoint = client_endpoint(reactor, settings)
+        endpoint: Any = ReportingEndpoint(client_endpoint(reactor, settings), self._attempt_failed)
+        self._connect_failure = ""  # why the last attempt to connect failed
         factory = ClientFactory(
             NodeProtocol,
             self,
@@ -135,10 +161,32 @@ class Node:
             endpoint,
             cast(IProtocolFactory, factory),
             clock=reactor,
-            retryPolicy=backoffPolicy(
-                initialDelay=0.2, maxDelay=5.0, jitter=random.Random().random
+            retryPolicy=self._retry_policy(
+                backoffPolicy(initialDelay=0.2, maxDelay=5.0, jitter=random.Random().random)
             ),
         )
+
+    def _attempt_failed(self, reason: Any) -> None:
+        self._connect_failure = describe_connect_error(reason)
+
+    def _retry_policy(self, policy: Callable[[int], float]) -> Callable[[int], float]:
+        """The backoff, saying for each failed attempt why and when the next one is
+        (``ClientService`` retries in silence)."""
+
+        def delay(attempt: int) -> float:
+            seconds = policy(attempt)
+            if self._connect_failure:
+                log.warning(
+                    "cannot connect to the server at %s:%d: %s; next attempt in %.1f s",
+                    self.settings.host,
+                    self.settings.port,
+                    self._connect_failure,
+                    seconds,
+                )
+                self._connect_failure = ""
+            return seconds
+
+        return delay
 
     def start(self) -> None:
         log.info(
@@ -149,6 +197,9 @@ class Node:
             self.settings.port,
         )
         self.service.startService()
+        # the embedded cluster's node has no dashboard to report to
+        if memlink.endpoint_for(self.reactor, self.settings.host, self.settings.port) is None:
+            self._stats_call.start(min(STATS_INTERVAL, self.settings.heartbeat_interval), now=False)
 
     def connected(self, proto: NodeProtocol) -> None:
         self.proto = proto
@@ -184,11 +235,39 @@ class Node:
         log.error("the server refused this node: %s", err.detail)
         self.stop(exit_code=2)
 
+    def _send_stats(self) -> None:
+        """CPU and memory of this node and its workers, for the server's dashboard."""
+        if self.proto is not None:
+            cpu, rss = self._stats.sample()
+            self.proto.send(NodeStats(cpu, rss))
+
+    def _failure(self, job: str, seq: int, payload: bytes) -> None:
+        """A chunk raised: a text summary for the dashboard (type name and traceback,
+        read from the pickle's opcodes, never unpickled), at most FAILURES_PER_S a
+        second (a job whose every chunk raises costs this node little)."""
+        now = self.reactor.seconds()
+        if now - self._failure_window[0] >= 1.0:
+            self._failure_window = [now, 0]
+        if self._failure_window[1] >= FAILURES_PER_S or self.proto is None:
+            return
+        self._failure_window[1] += 1
+        kind, text = error_summary(payload)
+        self.proto.send(Failure(job, seq, kind), text.encode("utf-8"))
+
     def _result(self, job: str, seq: int, status: str, payload: bytes, elapsed: float) -> None:
         """Held until the executor's burst is over (``_send_results``): results read
         from the pool together leave together, in one frame per job."""
+        if status == ERROR:
+            self._failure(job, seq, payload)
         if self.proto is not None:
             self._outbox.append(batching.Piece(job, seq, payload, status, elapsed))
+
+    def _output(self, job: str, seq: int, payload: bytes) -> None:
+        """What a chunk printed: sent at once, so before its result (held until the
+        burst ends); the server stamps the node's name on it and routes it to the job's
+        controller."""
+        if self.proto is not None and len(payload) <= OUTPUT_MAX:
+            self.proto.send(Output(job, seq, "", 0), payload)
 
     def _send_results(self) -> None:
         if not self._outbox:
@@ -228,6 +307,8 @@ class Node:
         self._send_results()  # a leaving node's last results must not be lost
         self.exit_code = exit_code
         self.service.stopService()
+        if self._stats_call.running:
+            self._stats_call.stop()
         self.executor.close()
         if self.on_stop is not None:
             self.on_stop(exit_code)

@@ -13,14 +13,22 @@ pool's limit, the worker retires after that chunk's result is sent. It reads no 
 task (its next ``get`` returns the worker loop's sentinel, so no task is lost), frees its
 slot and exits with code 0; the pool's worker handler starts a fresh worker, which
 claims the freed slot, and the node tells this retirement from a crash by the freed slot.
+
+A job of a pool that forwards task output (its pool id ends with :data:`OUTPUT_TAG`)
+runs its chunks with ``sys.stdout`` and ``sys.stderr`` (where ``warnings`` write) swapped
+for an in-memory capture, kept to :data:`OUTPUT_CHARS` characters a chunk; what a chunk
+printed goes back with its result as a fourth element (:func:`run_chunk`), and nothing
+at all when it printed nothing, so a silent task costs two attribute swaps.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import select
 import signal
+import sys
 import threading
 import time
 import traceback
@@ -28,7 +36,7 @@ from collections import OrderedDict
 from typing import Any
 
 from achilles.errors import ResultEncodingError, SerializationError
-from achilles.protocol.messages import ERROR, OK
+from achilles.protocol.messages import ERROR, OK, OUTPUT_TAG
 from achilles.serialization import (
     dumps_chunk,
     dumps_exception,
@@ -44,6 +52,73 @@ _MAX_JOBS = 16
 _initialized: set[str] = set()  # pools whose initializer ran in this worker
 _tasks: dict[str, int] = {}  # chunks run here, per pool that has a maxtasksperchild
 _retiring = False  # a pool's maxtasksperchild was reached: take no further task
+
+#: most characters of one chunk's output that are kept (the rest is counted, dropped)
+OUTPUT_CHARS = 32 * 1024
+
+
+class _Capture:
+    """A text stream that keeps what a task writes, in order, up to OUTPUT_CHARS a
+    chunk; both of a worker's captures share one list (so stdout and stderr keep their
+    interleaving) and one budget."""
+
+    encoding = "utf-8"
+    errors = "replace"
+
+    def __init__(self, stream: str) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        global _out_size, _out_dropped
+        if not isinstance(text, str):
+            raise TypeError(f"write() argument must be str, not {type(text).__name__}")
+        n = len(text)
+        room = OUTPUT_CHARS - _out_size
+        if n > room:
+            _out_dropped += n - max(room, 0)
+            text = text[: max(room, 0)]
+        if text:
+            _out.append((self.stream, text))
+            _out_size += len(text)
+        return n
+
+    def writelines(self, lines: Any) -> None:
+        for line in lines:
+            self.write(line)
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return False
+
+    def writable(self) -> bool:
+        return True
+
+
+_out: list[tuple[str, str]] = []
+_out_size = 0
+_out_dropped = 0
+_captures = (_Capture("out"), _Capture("err"))
+
+
+def _take_output() -> bytes | None:
+    """What the chunk just run printed, as an Output frame's payload (consecutive pieces
+    of one stream joined), or None if nothing; the capture is emptied."""
+    global _out_size, _out_dropped
+    if not _out and not _out_dropped:
+        return None
+    pieces: list[list[Any]] = []
+    for stream, text in _out:
+        if pieces and pieces[-1][0] == stream:
+            pieces[-1][1] += text
+        else:
+            pieces.append([stream, text])
+    if _out_dropped:
+        pieces.append(["cut", _out_dropped])
+    _out.clear()
+    _out_size = _out_dropped = 0
+    return json.dumps(pieces).encode("utf-8")
 
 
 class SlotTable:
@@ -263,8 +338,9 @@ def _error(exc: BaseException, tb: str | None = None) -> tuple[str, bytes, float
 
 def run_chunk(
     number: int, job: str, seq: int, bundle: bytes | str, payload: bytes
-) -> tuple[str, bytes, float]:
-    """Run one chunk; return ``(status, payload, seconds)``; never raises an Exception.
+) -> tuple[Any, ...]:
+    """Run one chunk; return ``(status, payload, seconds)``, plus what it printed if its
+    pool forwards output and it printed anything; never raises an Exception.
 
     While it runs, this worker's slot names the chunk (so the node knows what died with
     it, or what ran too long)."""
@@ -273,7 +349,11 @@ def run_chunk(
         slots.seqs[i] = seq
         slots.starts[i] = time.monotonic()
         slots.jobs[i] = number  # written last: it marks the slot busy
-    result = _run(job, seq, bundle, payload)
+    rt = _jobs.get(job) or _load(job, bundle)
+    if rt is not None and rt["pool"].endswith(OUTPUT_TAG):
+        result = _run_captured(job, seq, bundle, payload)
+    else:
+        result = _run(job, seq, bundle, payload)
     # Not in a `finally`: a task that calls sys.exit() must leave its chunk named in the
     # slot when the worker dies, or the node could not tell which chunk killed it.
     if slots is not None and i >= 0:
@@ -282,6 +362,28 @@ def run_chunk(
     if rt is not None and rt["maxtasks"]:
         _count(rt)
     return result
+
+
+def _load(job: str, bundle: bytes | str) -> dict[str, Any] | None:
+    """A job's code on its first chunk here (None if it cannot be loaded: ``_run``
+    tries again and says why)."""
+    try:
+        return _runtime(job, bundle)
+    except Exception:
+        return None
+
+
+def _run_captured(job: str, seq: int, bundle: bytes | str, payload: bytes) -> tuple[Any, ...]:
+    """``_run`` with the task's stdout and stderr captured; the output, if any, is a
+    fourth element of the outcome."""
+    saved = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = _captures
+    try:
+        result = _run(job, seq, bundle, payload)
+    finally:
+        sys.stdout, sys.stderr = saved
+    output = _take_output()
+    return result if output is None else (*result, output)
 
 
 def _run(job: str, seq: int, bundle: bytes | str, payload: bytes) -> tuple[str, bytes, float]:

@@ -8,6 +8,7 @@ runs in the reactor thread.
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import os
 import threading
@@ -20,12 +21,14 @@ from typing import Any
 from achilles.config import cluster_configured, require_secret, resolve
 from achilles.controller import ApplyHandle, Controller, Handle, JobHandle
 from achilles.controller.handles import Settle
+from achilles.controller.output import wanted as _output_wanted
 from achilles.core.job import Outcome, window_for
 from achilles.local import LocalCluster
 from achilles.net import reactor as _reactor
 from achilles.pool import feeding
 from achilles.pool.connections import _controller, _release_controller
 from achilles.pool.results import ApplyResult, IMapIterator, _values
+from achilles.protocol.messages import OUTPUT_TAG
 from achilles.serialization import dumps_chunk, dumps_function
 
 RUN, CLOSE, TERMINATE = "RUN", "CLOSE", "TERMINATE"
@@ -70,6 +73,9 @@ class Pool:
         max_attempts: tries of a chunk whose worker or node dies before the job fails.
         task_timeout: seconds a chunk may run before its worker is killed (None: no limit).
         tls_ca: PEM CA file to verify a TLS server with (turns TLS on).
+        forward_output: show what tasks print (stdout, stderr, warnings) here, each
+            line prefixed with its node's name (None: when stdout is a terminal or a
+            notebook; False: never, it then goes where the node's output goes).
     """
 
     def __init__(
@@ -87,13 +93,16 @@ class Pool:
         max_attempts: int | None = None,
         task_timeout: float | None = None,
         tls_ca: str | None = None,
+        forward_output: bool | None = None,
     ) -> None:
         self._state = TERMINATE  # until constructed, __del__ has nothing to do
         _check_arguments(processes, initializer, maxtasksperchild, task_timeout)
         self._initializer = initializer
         self._initargs = tuple(initargs)
         self._maxtasks = maxtasksperchild
-        self._id = os.urandom(8).hex()
+        self._output = _output_wanted(forward_output)
+        # the workers capture a job's output when its pool id says so (OUTPUT_TAG)
+        self._id = os.urandom(8).hex() + (OUTPUT_TAG if self._output else "")
         self._pid = os.getpid()  # a forked child's copy of this pool is not its to use
         self._local: LocalCluster | None = None
         explicit: dict[str, Any] = dict(
@@ -157,7 +166,10 @@ class Pool:
             self._timeout,
             self._limit,
             total,
+            name=function_name(func),
         )
+        if self._output:
+            handle.output_context = contextvars.copy_context()
         with self._jobs_lock:
             self._jobs.add(handle)
         _reactor.call_soon(self._ctl.submit, handle)
@@ -344,7 +356,7 @@ class Pool:
             except BaseException as exc:
                 result._set(False, exc)
 
-        handle, seq = self._apply_call(function, settle)
+        handle, seq = self._apply_call(function, settle, function_name(func))
         result._handle, result._seq = handle, seq
         # one frame, written from this thread when it can be, else one hop to the reactor
         # thread: each hop costs a wake-up and a GIL hand-over
@@ -352,14 +364,18 @@ class Pool:
             _reactor.call_soon(self._ctl.send_call, handle, seq, payload)
         return result
 
-    def _apply_call(self, function: bytes, settle: Settle) -> tuple[ApplyHandle, int]:
+    def _apply_call(
+        self, function: bytes, settle: Settle, name: str = ""
+    ) -> tuple[ApplyHandle, int]:
         """Add a call to the apply job of this function (made on first use; the least
         recently used beyond MAX_APPLY_JOBS ends once its calls are done)."""
         idle: list[ApplyHandle] = []
         with self._jobs_lock:
             handle = self._apply_jobs.get(function)
             if handle is None or handle.error is not None or handle.cancelled:
-                handle = ApplyHandle(function, self._max_attempts, self._timeout, self._limit)
+                handle = ApplyHandle(
+                    function, self._max_attempts, self._timeout, self._limit, name=name
+                )
                 handle.on_idle = _retire_weakly(weakref.ref(self))
                 self._apply_jobs[function] = handle
                 self._jobs.add(handle)
@@ -371,6 +387,8 @@ class Pool:
                             idle.append(old)
             else:
                 self._apply_jobs.move_to_end(function)
+            if self._output:  # the latest call's context (its notebook cell)
+                handle.output_context = contextvars.copy_context()
             seq = handle.add(settle)
         for old in idle:
             self._retire(old)
@@ -466,6 +484,38 @@ class Pool:
         )
         return f"<achilles.Pool state={self._state} cluster={where}>"
 
+    def _repr_html_(self) -> str:
+        """In a notebook: the pool, and a link to its cluster's live dashboard."""
+        from html import escape
+
+        from achilles.config import is_loopback
+        from achilles.web.site import dashboard_url, parse_address
+
+        head = escape(repr(self))
+        if self._local is not None:
+            return f"<code>{head}</code> (embedded cluster: no dashboard)"
+        s = self._settings
+        try:
+            url = dashboard_url(s)
+            where = parse_address(s.dashboard)
+        except ValueError:
+            return f"<code>{head}</code>"
+        if url is None or where is None:
+            return f"<code>{head}</code> (dashboard off)"
+        if is_loopback(where[0]) and not is_loopback(s.host):  # on the server's loopback
+            port = where[1]
+            tunnel = f"ssh -L {port}:127.0.0.1:{port} {s.host}"
+            return (
+                f"<code>{head}</code> dashboard: on {escape(s.host)}'s loopback "
+                f"(<code>{escape(tunnel)}</code>, then "
+                f'<a href="http://127.0.0.1:{port}/" target="_blank">'
+                f"http://127.0.0.1:{port}/</a>)"
+            )
+        return (
+            f'<code>{head}</code> <a href="{escape(url, quote=True)}" target="_blank">'
+            f"dashboard: {escape(url)}</a>"
+        )
+
 
 def _retire_weakly(ref: weakref.ref[Pool]) -> Callable[[ApplyHandle], None]:
     """An apply job's ``on_idle``: ends the job through its pool, if the pool is still
@@ -492,3 +542,12 @@ def _release(ctl: Controller | None, jobs: list[Handle], local: LocalCluster | N
         _release_controller(ctl)
     if local is not None:
         local.stop()
+
+
+def function_name(func: Any) -> str:
+    """What the server shows of a job's function: its module and qualified name."""
+    name = getattr(func, "__qualname__", None) or getattr(func, "__name__", None)
+    if name is None:
+        name = type(func).__qualname__  # a partial, a callable object
+    module = getattr(func, "__module__", None)
+    return f"{module}.{name}" if module and module != "builtins" else str(name)

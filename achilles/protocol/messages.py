@@ -18,8 +18,10 @@ from typing import ClassVar
 from achilles.errors import ProtocolError
 
 #: 2: batch frames (chunks, tasks, results); 3: isolated jobs; 4: the peer speaks first
-#: (Hello), a transcript bound to the TLS certificate, refusals with a proof
-PROTOCOL_VERSION = 5
+#: (Hello), a transcript bound to the TLS certificate, refusals with a proof; 5: NodeInfo;
+#: 6: Output (task output to the caller) and NodeStats (which a version-5 peer would
+#: close the connection over as unknown frame types)
+PROTOCOL_VERSION = 6
 
 ROLES = ("node", "controller", "admin")
 
@@ -182,6 +184,10 @@ class Heartbeat(Message):
 
 
 # --- controller -> server ---------------------------------------------------------------
+#: longest function name a Submit frame may carry
+FUNCTION_NAME_MAX = 200
+
+
 @dataclass(frozen=True, slots=True)
 class Submit(Message):
     """A new job; the payload is the serialised function bundle."""
@@ -196,9 +202,16 @@ class Submit(Message):
     #: 1: every chunk stands alone (a pool's apply calls of one function share a job):
     #: a chunk that raises or fails for good fails only itself, not the job
     isolated: int = 0
+    #: the function's qualified name, for ``achilles status`` and the dashboard
+    #: (at most FUNCTION_NAME_MAX characters; the server escapes it)
+    name: str = ""
 
     def check(self, n: int) -> None:
         _check_job(self.TYPE, self.job)
+        if len(self.name) > FUNCTION_NAME_MAX:
+            raise ProtocolError(
+                "bad-field", f"'submit' function name over {FUNCTION_NAME_MAX} characters"
+            )
         if len(self.job) > JOB_ID_MAX:
             raise ProtocolError(
                 "bad-field", f"'submit' job id of {len(self.job)} characters (at most {JOB_ID_MAX})"
@@ -342,6 +355,42 @@ class Results(Batch):
     elapsed: list[float]
 
 
+#: most bytes of one Output frame's payload (a worker keeps at most OUTPUT_CHARS
+#: characters of a chunk's output; JSON-escaped, that fits)
+OUTPUT_MAX = 256 * 1024
+#: the end of the pool id in a job's bundle when the pool forwards its tasks' output
+#: (the node's workers then capture it; see achilles.node.worker)
+OUTPUT_TAG = ":out"
+
+
+@dataclass(frozen=True, slots=True)
+class Output(Message):
+    """What chunk ``seq`` of ``job`` printed (node -> server -> its job's controller).
+
+    The payload is UTF-8 JSON, a list of ``[stream, text]`` pairs in the order they were
+    written (stream ``"out"`` or ``"err"``; ``warnings`` go to ``"err"``), opened only by
+    the controller. ``dropped``: characters left out (the worker's per-chunk cap, the
+    server's per-node budget). ``node``: empty from a node; the server puts the node's
+    name there, which the controller shows as the prefix."""
+
+    TYPE = "output"
+    PAYLOAD = True
+    job: str
+    seq: int
+    node: str
+    dropped: int
+
+    def check(self, n: int) -> None:
+        _check_job(self.TYPE, self.job)
+        _check_seq(self.TYPE, self.seq)
+        if n > OUTPUT_MAX:
+            raise ProtocolError(
+                "payload-too-large", f"{self.TYPE!r} payload of {n} bytes (most {OUTPUT_MAX})"
+            )
+        if self.dropped < 0 or len(self.node) > INFO_MAX:
+            raise ProtocolError("bad-field", f"{self.TYPE!r} dropped or node out of range")
+
+
 #: longest text field of a NodeInfo frame (versions, host name, launcher), all of which
 #: are in a safe alphabet: shown as they are
 INFO_MAX = 64
@@ -370,6 +419,48 @@ class NodeInfo(Message):
                 )
         if not 0 <= self.pid < 2**32:
             raise ProtocolError("bad-field", f"{self.TYPE!r} pid {self.pid} is out of range")
+
+
+#: a node's CPU use is at most this many percent (one core is 100)
+CPU_MAX = 100.0 * 4096
+#: most bytes of a Failure frame's payload (the traceback text, UTF-8), and of its kind
+FAILURE_TEXT_MAX = 4096
+FAILURE_KIND_MAX = 128
+
+
+@dataclass(frozen=True, slots=True)
+class NodeStats(Message):
+    """What a node measures of itself (node and workers), sent at its heartbeat cadence
+    for the dashboard: ``cpu`` percent of one core since its last report, ``rss`` bytes
+    resident; -1 where it cannot tell (not Linux)."""
+
+    TYPE = "nodestats"
+    cpu: float
+    rss: int
+
+    def check(self, n: int) -> None:
+        # NaN fails both comparisons: refused too
+        if not (-1.0 <= self.cpu <= CPU_MAX) or not -1 <= self.rss < 2**53:
+            raise ProtocolError("bad-field", f"{self.TYPE!r} cpu or rss out of range")
+
+
+@dataclass(frozen=True, slots=True)
+class Failure(Message):
+    """A short text summary of a chunk that raised (node -> server, for the dashboard;
+    the result itself travels unopened): ``kind``, the exception's type name, and the
+    traceback text as the payload (at most FAILURE_TEXT_MAX bytes of UTF-8)."""
+
+    TYPE = "failure"
+    PAYLOAD = True
+    job: str
+    seq: int
+    kind: str
+
+    def check(self, n: int) -> None:
+        _check_job(self.TYPE, self.job)
+        _check_seq(self.TYPE, self.seq)
+        if n > FAILURE_TEXT_MAX or len(self.kind) > FAILURE_KIND_MAX:
+            raise ProtocolError("bad-field", f"{self.TYPE!r} kind or text too long")
 
 
 @dataclass(frozen=True, slots=True)
@@ -446,6 +537,9 @@ MESSAGES: dict[str, type[Message]] = {
         Results,
         Drain,
         NodeInfo,
+        NodeStats,
+        Failure,
+        Output,
         JobFailed,
         Cluster,
         Status,

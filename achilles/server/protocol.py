@@ -26,11 +26,14 @@ from achilles.protocol.messages import (
     Drain,
     End,
     ErrorFrame,
+    Failure,
     Heartbeat,
     Hello,
     Kill,
     Message,
     NodeInfo,
+    NodeStats,
+    Output,
     Result,
     Results,
     StatusRequest,
@@ -46,7 +49,17 @@ log = logging.getLogger("achilles.server")
 
 # What each role may send once authenticated.
 ALLOWED: dict[str, tuple[type[Message], ...]] = {
-    "node": (Result, Results, Heartbeat, Drain, NodeInfo, ErrorFrame),
+    "node": (
+        Result,
+        Results,
+        Output,
+        Heartbeat,
+        Drain,
+        NodeInfo,
+        NodeStats,
+        Failure,
+        ErrorFrame,
+    ),
     "controller": (Submit, Chunk, Chunks, Cancel, End, Kill, StatusRequest, Heartbeat, ErrorFrame),
     "admin": (Kill, StatusRequest, Heartbeat, ErrorFrame),
 }
@@ -62,7 +75,7 @@ class ServerProtocol(FramedProtocol):
     _hello = False  # its Hello was read (one is allowed, before the AuthReply)
     _closed = False  # connectionLost ran (``connected`` is never cleared by a close)
     #: what a node said of itself (its NodeInfo frame, escaped), for ``achilles status``
-    info: dict[str, Any] = {}
+    info: dict[str, Any]
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -71,6 +84,7 @@ class ServerProtocol(FramedProtocol):
         self.peer_host = str(getattr(peer, "host", "?"))
         self.peer_desc = f"{self.peer_host}:{getattr(peer, 'port', '?')}"
         self.peer_id = next(self.factory.ids)
+        self.info = {}
         self.role = ""
         self.name = self.peer_desc
         self._handshake_timer = self.factory.clock.callLater(

@@ -15,6 +15,7 @@ from twisted.internet import protocol, task
 
 from achilles.config import Settings, is_loopback, require_secret, user_config_dir
 from achilles.core import scheduler as sch
+from achilles.core.monitor import Monitor
 from achilles.core.throttle import REPORT_INTERVAL, LoginThrottle
 from achilles.errors import ConfigError
 from achilles.net import memlink, tls
@@ -29,6 +30,7 @@ from achilles.protocol.messages import (
     Drain,
     End,
     ErrorFrame,
+    Failure,
     Function,
     Heartbeat,
     JobFailed,
@@ -36,6 +38,8 @@ from achilles.protocol.messages import (
     Killed,
     Message,
     NodeInfo,
+    NodeStats,
+    Output,
     Result,
     Results,
     Status,
@@ -48,7 +52,18 @@ from achilles.server.protocol import ServerProtocol
 
 log = logging.getLogger("achilles.server")
 
+
+def function_name(text: str) -> str:
+    """A job's function name as a controller sent it, made safe to show anywhere:
+    printable characters only (others become ``?``), at most 120."""
+    return "".join(c if c.isprintable() else "?" for c in text[:120])
+
+
 TICK = 1.0
+#: what a node's tasks may print, forwarded to callers: bytes per second, and the burst
+#: allowed above that rate; output past it is dropped and counted (the caller is told)
+OUTPUT_RATE = 256 * 1024
+OUTPUT_BURST = 1024 * 1024
 
 
 class ServerFactory(protocol.Factory):
@@ -64,6 +79,8 @@ class ServerFactory(protocol.Factory):
         self.throttle = LoginThrottle()
         self._plain_warned: set[str] = set()
         self.scheduler = sch.Scheduler()
+        #: what the dashboard shows (achilles.web): counters and bounded rings
+        self.monitor = Monitor()
         self.ids = itertools.count(1)
         self.peers: dict[int, ServerProtocol] = {}
         self.cluster = Cluster(0, 0)
@@ -73,6 +90,9 @@ class ServerFactory(protocol.Factory):
         # held here and sent as one batch frame per peer and job (see flush_batches).
         self.reading = 0
         self._batches: dict[int, list[Any]] = {}
+        # per node: output bytes it may still send now, when that was reckoned, and the
+        # bytes dropped since its last forwarded output
+        self._output_budget: dict[int, list[float]] = {}
         self._handlers: dict[type, Callable[[ServerProtocol, Any, bytes], None]] = {
             Submit: self._on_submit,
             Chunk: self._on_chunk,
@@ -85,6 +105,9 @@ class ServerFactory(protocol.Factory):
             StatusRequest: self._on_status,
             Drain: self._on_drain,
             NodeInfo: self._on_node_info,
+            NodeStats: self._on_node_stats,
+            Failure: self._on_failure,
+            Output: self._on_output,
             Heartbeat: self._on_heartbeat,
             ErrorFrame: self._on_error,
         }
@@ -130,6 +153,11 @@ class ServerFactory(protocol.Factory):
             self._send(ins.node, Cancel(ins.job))
         elif isinstance(ins, sch.FailJob):
             log.warning("chunk %d of job %s failed: %s", ins.seq, ins.job, shown(ins.detail, 300))
+            self.monitor.event(
+                self.clock.seconds(),
+                "failure",
+                f"chunk {ins.seq} of job {ins.job[:8]} failed for good ({ins.reason})",
+            )
             self._send(
                 ins.owner, JobFailed(ins.job, ins.seq, ins.reason), ins.detail.encode("utf-8")
             )
@@ -235,6 +263,8 @@ class ServerFactory(protocol.Factory):
                     msg.slots,
                     sch.MAX_SLOTS,
                 )
+            self.monitor.node_joined(peer.peer_id, self.clock.seconds(), peer.peer_desc)
+            self.monitor.event(self.clock.seconds(), "node", f"node {peer.name} joined")
             self.feed(sch.NodeJoined(peer.peer_id, msg.slots, peer.name))
         elif peer.role == "controller":
             self._take_over(peer)
@@ -259,6 +289,7 @@ class ServerFactory(protocol.Factory):
         if self.peers.pop(peer.peer_id, None) is None:
             return
         log.info("%s %s disconnected", peer.role, peer.name)
+        self._output_budget.pop(peer.peer_id, None)
         if peer.role == "node":
             node = self.scheduler.nodes.get(peer.peer_id)
             if node is not None and node.inflight:
@@ -267,6 +298,14 @@ class ServerFactory(protocol.Factory):
                     peer.name,
                     len(node.inflight),
                 )
+            held = len(node.inflight) if node is not None else 0
+            now = self.clock.seconds()
+            self.monitor.node_lost(peer.peer_id, now, peer.name, node.done if node else 0, held)
+            self.monitor.event(
+                now,
+                "node" if held == 0 else "requeue",
+                f"node {peer.name} left" + (f": {held} chunk(s) requeued" if held else ""),
+            )
             self.feed(sch.NodeLost(peer.peer_id, "connection closed"))
         elif peer.role == "controller":
             for job in [j for j in self.scheduler.jobs.values() if j.owner == peer.peer_id]:
@@ -278,6 +317,9 @@ class ServerFactory(protocol.Factory):
 
     # -- handlers ---------------------------------------------------------------------
     def _on_submit(self, peer: ServerProtocol, msg: Submit, payload: bytes) -> None:
+        self.monitor.event(
+            self.clock.seconds(), "job-start", f"job {msg.job[:8]} started by {peer.name}"
+        )
         log.info(
             "job %s submitted by %s (%s chunks)",
             msg.job[:8],
@@ -294,12 +336,19 @@ class ServerFactory(protocol.Factory):
                 msg.limit,
                 msg.total,
                 bool(msg.isolated),
+                function_name(msg.name),
             )
         )
 
     def _log_job_end(self, job_id: str, owner: int, how: str) -> None:
         job = self.scheduler.jobs.get(sch.job_key(owner, job_id))
         if job is not None:
+            self.monitor.event(
+                self.clock.seconds(),
+                "job-end" if how == "finished" else "job-cancel",
+                f"job {job_id[:8]} {how}: {job.done} chunks, {job.retries} retries, "
+                f"{job.failures} failed",
+            )
             log.info(
                 "job %s %s: %d chunks done in %.2f s, %d retries",
                 job_id[:8],
@@ -342,6 +391,7 @@ class ServerFactory(protocol.Factory):
 
     def _on_drain(self, peer: ServerProtocol, msg: Drain, payload: bytes) -> None:
         log.info("node %s is leaving", peer.name)
+        self.monitor.event(self.clock.seconds(), "node", f"node {peer.name} is leaving")
         self.feed(sch.NodeDraining(peer.peer_id))
 
     def _on_node_info(self, peer: ServerProtocol, msg: NodeInfo, payload: bytes) -> None:
@@ -354,6 +404,49 @@ class ServerFactory(protocol.Factory):
             "launcher": msg.launcher,
             "pid": msg.pid,
         }
+
+    def _on_node_stats(self, peer: ServerProtocol, msg: NodeStats, payload: bytes) -> None:
+        self.monitor.node_stats(peer.peer_id, msg.cpu, msg.rss)
+
+    def _on_failure(self, peer: ServerProtocol, msg: Failure, payload: bytes) -> None:
+        """A node's text summary of a chunk that raised: kept for the dashboard, only
+        for a live job (the frame's check bounds its size)."""
+        job = self.scheduler.jobs.get(msg.job)
+        if job is not None:
+            self.monitor.failure(
+                self.clock.seconds(),
+                msg.kind,
+                job.name,
+                msg.seq,
+                peer.name,
+                payload.decode("utf-8", "replace"),
+            )
+
+    def _on_output(self, peer: ServerProtocol, msg: Output, payload: bytes) -> None:
+        """What a chunk printed: forwarded, unopened, to its job's controller only, and
+        only for a chunk this node holds; within the node's byte budget (OUTPUT_RATE,
+        OUTPUT_BURST), past which it is dropped and counted in the next one forwarded
+        (the first drop of a run is reported at once, as an empty Output)."""
+        node = self.scheduler.nodes.get(peer.peer_id)
+        job = self.scheduler.jobs.get(msg.job)
+        if node is None or job is None or (msg.job, msg.seq) not in node.inflight:
+            return  # a cancelled job's, or a chunk taken away: nobody wants it
+        now = self.clock.seconds()
+        # [bytes it may send now, when reckoned, bytes dropped not yet reported, dropping]
+        budget = self._output_budget.setdefault(peer.peer_id, [OUTPUT_BURST, now, 0, 0])
+        budget[0] = min(OUTPUT_BURST, budget[0] + (now - budget[1]) * OUTPUT_RATE)
+        budget[1] = now
+        if len(payload) > budget[0]:
+            budget[2] += len(payload) + msg.dropped
+            if not budget[3]:  # the first drop of a run: say so now
+                budget[3] = 1
+                self._send(job.owner, Output(job.name, msg.seq, peer.name, int(budget[2])))
+                budget[2] = 0
+            return
+        budget[0] -= len(payload)
+        dropped = msg.dropped + int(budget[2])
+        budget[2] = budget[3] = 0
+        self._send(job.owner, Output(job.name, msg.seq, peer.name, dropped), payload)
 
     def _on_kill(self, peer: ServerProtocol, msg: Kill, payload: bytes) -> None:
         nodes = [p for p in self.peers.values() if p.role == "node"]

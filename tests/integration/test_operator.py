@@ -4,6 +4,7 @@ graceful node leave."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,10 +18,17 @@ TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_status_table_shows_nodes_and_job_progress(cluster, tmp_path):
-    """`achilles status` lists nodes and a running job with its progress and owner."""
+    """`achilles status` lists nodes (address, busy slots apart from queued chunks, as the
+    README says) and a running job with its function, progress and owner."""
     with Pool(**cluster.kwargs()) as pool:
         result = pool.map_async(tasks.sleep_for, [0.3] * 12, chunksize=1)
-        wait_until(lambda: any(j["done"] for j in cluster.status()["jobs"]), 20)
+        wait_until(
+            lambda: (
+                any(j["done"] for j in cluster.status()["jobs"])
+                and any(n["busy"] for n in cluster.status()["nodes"])
+            ),
+            20,
+        )
         out = subprocess.run(
             [sys.executable, "-m", "achilles", "status", "--port", str(cluster.port)],
             env=cluster.env(),
@@ -35,6 +43,13 @@ def test_status_table_shows_nodes_and_job_progress(cluster, tmp_path):
     assert lines[0].startswith("2 node(s)") and "1 job(s)" in lines[0]
     job_line = next(line for line in lines if "/12" in line)
     assert "PROGRESS" in out.stdout and "CHUNKS/S" in out.stdout and ":" in job_line
+    assert "tasks.sleep_for" in job_line  # the job's function, by name
+    header = lines[1].split()
+    assert header[:6] == ["NODE", "ADDRESS", "SLOTS", "BUSY", "QUEUED", "DONE"]
+    for row in (line.split() for line in lines[2:4]):
+        assert re.fullmatch(r"127\.0\.0\.1:\d+", row[1]), row
+        slots, busy, queued = int(row[2]), int(row[3]), int(row[4])
+        assert busy <= slots and queued >= 0
 
 
 def test_progress_bar(cluster, tmp_path):

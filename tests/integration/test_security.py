@@ -253,6 +253,7 @@ SUBMIT = {
     "limit": 0,
     "total": 1,
     "isolated": 0,
+    "name": "f",
 }
 ROWS: list[Row] = [
     Row(

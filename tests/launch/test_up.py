@@ -13,6 +13,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -179,12 +180,55 @@ def test_down_while_a_job_runs_finishes_it_on_the_other_nodes(lab: Lab) -> None:
             job.wait()
 
 
-def test_logs_shows_the_node_log(lab: Lab) -> None:
+def test_logs_shows_and_follows_the_node_log(lab: Lab) -> None:
     assert lab.achilles("up", "h1/2").returncode == 0
     done = lab.achilles("logs", "h1", "-n", "20")
     assert done.returncode == 0, done.stderr
     assert "started by achilles up" in done.stdout
     assert "connected to achilles server" in done.stdout
+    follow = subprocess.Popen(
+        ["ip", "netns", "exec", lab.ctl, sys.executable, "-m", "achilles", "logs", "h1", "-f",
+         "-F", str(lab.ssh_config)],
+        env=lab.env(), stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    seen: list[str] = []
+    reader = threading.Thread(target=lambda: seen.extend(follow.stdout), daemon=True)
+    reader.start()
+    try:
+        wait_until(
+            lambda: any("connected to achilles server" in ln for ln in seen),
+            30,
+            what="the followed log",
+        )
+    finally:
+        follow.terminate()
+        follow.wait(timeout=10)
+        reader.join(10)
+        follow.stdout.close()
+    # the follower on the host ends with the SSH session that ran it
+    wait_until(
+        lambda: not any("logs" in argv for argv in cmdlines_with("achilles.launch.agent").values()),
+        20,
+        what="the host's log follower to exit",
+    )
+
+
+def test_proxy_jump_from_the_users_ssh_config(lab: Lab) -> None:
+    """A host reached through another (``ProxyJump`` in the ssh config): up works as
+    ssh does; the node is told the server's address (it cannot be guessed through a
+    jump host)."""
+    h2 = lab.hosts["h2"]
+    with open(lab.ssh_config, "a") as f:
+        f.write(
+            f"Host viajump\n  HostName {h2.address}\n  User root\n  ProxyJump h1\n"
+            f"  IdentityFile {lab.root / 'id'}\n  IdentitiesOnly yes\n"
+            f"  UserKnownHostsFile {lab.known_hosts}\n"
+        )
+    done = lab.achilles("up", "--advertise", f"{lab.net}.1", "viajump/1")
+    assert done.returncode == 0, done.stdout + done.stderr
+    node = next(n for n in lab.status()["nodes"] if n["name"] == "viajump")
+    assert node["address"].startswith(h2.address + ":")
+    assert lab.achilles("down", "viajump").returncode == 0
 
 
 def test_each_failure_is_named(lab: Lab, tmp_path) -> None:

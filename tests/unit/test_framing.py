@@ -67,6 +67,9 @@ SAMPLES: list[tuple[m.Message, bytes]] = [
     ),
     (m.Drain(), b""),
     (m.NodeInfo("0.1.0", "3.11.7", "worker-7.lab", "up", 4242), b""),
+    (m.Output("j1", 3, "", 0), b'[["out", "hello\\n"]]'),
+    (m.NodeStats(cpu=187.5, rss=123456789), b""),
+    (m.Failure("j1", 3, "ValueError"), b"Traceback ...\nValueError: <b>bad</b>\n"),
     (m.JobFailed(job="j1", seq=3, reason="crashed"), "worker died \u2620".encode()),
     (m.Cluster(nodes=2, slots=8), b""),
     (m.Status(), b'{"nodes": []}'),
@@ -589,6 +592,7 @@ def test_integers_in_headers_fit_in_64_bits() -> None:
         "timeout": 0,
         "total": 1,
         "isolated": 0,
+        "name": "f",
     }
     [frame] = decode_line({**submit, "limit": INT_MIN})
     assert frame.msg.limit == INT_MIN  # type: ignore[attr-defined]
@@ -623,6 +627,7 @@ def test_integers_in_header_lists_fit_in_64_bits() -> None:
             "limit": 0,
             "total": -2,
             "isolated": 0,
+            "name": "f",
         },
     ],
 )

@@ -634,12 +634,23 @@ def test_snapshot_shape() -> None:
     """snapshot() lists nodes and jobs with their counters, ages relative to now."""
     s = Scheduler()
     join(s, 1, slots=2, now=1.0)
-    s.handle(JobSubmitted("j", OWNER, b"F"), 2.0)
+    s.handle(JobSubmitted("j", OWNER, b"F", function_name="m.f"), 2.0)
     s.handle(ChunkAdded("j", 0, b"c", OWNER), 2.0)
     s.handle(ResultReceived(1, key("j"), 0, OK, b"r", 0.1), 3.0)
     s.handle(ChunkAdded("j", 1, b"c", OWNER), 4.0)
     assert s.snapshot() == {
-        "nodes": [{"id": 1, "name": "n1", "slots": 2, "inflight": 1, "done": 1, "draining": False}],
+        "nodes": [
+            {
+                "id": 1,
+                "name": "n1",
+                "slots": 2,
+                "inflight": 1,
+                "busy": 1,
+                "queued": 0,
+                "done": 1,
+                "draining": False,
+            }
+        ],
         "jobs": [
             {
                 "id": "j",
@@ -653,6 +664,7 @@ def test_snapshot_shape() -> None:
                 "age": 2.0,
                 "chunks_per_s": 0.5,
                 "failed": 0,
+                "function": "m.f",
             }
         ],
     }
