@@ -338,9 +338,9 @@ class Cluster:
 
     def start_server(self, port: int = 0, timeout: float = 20.0, **env: str) -> Proc:
         """Start the server (port 0: a free one) and wait for its ``listening on`` line.
-        No dashboard unless ``ACHILLES_DASHBOARD`` is given (test servers must not
-        compete for its port)."""
-        env = {"ACHILLES_DASHBOARD": "off", **env}
+        No dashboard unless ``ACHILLES_DASHBOARD`` is given, here or to the cluster
+        (test servers must not compete for its port)."""
+        env = {"ACHILLES_DASHBOARD": self.extra_env.get("ACHILLES_DASHBOARD", "off"), **env}
         server = self._spawn("server", "server", ["--port", str(port)], env)
         self.server = server
         match = wait_until(

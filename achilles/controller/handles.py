@@ -64,6 +64,7 @@ def _submit(handle: JobHandle | ApplyHandle, total: int, isolated: bool) -> Subm
         total,
         int(isolated),
         handle.name[:FUNCTION_NAME_MAX],
+        getattr(handle, "items", -1),
     )
 
 
@@ -85,9 +86,11 @@ class JobHandle:
         limit: int = 0,
         total: int = -1,
         name: str = "",
+        items: int = -1,
     ) -> None:
         self.id = uuid.uuid4().hex
         self.name = name  # the function's, shown by the server
+        self.items = items  # the job's items, if known (the dashboard's items/s)
         self.function = function
         self.max_attempts = max_attempts
         self.timeout = timeout

@@ -197,6 +197,12 @@ class Monitor:
                     "failures": j.failures,
                     "elapsed": round(now - j.submitted, 1),
                     "rate": round(rate, 2),
+                    # items per second: chunks per second times the job's items per
+                    # chunk (exact for a fixed chunk size but for its last chunk)
+                    "items": j.items if j.items >= 0 else None,
+                    "items_rate": (
+                        round(rate * j.items / total, 2) if j.items >= 0 and total else None
+                    ),
                     "eta": round(left / rate, 1) if left is not None and rate > 0 else None,
                 }
             )

@@ -139,6 +139,7 @@ class Scheduler:
             total=ev.total,
             isolated=ev.isolated,
             function_name=ev.function_name,
+            items=ev.items,
         )
 
     def _on_chunk_added(self, ev: ChunkAdded) -> None:

@@ -54,6 +54,7 @@ class JobSubmitted:
     total: int = -1
     isolated: bool = False  # long-lived (apply calls): keeps no per-chunk history
     function_name: str = ""  # shown only (escaped by the server)
+    items: int = -1  # the job's items, if known (shown only)
 
 
 @dataclass(slots=True)  # not frozen: one per chunk (see HOT)

@@ -70,6 +70,7 @@ class JobState:
     last_pick: int = 0
     isolated: bool = False
     function_name: str = ""
+    items: int = -1
     #: nodes that held a chunk past its deadline or answered "cancelled": they get no
     #: more of this job's chunks while another node can take them
     shunned: set[int] = field(default_factory=set)

@@ -154,7 +154,12 @@ class Pool:
         )
 
     def _new_job(
-        self, func: Callable[..., Any], mode: str, ordered: bool, total: int = -1
+        self,
+        func: Callable[..., Any],
+        mode: str,
+        ordered: bool,
+        total: int = -1,
+        items: int | None = None,
     ) -> JobHandle:
         self._check_running()
         function = self._function(func, mode)
@@ -167,6 +172,7 @@ class Pool:
             self._limit,
             total,
             name=function_name(func),
+            items=-1 if items is None else items,
         )
         if self._output:
             handle.output_context = contextvars.copy_context()
@@ -204,7 +210,7 @@ class Pool:
         size, total, n = feeding.plan(iterable, chunksize, self._processes)
         result = ApplyResult(callback, error_callback, self)
         bar = feeding.progress_bar(progress, n)
-        handle = self._new_job(func, mode, ordered=False, total=total)
+        handle = self._new_job(func, mode, ordered=False, total=total, items=n)
         result._handle = handle
         self._start_thread(
             feeding.run_map, self._ctl, handle, iterable, size, result, bar, self._job_done
@@ -289,7 +295,7 @@ class Pool:
     ) -> IMapIterator:
         size, total, n = feeding.plan(iterable, chunksize, self._processes)
         bar = feeding.progress_bar(progress, n)
-        handle = self._new_job(func, "map", ordered, total=total)
+        handle = self._new_job(func, "map", ordered, total=total, items=n)
         it = IMapIterator(handle, self, bar)
 
         def feed() -> None:

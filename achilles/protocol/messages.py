@@ -205,9 +205,13 @@ class Submit(Message):
     #: the function's qualified name, for ``achilles status`` and the dashboard
     #: (at most FUNCTION_NAME_MAX characters; the server escapes it)
     name: str = ""
+    #: the job's items (arguments), -1 while unknown: the dashboard's items per second
+    items: int = -1
 
     def check(self, n: int) -> None:
         _check_job(self.TYPE, self.job)
+        if self.items < -1:
+            raise ProtocolError("bad-field", f"'submit' items {self.items} (-1: unknown)")
         if len(self.name) > FUNCTION_NAME_MAX:
             raise ProtocolError(
                 "bad-field", f"'submit' function name over {FUNCTION_NAME_MAX} characters"

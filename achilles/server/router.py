@@ -337,6 +337,7 @@ class ServerFactory(protocol.Factory):
                 msg.total,
                 bool(msg.isolated),
                 function_name(msg.name),
+                msg.items,
             )
         )
 

@@ -141,6 +141,10 @@ def test_page_in_chromium(request: Any, tmp_path_factory: Any) -> None:
             "document.querySelector('#jobs tr[data-job] td:nth-child(2)').textContent"
         )
         assert function.endswith("sleep_then_square"), function
+        speed = browser.js(
+            "document.querySelector('#jobs tr[data-job] td:nth-child(5)').textContent"
+        )
+        assert speed.endswith("items/s"), speed  # the job's length is known
         assert result.get(timeout=60) == [x * x for x in range(160)]
         with pytest.raises(HostileError):
             pool.map(raise_hostile, [7])

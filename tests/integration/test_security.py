@@ -254,6 +254,7 @@ SUBMIT = {
     "total": 1,
     "isolated": 0,
     "name": "f",
+    "items": -1,
 }
 ROWS: list[Row] = [
     Row(

@@ -81,7 +81,10 @@ def test_cluster_ignores_planted_config_and_leaves_nothing(tmp_path, monkeypatch
         for proc in cluster.processes():
             env = environ_of(proc.pid)
             assert env["XDG_CONFIG_HOME"] != str(home)
+            # (and the server's dashboard off: test servers do not compete for its port)
+            dashboard = ["ACHILLES_DASHBOARD"] if proc is cluster.server else []
             assert sorted(k for k in env if k.startswith("ACHILLES_")) == [
+                *dashboard,
                 "ACHILLES_LOG_LEVEL",
                 "ACHILLES_MAX_ATTEMPTS",
                 "ACHILLES_SECRET_KEY",

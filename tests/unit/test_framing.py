@@ -593,6 +593,7 @@ def test_integers_in_headers_fit_in_64_bits() -> None:
         "total": 1,
         "isolated": 0,
         "name": "f",
+        "items": -1,
     }
     [frame] = decode_line({**submit, "limit": INT_MIN})
     assert frame.msg.limit == INT_MIN  # type: ignore[attr-defined]
@@ -628,6 +629,7 @@ def test_integers_in_header_lists_fit_in_64_bits() -> None:
             "total": -2,
             "isolated": 0,
             "name": "f",
+            "items": -1,
         },
     ],
 )

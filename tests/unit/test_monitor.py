@@ -126,6 +126,10 @@ def test_snapshot_rates_eta_and_stragglers() -> None:
     assert job["owner"] == "alice" and job["done"] == len(held)
     assert job["rate"] == pytest.approx(len(held) / 2.0)
     assert job["eta"] == pytest.approx((10 - len(held)) / job["rate"], rel=0.01)
+    assert job["items"] is None and job["items_rate"] is None  # length not said
+    s.jobs["100-job0"].items = 40  # 10 chunks of 4 items
+    job = monitor.snapshot(s, 4.0, {}, {100: "alice"})["jobs"][0]
+    assert job["items"] == 40 and job["items_rate"] == pytest.approx(job["rate"] * 4)
     nodes = {n["name"]: n for n in snap["nodes"]}
     assert nodes["node1"]["rate"] == pytest.approx(len(held) / 2.0)
     assert nodes["node1"]["heard"] == 0.5

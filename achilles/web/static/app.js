@@ -102,7 +102,8 @@ function renderJobs(snap) {
       el("td", j.function || "?"),
       el("td", j.owner),
       bar(j),
-      num(rate(j.rate)),
+      num(j.items_rate === null || j.items_rate === undefined
+        ? rate(j.rate) + " chunks/s" : rate(j.items_rate) + " items/s"),
       num(j.eta === null ? "–" : secs(j.eta)),
       num(j.inflight),
       num(j.retries),
