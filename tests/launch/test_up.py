@@ -272,12 +272,18 @@ def test_each_failure_is_named(lab: Lab, tmp_path) -> None:
     assert lab.achilles("down", "unknownkey").returncode == 0
 
 
+#: nftables (in /usr/sbin, which a minimal PATH leaves out)
+NFT = shutil.which("nft") or next(
+    (p for p in ("/usr/sbin/nft", "/sbin/nft") if os.access(p, os.X_OK)), None
+)
+
+
 def nft(ns: str, *rules: str) -> None:
     for rule in rules:
-        subprocess.run(["ip", "netns", "exec", ns, "nft", *rule.split()], check=True)
+        subprocess.run(["ip", "netns", "exec", ns, str(NFT), *rule.split()], check=True)
 
 
-@pytest.mark.skipif(shutil.which("nft") is None, reason="needs nftables to block the port")
+@pytest.mark.skipif(NFT is None, reason="needs nftables (nft) to block the port")
 def test_tunnel_reaches_a_server_whose_port_is_blocked(lab: Lab) -> None:
     """With the server's port dropped between the hosts and the server (only SSH gets
     through), a plain up fails with a hint, and ``up --tunnel`` works."""
@@ -309,7 +315,7 @@ def test_tunnel_reaches_a_server_whose_port_is_blocked(lab: Lab) -> None:
         )
     finally:
         subprocess.run(
-            ["ip", "netns", "exec", lab.ctl, "nft", "delete", "table", "inet", "achtest"]
+            ["ip", "netns", "exec", lab.ctl, str(NFT), "delete", "table", "inet", "achtest"]
         )
 
 
