@@ -219,13 +219,11 @@ def cmd_logs(args: argparse.Namespace, settings: Settings) -> int:
 
 def _check_server(settings: Settings) -> None:
     """Fail at once, naming the server, when it does not answer."""
-    from achilles.admin import getClusterStatus
+    from achilles.launch.up import server_status
 
     s = settings
     try:
-        getClusterStatus(
-            host=s.host, port=s.port, secret_key=s.secret_key, username=s.username, tls=s.tls
-        )
+        server_status(s)
     except Exception as exc:
         raise AchillesError(
             f"no answer from the server at {s.host}:{s.port} ({exc}); start one, or pass "

@@ -16,6 +16,7 @@ import json
 import os
 import queue
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -145,6 +146,16 @@ def _update_state(change: Callable[[dict[str, Any]], None]) -> None:
 
 
 # -- the server's view ------------------------------------------------------------------
+def server_status(s: Settings) -> dict[str, Any]:
+    """The status of the server ``s`` names (see ``achilles.getClusterStatus``)."""
+    from achilles.admin import getClusterStatus
+
+    return getClusterStatus(
+        host=s.host, port=s.port, username=s.username, secret_key=s.secret_key,
+        tls_ca=s.tls_ca, tls=s.tls,
+    )  # fmt: skip
+
+
 class ServerWatch:
     """Polls the server's status twice a second while hosts wait for their nodes; one
     connection's worth of work for all hosts."""
@@ -159,15 +170,10 @@ class ServerWatch:
         self._thread.start()
 
     def _run(self) -> None:
-        from achilles.admin import getClusterStatus
-
         s = self.settings
         while not self._stop.is_set():
             try:
-                status = getClusterStatus(
-                    host=s.host, port=s.port, username=s.username, secret_key=s.secret_key,
-                    tls_ca=s.tls_ca, tls=s.tls,
-                )  # fmt: skip
+                status = server_status(s)
                 seen = {(n.get("name"), n.get("pid")): n for n in status["nodes"]}
                 error = ""
             except Exception as exc:  # shown to the user as it is
@@ -463,7 +469,7 @@ def _last(stderr: bytes, lines: int = 3) -> str:
 
 def _kill(pid: int) -> None:
     try:
-        os.kill(pid, 15)
+        os.kill(pid, signal.SIGTERM)
     except OSError:
         pass
 
