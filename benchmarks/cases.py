@@ -413,10 +413,29 @@ WORKLOAD_RUNNERS: dict[str, Callable[[PoolAdapter, dict[str, Any], Recorder], No
 }
 
 
+def _run_scale(system: System, workload: str, params: dict[str, Any], rec: Recorder) -> None:
+    """W8, W9 and the soak: the CLI cluster's server, with the nodes each one brings."""
+    from benchmarks import scale, soak
+
+    assert isinstance(system, AchillesCliSystem)
+    scale.setup_server_only(system)
+    rec.data["current"] = None
+    if workload == "soak":
+        for _ in range(2):
+            system.cluster.start_node(wait=False)
+        system.cluster.wait_nodes()
+        soak.run_soak(system, params, rec)
+    else:
+        {"W8": scale.run_w8, "W9": scale.run_w9}[workload](system, params, rec)
+    rec.data["memory"].update(system.memory(None))
+
+
 def _run_workload(
     system: System, workload: str, params: dict[str, Any], rec: Recorder, pools: list[PoolAdapter]
 ) -> None:
     """Set the system up and run the workload's cases; the pool made goes to ``pools``."""
+    if workload in ("W8", "W9", "soak"):
+        return _run_scale(system, workload, params, rec)
     system.setup(nodes=1 if workload == "W6" else 2)
     rec.data["current"] = None
     if workload == "S":

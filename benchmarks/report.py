@@ -13,6 +13,7 @@ import subprocess
 import sys
 from typing import Any
 
+from benchmarks import scale_report
 from benchmarks.procfs import meminfo_kib
 from benchmarks.systems import PROCESSES
 
@@ -79,7 +80,7 @@ def figure_rows(params: dict[str, Any]) -> list[tuple[str, str, str, bool]]:
     for n in params["w6_nodes"]:
         for key, what, unit in W6_FIGS:
             rows.append((f"W6.{n}.{key}", f"W6 {n} node{'s' if n > 1 else ''}{what}", unit, False))
-    return rows + W7_FIGS
+    return rows + W7_FIGS + scale_report.rows(params)
 
 
 def add_ratios(runs: list[dict[str, Any]], params: dict[str, Any]) -> None:
@@ -154,6 +155,9 @@ def _case_of(key: str) -> str:
     """The case that produces a figure (to find its error)."""
     parts = key.split(".")
     w = parts[0]
+    scaled = scale_report.case_of(key)
+    if scaled is not None:
+        return scaled
     if w in ("W1", "W2", "W3"):
         return parts[1]
     if w == "W6":
@@ -241,7 +245,7 @@ def evaluate_targets(runs: list[dict[str, Any]], params: dict[str, Any]) -> list
                     "verdict": _verdict(value, kind, target, stretch),
                 }
             )
-    return out
+    return out + scale_report.targets(runs, params)
 
 
 def _target_value(

@@ -49,8 +49,10 @@ from benchmarks.report import (
 from benchmarks.systems import PEERS, PROCESSES, SYSTEM_CLASSES
 
 SYSTEMS = ["mp", "achilles-local", "achilles-cli"]
-WORKLOADS = ["S", "W1", "W2", "W3", "W4", "W5", "W6", "W7"]
-ONLY_ON = {"W6": {"achilles-cli"}, "W7": {"achilles-cli"}}
+WORKLOADS = ["S", "W1", "W2", "W3", "W4", "W5", "W6", "W7", "W8", "W9"]
+#: run only when asked for (``--soak`` or ``--only soak``): minutes
+ON_REQUEST = ["soak"]
+ONLY_ON = {w: {"achilles-cli"} for w in ("W6", "W7", "W8", "W9", "soak")}
 
 FULL = dict(
     reps=3,
@@ -66,6 +68,14 @@ FULL = dict(
     w6_nodes=[1, 2, 4, 8],
     w6_chunks=2000,
     w7_tasks=400,
+    w8_nodes=[1, 10, 100, 1000],
+    w8_chunks=5000,
+    w8_idle_s=10.0,
+    w9_delays_ms=[0, 0.5, 2, 10],
+    soak_jobs=10_000,
+    soak_every=500,
+    soak_kill_every=250,
+    soak_warmup=1000,
 )
 QUICK = dict(
     reps=1,
@@ -81,6 +91,14 @@ QUICK = dict(
     w6_nodes=[1, 2],
     w6_chunks=200,
     w7_tasks=100,
+    w8_nodes=[1, 10, 100],
+    w8_chunks=2000,
+    w8_idle_s=5.0,
+    w9_delays_ms=[0, 2, 10],
+    soak_jobs=1000,
+    soak_every=100,
+    soak_kill_every=100,
+    soak_warmup=200,
 )
 
 
@@ -95,6 +113,9 @@ def cases_of(workload: str, params: dict[str, Any]) -> list[str]:
         "W5": ["imap"],
         "W6": [f"{n}nodes" for n in params["w6_nodes"]],
         "W7": ["kill"],
+        "W8": [f"{n}nodes" for n in params["w8_nodes"]],
+        "W9": ["direct"] + [f"{d:g}ms" for d in params["w9_delays_ms"]],
+        "soak": ["soak"],
     }[workload]
 
 
@@ -247,6 +268,8 @@ def _merge_output(spec: dict[str, Any], merged: dict[str, Any]) -> dict[str, Any
     merged["memory"].update(data["memory"])
     merged["notes"].extend(data["notes"])
     merged["teardown_s"] = data.get("teardown_s")
+    if "soak" in data:
+        merged["soak"] = data["soak"]
     return data
 
 
@@ -324,7 +347,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m benchmarks",
         description=(
-            "achilles benchmark suite: workloads S, W1-W7 of docs/benchmarks.md, each system in a "
+            "achilles benchmark suite: workloads S, W1-W9 and the soak of docs/benchmarks.md, each "
+            "system in a "
             "fresh child process, figures with ratios against multiprocessing.Pool(2)."
         ),
     )
@@ -333,7 +357,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="one repetition, smaller sizes (see README): under two minutes",
     )
-    p.add_argument("--only", help=f"comma-separated workloads ({','.join(WORKLOADS)})")
+    p.add_argument("--only", help=f"comma-separated workloads ({','.join(WORKLOADS + ON_REQUEST)})")
     p.add_argument(
         "--systems", help=f"comma-separated systems ({','.join(SYSTEMS)}, {','.join(PEERS)})"
     )
@@ -345,6 +369,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--timeout", type=float, help="time limit of each child process, s (default 300, quick 60)"
     )
     p.add_argument("--w5-items", type=int, help="W5 input size (default 2000000)")
+    p.add_argument(
+        "--w8-nodes", help="W8 node counts, comma-separated (default 1,10,100,1000; quick 1,10,100)"
+    )
+    p.add_argument(
+        "--soak", action="store_true", help="add the soak (10,000 jobs: minutes; quick 1,000)"
+    )
+    p.add_argument("--soak-jobs", type=int, help="jobs in the soak (default 10000)")
+    p.add_argument("--w9-delays", help="W9 one-way delays, ms (default 0,0.5,2,10)")
     p.add_argument("--out", help="JSON path (default benchmarks/results/<timestamp>.json)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -359,15 +391,28 @@ def _params(args: argparse.Namespace) -> dict[str, Any]:
         params["timeout"] = args.timeout
     if args.w5_items:
         params["w5_items"] = args.w5_items
+    if args.w8_nodes:
+        params["w8_nodes"] = [int(n) for n in args.w8_nodes.split(",")]
+    if args.w9_delays:
+        params["w9_delays_ms"] = [float(d) for d in args.w9_delays.split(",")]
+    if args.soak_jobs:
+        params["soak_jobs"] = args.soak_jobs
+        params["soak_every"] = max(1, min(params["soak_every"], args.soak_jobs // 10))
+        params["soak_warmup"] = min(params["soak_warmup"], args.soak_jobs // 5)
     return params
 
 
 def _workloads(args: argparse.Namespace) -> list[str]:
     """The workloads asked for (``--only``), checked."""
-    workloads = WORKLOADS if not args.only else [w.strip().upper() for w in args.only.split(",")]
+    known = WORKLOADS + ON_REQUEST
+    if args.only:
+        workloads = [w.strip().upper() for w in args.only.split(",")]
+        workloads = ["soak" if w == "SOAK" else w for w in workloads]
+    else:
+        workloads = WORKLOADS + (["soak"] if args.soak else [])
     for w in workloads:
-        if w not in WORKLOADS:
-            raise SystemExit(f"unknown workload {w!r}; choose from {','.join(WORKLOADS)}")
+        if w not in known:
+            raise SystemExit(f"unknown workload {w!r}; choose from {','.join(known)}")
     return workloads
 
 
@@ -466,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
     started = datetime.datetime.now().astimezone()
     load_before = os.getloadavg()
     digest_before = tree_digest(os.path.join(ROOT, "achilles"))
-    calib = _calibrate_w2(params) if {"W2", "W7"} & set(workloads) else {}
+    calib = _calibrate_w2(params) if {"W2", "W7", "W9"} & set(workloads) else {}
 
     t_all = time.perf_counter()
     runs = run_plan(workloads, systems, params)

@@ -113,3 +113,17 @@ def w5_expected(n: int) -> tuple[int, int]:
 def noop(x: int) -> None:
     """W6: nothing; the chunk's round trip through the server is all there is."""
     return None
+
+
+# --- soak -----------------------------------------------------------------------------
+def fail_at_7(x: int) -> int:
+    """Soak: raises for 7, else returns ``x`` (a job with a failing task)."""
+    if x == 7:
+        raise ValueError("soak: 7 fails on purpose")
+    return x
+
+
+def sleepy(x: int) -> int:
+    """Soak: 10 ms asleep (a job its controller abandons by dying)."""
+    time.sleep(0.01)
+    return x

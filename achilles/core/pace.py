@@ -9,27 +9,40 @@ from __future__ import annotations
 #: chunks per slot queued ahead while chunks are long
 PREFETCH = 2
 #: most chunks per slot, while chunks are very short
-MAX_PREFETCH = 16
+MAX_PREFETCH = 64
 #: how much work (seconds) to hold per slot beyond the running chunk, so that the round
 #: trip of the next chunk hides behind work
 QUEUED_WORK = 0.002
 
 
+#: the measured round trip counts this much: a slot's queue must outlast the round trip
+#: with room to spare (jitter), or the worker waits for each next chunk
+RTT_MARGIN = 1.5
+
+
 class Pace:
     """How many chunks per worker slot to keep queued, from how long chunks take.
 
-    About QUEUED_WORK of work per slot: long chunks keep PREFETCH per slot (little to
-    wait for at a job's end); chunks of microseconds get up to MAX_PREFETCH, or each
-    would wait for a whole round trip.
+    About QUEUED_WORK of work per slot, plus the round trip to the slot when one is
+    measured (a node 10 ms away needs 20 ms of work queued, or it idles for each next
+    chunk: W9): long chunks on a near node keep PREFETCH per slot (little to wait for
+    at a job's end); chunks of microseconds, or far nodes, get up to MAX_PREFETCH.
     """
 
     def __init__(self) -> None:
         self.depth = PREFETCH
         self.chunk_s = -1.0  # smoothed duration of a chunk, -1 until one is seen
+        #: the least round trip seen (a chunk's turnaround less its run time), -1: none
+        self.rtt = -1.0
 
-    def observe(self, elapsed: float) -> int:
-        """A chunk took ``elapsed`` s; return the new depth."""
+    def observe(self, elapsed: float, rtt: float = -1.0) -> int:
+        """A chunk took ``elapsed`` s (and ``rtt`` s of round trip besides, if known);
+        return the new depth. The least round trip seen is kept: a chunk that waited
+        in a queue took longer, and that is no distance."""
+        if rtt >= 0 and (self.rtt < 0 or rtt < self.rtt):
+            self.rtt = rtt
         self.chunk_s = elapsed if self.chunk_s < 0 else 0.8 * self.chunk_s + 0.2 * elapsed
-        want = int(QUEUED_WORK / max(self.chunk_s, 1e-6)) + 1
+        ahead = QUEUED_WORK + RTT_MARGIN * max(self.rtt, 0.0)
+        want = int(ahead / max(self.chunk_s, 1e-6)) + 1
         self.depth = max(PREFETCH, min(MAX_PREFETCH, want))
         return self.depth

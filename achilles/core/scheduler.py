@@ -8,7 +8,8 @@
 A node announces ``slots`` worker processes; it is given up to ``slots * PREFETCH``
 (see ``core.pace``) chunks so that the next chunk is already there when a worker frees
 up (round trips hide behind work), and more (up to MAX_PREFETCH per slot) while its
-chunks take less than a round trip. Whenever a slot frees, the job with the fewest
+chunks take less than a round trip, or while the node is far (its round trip is
+measured, see ``_take_result``). Whenever a slot frees, the job with the fewest
 chunks in flight gets it, so concurrent jobs share the cluster fairly. Payloads are
 opaque ``bytes``: the scheduler keeps a chunk's payload until its result arrives, so it
 can resend it to another node, and never looks inside.
@@ -39,6 +40,7 @@ from collections.abc import Callable
 from itertools import islice
 from typing import Any
 
+from achilles.core.pace import PREFETCH
 from achilles.core.scheduler_events import (
     CancelOnNode,
     ChunkAdded,
@@ -64,6 +66,7 @@ from achilles.core.scheduler_events import (
 )
 from achilles.core.scheduler_state import (
     MAX_SLOTS,
+    FreeNodes,
     JobState,
     NodeState,
     deadline,
@@ -78,6 +81,9 @@ class Scheduler:
     def __init__(self) -> None:
         self.nodes: dict[int, NodeState] = {}
         self.jobs: dict[str, JobState] = {}
+        self._free = FreeNodes()  # who has room, most free first (see _pick_node)
+        self._joins = 0
+        self._live_nodes = self._live_slots = 0  # nodes not draining, and their slots
         self._picks = 0
         self._out: list[Instruction] = []
         self._now = 0.0
@@ -91,7 +97,14 @@ class Scheduler:
 
     # -- nodes -----------------------------------------------------------------------
     def _on_node_joined(self, ev: NodeJoined) -> None:
-        self.nodes[ev.node] = NodeState(ev.node, min(max(1, ev.slots), MAX_SLOTS), ev.name)
+        self._joins += 1
+        node = NodeState(ev.node, min(max(1, ev.slots), MAX_SLOTS), ev.name, order=self._joins)
+        old = self.nodes.get(ev.node)
+        if old is not None and not old.draining:
+            self._count_live(old, -1)
+        self.nodes[ev.node] = node
+        self._count_live(node, 1)
+        self._free.update(node)
         self._cluster_changed()
         self._dispatch()
 
@@ -99,6 +112,9 @@ class Scheduler:
         node = self.nodes.pop(ev.node, None)
         if node is None:
             return
+        self._free.remove(node.id)
+        if not node.draining:
+            self._count_live(node, -1)
         for job_id, seq in sorted(node.inflight, reverse=True):
             job = self.jobs.get(job_id)
             if job is not None and job.inflight.get(seq) == node.id:
@@ -113,13 +129,19 @@ class Scheduler:
 
     def _on_node_draining(self, ev: NodeDraining) -> None:
         node = self.nodes.get(ev.node)
-        if node is not None:
+        if node is not None and not node.draining:
             node.draining = True
+            self._count_live(node, -1)
+            self._free.update(node)
             self._cluster_changed()
 
     def _cluster_changed(self) -> None:
-        live = [n for n in self.nodes.values() if not n.draining]
-        self._out.append(ClusterChanged(len(live), sum(n.slots for n in live)))
+        # counted as nodes come and go: a scan here made 1,000 joins cost 10**6 steps
+        self._out.append(ClusterChanged(self._live_nodes, self._live_slots))
+
+    def _count_live(self, node: NodeState, sign: int) -> None:
+        self._live_nodes += sign
+        self._live_slots += sign * node.slots
 
     # -- jobs ------------------------------------------------------------------------
     def _on_job_submitted(self, ev: JobSubmitted) -> None:
@@ -191,10 +213,14 @@ class Scheduler:
     def _remove_job(self, job: JobState) -> None:
         """Forget a job; nodes holding its function or chunks are told to drop them."""
         del self.jobs[job.id]
-        for node in self.nodes.values():
-            if job.id in node.functions or any(j == job.id for j, _ in node.inflight):
+        for node_id in job.holders:  # not every node: at 1,000 nodes that was a scan
+            node = self.nodes.get(node_id)
+            if node is not None and (
+                job.id in node.functions or any(j == job.id for j, _ in node.inflight)
+            ):
                 node.inflight = {k: t for k, t in node.inflight.items() if k[0] != job.id}
                 self._cancel_on_node(node, job.id)
+                self._free.update(node)
 
     def _cancel_on_node(self, node: NodeState, job_id: str) -> None:
         """Tell a node to drop a job. Its results for the job still on their way are
@@ -241,9 +267,13 @@ class Scheduler:
             self._out.append(Refuse(node_id, f"unknown result status {status[:32]!r}", close=True))
             return False
         del job.inflight[seq]
-        del node.inflight[(job_id, seq)]
+        started = node.inflight.pop((job_id, seq))
         if status in (OK, ERROR):
-            self._done(node, job, seq, status, payload, elapsed)
+            # a clock started at dispatch: the chunk met a free worker, so its turnaround
+            # less its run time is the round trip to the node (see Pace)
+            rtt = self._now - started - elapsed if started >= 0 else -1.0
+            self._done(node, job, seq, status, payload, elapsed, rtt)
+            self._free.update(node)  # after _done: its pace may have changed
         elif status in (CRASHED, TIMEOUT):
             self._restart_clocks(node)  # the node restarted its pool: it reruns the rest
             self._retry(
@@ -257,15 +287,24 @@ class Scheduler:
                 CRASHED,
                 f"node {node.name} answered {CANCELLED!r} for it, though its job was live",
             )
+        if status not in (OK, ERROR):
+            self._free.update(node)
         return True
 
     def _done(
-        self, node: NodeState, job: JobState, seq: int, status: str, payload: bytes, elapsed: float
+        self,
+        node: NodeState,
+        job: JobState,
+        seq: int,
+        status: str,
+        payload: bytes,
+        elapsed: float,
+        rtt: float = -1.0,
     ) -> None:
         """A chunk ran (and returned or raised): pass its result on."""
         node.done += 1
         if status == OK:
-            node.pace.observe(elapsed)
+            node.pace.observe(elapsed, rtt)
         job.done += 1
         del job.payloads[seq]
         if job.isolated:  # a long-lived job: keep no history of its chunks
@@ -341,6 +380,7 @@ class Scheduler:
                 job.queue.appendleft(seq)
         job.shunned.add(node.id)
         self._cancel_on_node(node, job.id)
+        self._free.update(node)
 
     @staticmethod
     def _restart_clocks(node: NodeState) -> None:
@@ -363,17 +403,14 @@ class Scheduler:
         return best
 
     def _pick_node(self, job: JobState) -> NodeState | None:
-        """The node with the largest free share of its capacity, of those the job does
-        not shun (unless it shuns every live node: then attempts are the bound)."""
+        """The node with the largest free share of its capacity (ties: the earliest
+        joined), of those the job does not shun (unless it shuns every live node: then
+        attempts are the bound). O(log nodes): see FreeNodes."""
         shunned = job.shunned
         if shunned and all(n.id in shunned for n in self.nodes.values() if not n.draining):
             shunned.clear()
-        node, most = None, 0.0
-        for n in self.nodes.values():
-            free = n.capacity - len(n.inflight)
-            if free > 0 and free / n.slots > most and n.id not in shunned:
-                node, most = n, free / n.slots
-        return node
+        node_id = self._free.best(shunned)
+        return None if node_id is None else self.nodes[node_id]
 
     def _dispatch(self) -> None:
         blocked: set[str] = set()  # jobs with room only on nodes they shun
@@ -387,16 +424,28 @@ class Scheduler:
                     return  # no node has room
                 blocked.add(job.id)
                 continue
-            seq = job.queue.popleft()
-            self._picks += 1
-            job.last_pick = self._picks
-            job.inflight[seq] = node.id
-            # its clock starts now if the node can be running it already (see NodeState)
-            node.inflight[(job.id, seq)] = self._now if len(node.inflight) < node.slots else -1.0
             if job.id not in node.functions:
                 node.functions.add(job.id)
+                job.holders.add(node.id)
                 self._out.append(SendFunction(node.id, job.id, job.function))
-            self._out.append(SendTask(node.id, job.id, seq, job.payloads[seq], job.timeout))
+            # Chunks far shorter than a round trip go to a node in runs (one frame each
+            # way for several): spread one by one over 1,000 nodes, each chunk cost a
+            # frame and a system call both ways (W8). Long chunks go one at a time.
+            room = node.capacity - len(node.inflight)
+            for _ in range(min(room, max(1, node.pace.depth // PREFETCH))):
+                if not job.eligible():
+                    break
+                self._send_task(job, node)
+            self._free.update(node)
+
+    def _send_task(self, job: JobState, node: NodeState) -> None:
+        seq = job.queue.popleft()
+        self._picks += 1
+        job.last_pick = self._picks
+        job.inflight[seq] = node.id
+        # its clock starts now if the node can be running it already (see NodeState)
+        node.inflight[(job.id, seq)] = self._now if len(node.inflight) < node.slots else -1.0
+        self._out.append(SendTask(node.id, job.id, seq, job.payloads[seq], job.timeout))
 
     # -- invariants ------------------------------------------------------------------
     def validate(self) -> None:
@@ -435,6 +484,13 @@ class Scheduler:
                 node.functions >= {j for j, _ in node.inflight},
                 f"node {node.id}: runs chunks of a job whose function it was not sent",
             )
+        for problem in self._free.problems(self.nodes):
+            _require(False, problem)
+        live = [n for n in self.nodes.values() if not n.draining]
+        _require(
+            (self._live_nodes, self._live_slots) == (len(live), sum(n.slots for n in live)),
+            f"live nodes and slots counted {self._live_nodes}, {self._live_slots}",
+        )
 
     # -- status ----------------------------------------------------------------------
     def snapshot(self) -> dict[str, Any]:

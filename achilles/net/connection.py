@@ -13,6 +13,7 @@ import os
 import platform
 import socket
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import protocol, task
@@ -63,6 +64,41 @@ DEFAULT_READ = 64 * 1024
 _corked: list[FramedProtocol] | None = None
 
 
+#: what runs at the end of this reactor turn, before the held frames are written
+_turn_end: list[Callable[[], None]] = []
+_turn_pending = False
+
+
+def at_turn_end(reactor: Any, fn: Callable[[], None]) -> None:
+    """Run ``fn`` once at the end of this reactor turn (after every peer that was ready
+    in one poll was read), before the frames held meanwhile are written."""
+    if fn not in _turn_end:
+        _turn_end.append(fn)
+    _end_turn_later(reactor)
+
+
+def _end_turn_later(reactor: Any) -> None:
+    global _turn_pending
+    if not _turn_pending:
+        _turn_pending = True
+        reactor.callLater(0, _end_turn)
+
+
+def _end_turn() -> None:
+    """Run the turn's end (see at_turn_end), then write what the protocols held while
+    reads were handled (see dataReceived)."""
+    global _corked, _turn_pending
+    _turn_pending = False
+    while _turn_end:
+        fns = list(_turn_end)
+        _turn_end.clear()
+        for fn in fns:
+            fn()
+    held, _corked = _corked or [], None
+    for proto in held:
+        proto._flush()
+
+
 class FramedProtocol(protocol.Protocol):
     """Header lines and raw payloads, read by the sans-IO FrameReader.
 
@@ -78,6 +114,7 @@ class FramedProtocol(protocol.Protocol):
     #: memory transports' extra methods nor that it is set before any callback
     transport: Any
     clock: Any = None  # an IReactorTime, set by whoever builds the protocol
+    sends = 0  # frames sent (a keepalive need not add a heartbeat to other traffic)
 
     def connectionMade(self) -> None:
         self.reader = FrameReader(self.max_payload)
@@ -128,9 +165,17 @@ class FramedProtocol(protocol.Protocol):
             self.read_done()
         finally:
             if outer:
-                held, _corked = _corked or [], None
-                for proto in held:
-                    proto._flush()
+                reactor = getattr(transport, "reactor", None)
+                if (_corked or _turn_end) and reactor is not None:
+                    # Held to the end of this reactor turn, so that the reads of every
+                    # peer that was ready in one poll share one write per connection: at
+                    # 1,000 nodes each result arrives on its own connection, and a write
+                    # to the controller per result was a third of the server's CPU (W8).
+                    _end_turn_later(reactor)
+                else:
+                    held, _corked = _corked or [], None
+                    for proto in held:
+                        proto._flush()
 
     def read_done(self) -> None:
         """Every frame of one read was handled (before the held frames are written)."""
@@ -147,6 +192,7 @@ class FramedProtocol(protocol.Protocol):
         t = self.transport
         if t is None:
             return
+        self.sends += 1
         pieces = encode(msg, payload)
         if self._socket is None:
             t.writeSequence(pieces)
@@ -268,6 +314,7 @@ class ClientProtocol(FramedProtocol):
         self.slots = slots
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_timeout = heartbeat_timeout
+        self._sends_seen = 0
         self._transcript: auth.Transcript | None = None
         self.peer_id = -1
 
@@ -282,11 +329,13 @@ class ClientProtocol(FramedProtocol):
         """Send our heartbeat; drop a server that has gone silent (no FIN may ever come,
         e.g. when the network is cut), so that the reconnect logic takes over."""
         silent = self.clock.seconds() - self.last_heard
+        sent, self._sends_seen = self.sends - self._sends_seen, self.sends
         if silent > self.heartbeat_timeout:
             log.warning("server silent for %.0f s; dropping the connection", silent)
             self.transport.abortConnection()
-        elif self.authenticated:
+        elif self.authenticated and not sent:  # other frames since the last tick do
             self.send(Heartbeat())
+            self._sends_seen = self.sends
 
     def connectionLost(self, reason: Any = None) -> None:
         if self._keepalive.running:

@@ -154,6 +154,8 @@ def _after_fork_in_child() -> None:
     shell: Any = sys.modules.get("achilles.net.connection")
     if shell is not None:
         shell._corked = None  # a read of the parent's that was being handled
+        shell._turn_end.clear()
+        shell._turn_pending = False
     from twisted.internet import default
 
     default.install()

@@ -167,11 +167,27 @@ class Generation:
         for p in set(self.procs) | set(self.pool.workers()):
             try:
                 os.kill(p.pid, signal.SIGKILL)
-            except (ProcessLookupError, TypeError):
-                pass
+            except (ProcessLookupError, TypeError, ValueError):  # ValueError: closed by
+                pass  # _terminate, so reaped: nothing to kill
 
     def _terminate(self) -> None:
+        workers = set(self.procs) | set(self.pool.workers())
         try:
             self.pool.terminate()
         except Exception:  # a broken pool must not take the node down
             log.debug("pool teardown failed", exc_info=True)
+        for proc in workers:  # each holds its sentinel's descriptor until closed
+            try:
+                proc.close()
+            except (ValueError, OSError):  # not reaped yet: the collector closes it
+                pass
+        # The pool's pipes are closed only when the garbage collector gets to the pool:
+        # a node replacing a generation per cancelled job held hundreds of them (soak).
+        # The reactor stopped watching them in kill(), and nothing else uses them now.
+        for name in ("_inqueue", "_outqueue", "_change_notifier"):
+            close = getattr(getattr(self.pool, name, None), "close", None)
+            if close is not None:
+                try:
+                    close()
+                except OSError:
+                    pass

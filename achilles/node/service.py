@@ -56,6 +56,11 @@ log = logging.getLogger("achilles.node")
 
 #: seconds between a node's NodeStats frames (or its heartbeat interval, if shorter)
 STATS_INTERVAL = 2.0
+#: a NodeStats frame that says nothing new waits: up to this many seconds, unless CPU
+#: moved by STATS_CPU percentage points or memory by STATS_RSS bytes
+STATS_QUIET = 10.0
+STATS_CPU = 1.0
+STATS_RSS = 1024 * 1024
 #: most Failure summaries a node sends per second
 FAILURES_PER_S = 10
 
@@ -132,6 +137,7 @@ class Node:
         self._stats = ProcessTreeStats()
         self._stats_call = task.LoopingCall(self._send_stats)
         self._stats_call.clock = reactor
+        self._stats_sent = (float("-inf"), 0.0, 0)  # (when, cpu, rss) of the last NodeStats
         self._failure_window: list[float] = [0.0, 0]  # [second it began, summaries sent]
         self.exit_code = 0
         self.on_stop = on_stop
@@ -203,6 +209,7 @@ class Node:
 
     def connected(self, proto: NodeProtocol) -> None:
         self.proto = proto
+        self._stats_sent = (float("-inf"), 0.0, 0)  # a new server hears them at once
         proto.send(
             NodeInfo(
                 __version__,
@@ -236,9 +243,21 @@ class Node:
         self.stop(exit_code=2)
 
     def _send_stats(self) -> None:
-        """CPU and memory of this node and its workers, for the server's dashboard."""
+        """CPU and memory of this node and its workers, for the server's dashboard: when
+        they moved (by STATS_CPU points or STATS_RSS bytes), else every STATS_QUIET s
+        (with 1,000 idle nodes, a frame from each every 2 s was half the idle server's
+        CPU: W8 in docs/benchmarks.md)."""
         if self.proto is not None:
             cpu, rss = self._stats.sample()
+            now = self.reactor.seconds()
+            when, last_cpu, last_rss = self._stats_sent
+            if (
+                now - when < STATS_QUIET
+                and abs(cpu - last_cpu) < STATS_CPU
+                and abs(rss - last_rss) < STATS_RSS
+            ):
+                return
+            self._stats_sent = (now, cpu, rss)
             self.proto.send(NodeStats(cpu, rss))
 
     def _failure(self, job: str, seq: int, payload: bytes) -> None:

@@ -10,6 +10,7 @@ for ``map`` the same thread collects the results. Chunks go to the reactor threa
 from __future__ import annotations
 
 import itertools
+import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sized
 from typing import Any, cast
@@ -122,7 +123,7 @@ def feed(
                 if not chunk:
                     break  # the input raised: it ends here
                 continue
-            seq = core.add(len(chunk))
+            seq = core.add(len(chunk), time.monotonic())
         _reactor.call_soon(ctl.send_chunk, handle, seq, payload)
     with handle.cond:
         core.close_input()

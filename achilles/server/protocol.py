@@ -12,7 +12,7 @@ from achilles.errors import (
     ProtocolError,
     VersionMismatchError,
 )
-from achilles.net.connection import PYTHON, FramedProtocol
+from achilles.net.connection import PYTHON, FramedProtocol, at_turn_end
 from achilles.protocol import auth
 from achilles.protocol.framing import Frame
 from achilles.protocol.messages import (
@@ -74,6 +74,7 @@ class ServerProtocol(FramedProtocol):
     plain_refusal = ""
     _hello = False  # its Hello was read (one is allowed, before the AuthReply)
     _closed = False  # connectionLost ran (``connected`` is never cleared by a close)
+    heartbeat_sent = 0.0  # when the factory's tick last sent it a heartbeat
     #: what a node said of itself (its NodeInfo frame, escaped), for ``achilles status``
     info: dict[str, Any]
 
@@ -136,7 +137,11 @@ class ServerProtocol(FramedProtocol):
             self.factory.reading -= 1
 
     def read_done(self) -> None:
-        self.factory.flush_batches()
+        reactor = getattr(self.transport, "reactor", None)
+        if reactor is None or self._socket is None:  # in memory, or TLS: at once
+            self.factory.flush_batches()
+        else:  # with the reads of the other peers ready now: fewer, fuller batches
+            at_turn_end(reactor, self.factory.flush_batches)
 
     def connectionLost(self, reason: Any = None) -> None:
         self._closed = True

@@ -215,12 +215,16 @@ class ServerFactory(protocol.Factory):
                 REPORT_INTERVAL,
                 f"; its next attempt is heard in {wait:.0f} s" if wait else "",
             )
+        # Our heartbeats go out at the peers' own cadence, not every tick: with 1,000
+        # idle nodes one a second each was most of the idle server's CPU (W8).
+        every = min(self.settings.heartbeat_interval, self.settings.heartbeat_timeout / 3)
         for peer in list(self.peers.values()):
             silent = now - peer.last_heard
             if silent > self.settings.heartbeat_timeout:
                 log.warning("%s %s lost: no heartbeat for %.1f s", peer.role, peer.name, silent)
                 peer.transport.abortConnection()
-            else:
+            elif now - peer.heartbeat_sent >= every - TICK / 2:
+                peer.heartbeat_sent = now
                 peer.send(Heartbeat())
         self.feed(sch.Tick())  # time limits of the chunks nodes hold
 

@@ -185,7 +185,7 @@ def test_short_chunks_deepen_the_pool() -> None:
     """Chunks of microseconds keep up to MAX_PREFETCH per worker in the pool; errors and
     crashes say nothing about duration."""
     w = Work(processes=1)
-    w.job("a", *range(40))
+    w.job("a", *range(4 * MAX_PREFETCH))
     out = w.results(*[ok("a", s, 1e-6) for s in range(PREFETCH)])
     assert [i.seq for i in out if isinstance(i, SendToPool)] == list(
         range(PREFETCH, PREFETCH + MAX_PREFETCH)

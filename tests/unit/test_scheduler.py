@@ -86,13 +86,16 @@ def report(
     seq: int,
     status: str = OK,
     payload: bytes | None = None,
-    now: float = 1.0,
+    now: float | None = None,
     elapsed: float = 0.25,
     owner: int = OWNER,
 ) -> list[object]:
+    """A node's result; by default it arrives ``elapsed`` after time 0, when chunks
+    were sent: a node with no distance (the scheduler measures the round trip)."""
     if payload is None:
         payload = result(job, seq)
-    return s.handle(ResultReceived(node, key(job, owner), seq, status, payload, elapsed), now)
+    when = elapsed if now is None else now
+    return s.handle(ResultReceived(node, key(job, owner), seq, status, payload, elapsed), when)
 
 
 def send_fn(node: int, job: str, owner: int = OWNER) -> SendFunction:
@@ -156,7 +159,7 @@ def test_short_chunks_deepen_a_nodes_queue_and_long_ones_restore_it() -> None:
     s = Scheduler()
     join(s, 1, slots=2)
     submit(s)
-    add(s, "j", *range(200))
+    add(s, "j", *range(8 * MAX_PREFETCH))
     assert len(s.nodes[1].inflight) == 2 * PREFETCH
     seq = 0
     for _ in range(20):  # fast chunks
@@ -166,7 +169,10 @@ def test_short_chunks_deepen_a_nodes_queue_and_long_ones_restore_it() -> None:
     assert len(s.nodes[1].inflight) == 2 * MAX_PREFETCH
     report(s, 1, "j", seq, status=CRASHED, payload=b"died", elapsed=0.0)  # no duration
     assert s.nodes[1].pace.depth == MAX_PREFETCH
-    for later in range(seq + 1, seq + 40):  # long chunks
+    for _ in range(4 * MAX_PREFETCH):  # long chunks, until the excess has drained
+        if len(s.nodes[1].inflight) <= 2 * PREFETCH:
+            break
+        later = min(q for _, q in s.nodes[1].inflight)
         report(s, 1, "j", later, elapsed=10 * QUEUED_WORK)
     assert s.nodes[1].pace.depth == PREFETCH
     # what was sent is not taken back; the excess drains as results come, unrefilled
@@ -828,3 +834,97 @@ def test_job_that_shuns_every_node_with_room_lets_others_dispatch() -> None:
     assert add(s, "b", 0) == [send_fn(1, "b"), task(1, "b", 0)]
     assert list(s.jobs[key("j")].queue) == [3, 4]
     assert s.jobs[key("j")].shunned == {1}
+
+
+# --- scale (issue 16): many nodes, far nodes ------------------------------------------------
+def _scan_pick(s: _Scheduler, shunned: set[int]) -> int | None:
+    """The rule FreeNodes implements, as the plain scan it replaced: the largest free
+    share of capacity, the earliest joined among equals."""
+    best, most = None, 0.0
+    for n in sorted(s.nodes.values(), key=lambda n: n.order):
+        free = n.capacity - len(n.inflight)
+        if free > 0 and free / n.slots > most and n.id not in shunned:
+            best, most = n.id, free / n.slots
+    return best
+
+
+def test_free_nodes_pick_what_a_scan_of_every_node_would() -> None:
+    """Through joins, losses, draining, dispatch and results on uneven nodes, the
+    heap's choice is always the scan's (largest free share, earliest joined)."""
+    import random
+
+    rng = random.Random(16)
+    s = Scheduler()
+    submit(s)
+    live: list[int] = []
+    seq = 0
+    for step in range(400):
+        op = rng.random()
+        if op < 0.15 or not live:
+            node = 1000 + step
+            join(s, node, slots=rng.choice([1, 2, 3, 8]))
+            live.append(node)
+        elif op < 0.2 and len(live) > 1:
+            s.handle(NodeLost(live.pop(rng.randrange(len(live))), "test"), 0.0)
+        elif op < 0.22:
+            s.handle(NodeDraining(rng.choice(live)), 0.0)
+        elif op < 0.6:
+            add(s, "j", *range(seq, seq + rng.randint(1, 5)))
+            seq += 5
+        else:
+            held = [(n.id, k[1]) for n in s.nodes.values() for k in n.inflight]
+            if held:
+                node, done = rng.choice(held)
+                report(s, node, "j", done, elapsed=rng.choice([1e-5, 0.01, 0.5]))
+        expected = _scan_pick(s, set())
+        got = s._free.best(set())
+        assert got == expected
+        if got is not None:
+            s._free.update(s.nodes[got])  # put back what best() used up
+
+
+def test_cluster_counts_follow_joins_drains_and_losses() -> None:
+    """ClusterChanged counts live (not draining) nodes and their slots, kept as nodes
+    come and go rather than counted by a scan."""
+    s = Scheduler()
+    assert join(s, 1, slots=2)[0] == ClusterChanged(1, 2)
+    assert join(s, 2, slots=3)[0] == ClusterChanged(2, 5)
+    assert s.handle(NodeDraining(1), 0.0) == [ClusterChanged(1, 3)]
+    assert s.handle(NodeDraining(1), 0.0) == []  # said once
+    assert s.handle(NodeLost(1, "gone"), 0.0)[0] == ClusterChanged(1, 3)
+    assert s.handle(NodeLost(2, "gone"), 0.0)[0] == ClusterChanged(0, 0)
+
+
+def test_tiny_chunks_go_to_a_node_in_runs_long_ones_one_by_one() -> None:
+    """Once chunks are seen to take microseconds, a node with room is given several of
+    a job's chunks in a row (one frame each way for all of them); while chunks are long
+    (or unknown), they are spread one by one over the nodes."""
+    s = Scheduler()
+    for node in range(1, 5):
+        join(s, node, slots=1)
+    submit(s)
+    out = add(s, "j", 0, 1, 2, 3)
+    assert [i.node for i in out if isinstance(i, SendTask)] == [1, 2, 3, 4]  # spread
+    for node, seq in zip(range(1, 5), range(4)):
+        report(s, node, "j", seq, elapsed=1e-5)  # tiny: node depth MAX_PREFETCH
+    run = MAX_PREFETCH // PREFETCH
+    out = s.handle(ChunksAdded("j", list(range(4, 4 + 2 * run)), [b"x"] * 2 * run, OWNER), 1.0)
+    nodes = [i.node for i in out if isinstance(i, SendTask)]
+    assert nodes == [1] * run + [2] * run  # runs, not 1, 2, 3, 4, 1, ...
+
+
+def test_a_far_node_is_given_enough_chunks_to_cover_its_round_trip() -> None:
+    """The round trip to a node is measured (a chunk sent to a free worker: its
+    turnaround less its run time) and its queue deepens to cover it: 10 ms chunks 20 ms
+    away get more than PREFETCH per slot; the same chunks on a near node get PREFETCH."""
+    for rtt, deeper in ((0.020, True), (0.0002, False)):
+        s = Scheduler()
+        join(s, 1, slots=1)
+        submit(s)
+        add(s, "j", *range(50))
+        report(s, 1, "j", 0, elapsed=0.010, now=0.010 + rtt)
+        report(s, 1, "j", 1, elapsed=0.010, now=0.020 + rtt)
+        depth = s.nodes[1].pace.depth
+        assert (depth > PREFETCH) is deeper, (rtt, depth)
+        assert len(s.nodes[1].inflight) == depth
+        assert s.nodes[1].pace.rtt == pytest.approx(rtt)
