@@ -20,8 +20,10 @@ W9_FIGS = [
 SOAK_FIGS: list[tuple[str, str, str, bool]] = [
     ("soak.server_rss_growth_mib", "soak server RSS growth after warm-up", "MiB", False),
     ("soak.nodes_rss_growth_mib", "soak nodes' RSS growth after warm-up", "MiB", False),
+    ("soak.daemons_rss_growth_mib", "soak ... node processes alone", "MiB", False),
     ("soak.server_fds_delta", "soak server open fds, end - start", "", False),
     ("soak.nodes_fds_delta", "soak nodes' open fds, end - start", "", False),
+    ("soak.daemons_fds_delta", "soak ... node processes alone", "", False),
     ("soak.first_block_s", "soak first block after warm-up", "s", False),
     ("soak.last_block_s", "soak last block", "s", False),
     ("soak.slowdown", "soak last / first block", "x", False),
@@ -153,8 +155,10 @@ def _soak(run: dict[str, Any]) -> list[dict[str, Any]]:
     checks = [
         ("soak.server_rss_growth_mib", "soak: server RSS growth < 5 MiB after warm-up", 5.0),
         ("soak.nodes_rss_growth_mib", "soak: nodes' RSS growth < 5 MiB after warm-up", 5.0),
+        ("soak.daemons_rss_growth_mib", "soak: node processes' RSS growth < 5 MiB", 5.0),
         ("soak.server_fds_delta", "soak: server fds back to baseline (delta <= 0)", 0.0),
         ("soak.nodes_fds_delta", "soak: nodes' fds back to baseline (delta <= 0)", 0.0),
+        ("soak.daemons_fds_delta", "soak: node processes' fds back to baseline", 0.0),
         ("soak.slowdown", "soak: last block <= 1.2x the first after warm-up", 1.2),
     ]
     out = []
