@@ -12,17 +12,32 @@ both are re-exported here, where they always were.
 
 from achilles.config import cluster_configured as _cluster_configured
 
-if not _cluster_configured():
-    # Nothing configured: the first Pool will be the embedded cluster, whose workers come
-    # from a fork server, a fresh interpreter that takes ~0.1 s to start. Started now, it
-    # starts while this process imports Twisted (~0.2 s) instead of after: the embedded
-    # start-up (S) went from 0.33 to ~0.25 s. (A pool given host= then leaves it idle.)
-    try:
-        from achilles.node import worker as _worker
 
-        _worker.context()
+def _start_fork_server_early() -> None:
+    """Nothing configured: the first Pool will be the embedded cluster, whose workers
+    come from a fork server, a fresh interpreter that takes ~0.1 s to start. Started
+    when ``Pool`` is first imported, it starts while this process imports Twisted
+    (~0.15 s) instead of after (the embedded start-up, S, see docs/benchmarks.md). Not
+    in a child process (a pool's worker importing the user's module, a process of
+    ``multiprocessing``): those rarely make a pool, and a fork server each would be a
+    process per worker. A pool given ``host=`` then leaves it idle; it exits with us."""
+    import multiprocessing
+
+    if multiprocessing.parent_process() is not None or _cluster_configured():
+        return
+    try:
+        import multiprocess
+
+        if multiprocess.parent_process() is not None:
+            return
+        from achilles.node import worker
+
+        worker.context()
     except Exception:  # the Pool tries again, and says what is wrong
         pass
+
+
+_start_fork_server_early()
 
 from achilles.admin import getClusterStatus, killCluster
 from achilles.errors import SerializationError

@@ -206,3 +206,35 @@ def test_large_code_bundle_is_spooled_once(tmp_path):
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split("\n")[:4] == ["True", "True", "[]", "False"]
+
+
+def test_fork_server_starts_at_import_in_the_main_process_only(tmp_path):
+    """`from achilles import Pool` starts the embedded cluster's fork server at once in
+    the main process (start-up overlaps the imports), never in a child process that
+    imports the user's module (a fork server per worker would be a process each); with
+    a cluster configured, not at all."""
+    code = (
+        "import multiprocessing as mp\n"
+        "def child_server(_):\n"
+        "    from achilles import Pool\n"
+        "    import multiprocess.forkserver as fs\n"
+        "    return fs._forkserver._forkserver_pid\n"
+        "if __name__ == '__main__':\n"
+        "    with mp.get_context('spawn').Pool(1) as p:\n"
+        "        print(p.apply(child_server, (0,)))\n"
+        "    print(child_server(0))\n"
+    )
+    (tmp_path / "prog.py").write_text(code)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ACHILLES_")}
+    out = run_python(
+        "import runpy; runpy.run_path('prog.py', run_name='__main__')", cwd=tmp_path, env=env
+    )
+    assert out.returncode == 0, out.stderr
+    child, main = out.stdout.split()
+    assert child == "None" and main.isdigit()
+    env["ACHILLES_HOST"] = "192.0.2.1"  # configured: its pools are remote
+    out = run_python(
+        "import runpy; runpy.run_path('prog.py', run_name='__main__')", cwd=tmp_path, env=env
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["None", "None"]
