@@ -114,7 +114,7 @@ def cases_of(workload: str, params: dict[str, Any]) -> list[str]:
         "W6": [f"{n}nodes" for n in params["w6_nodes"]],
         "W7": ["kill"],
         "W8": [f"{n}nodes" for n in params["w8_nodes"]],
-        "W9": ["direct"] + [f"{d:g}ms" for d in params["w9_delays_ms"]],
+        "W9": ["interleaved"],
         "soak": ["soak"],
     }[workload]
 

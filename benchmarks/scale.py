@@ -134,8 +134,13 @@ def start_relay(cluster: Cluster, delay_ms: float) -> tuple[Proc, int]:
 
 def run_w9(system: AchillesCliSystem, params: dict[str, Any], rec: Any) -> None:
     """W9: W2 and W1 with the two nodes connected directly, then behind a relay adding
-    0, 0.5, 2, 10 ms one way (0: what the relay itself costs)."""
-    from benchmarks.workloads import burn, square
+    0, 0.5, 2, 10 ms one way (0: what the relay itself costs).
+
+    The cases are interleaved: each repetition runs every case once, in turn, with
+    fresh nodes (so each case's round trip is measured anew), and the relays stay up
+    throughout. The machine's speed drifts between minutes by more than the effect
+    looked for; interleaved, every case meets the same drift."""
+    from benchmarks.workloads import burn_timed, square
 
     cluster = system.cluster
     iters, checksum, serial = params["w2_iters"], params["w2_checksum"], params["w2_serial_s"]
@@ -146,16 +151,14 @@ def run_w9(system: AchillesCliSystem, params: dict[str, Any], rec: Any) -> None:
     ideal = serial / PROCESSES
     rec.note(
         "W9 is a simulation: the nodes reach the server through benchmarks/relay.py on "
-        "loopback, which holds each read for the delay (about 1 ms timer resolution)"
+        "loopback, which holds each read for the delay (about 1 ms timer resolution); "
+        "the cases are interleaved, each repetition running every case in turn"
     )
+    names = ["direct"] + [f"{d:g}" for d in params["w9_delays_ms"]]
+    figs: dict[str, dict[str, list[float]]] = {name: {} for name in names}
 
-    def case(delay: float) -> None:
-        relay = None
-        port = cluster.port
-        if delay >= 0:  # -1: direct, no relay
-            relay, port = start_relay(cluster, delay)
-        server_port = cluster.port
-        pool = None
+    def measure(port: int, out: dict[str, list[float]]) -> None:
+        server_port, pool = cluster.port, None
         try:
             cluster.port = port  # the nodes connect through the relay
             for _ in range(2):
@@ -164,23 +167,24 @@ def run_w9(system: AchillesCliSystem, params: dict[str, Any], rec: Any) -> None:
             cluster.wait_nodes()
             pool = PoolAdapter(_pool(cluster))
             pool.map(square, range(1000))
-            figs: dict[str, list[float]] = {}
-            for _ in range(params["reps"]):
-                for label, cs in (("w2_cs1", 1), ("w2_default", None)):
-                    t = time.perf_counter()
-                    r = pool.map(burn, tasks, cs)
-                    figs.setdefault(f"{label}_eff", []).append(ideal / (time.perf_counter() - t))
-                    if r != expected2:
-                        raise AssertionError(f"W2 ({label}) gave wrong results")
-                for label, cs in (("w1_default", None), ("w1_cs10000", 10_000)):
-                    t = time.perf_counter()
-                    r = pool.map(square, range(n1), cs)
-                    figs.setdefault(f"{label}_s", []).append(time.perf_counter() - t)
-                    if r != expected1:
-                        raise AssertionError(f"W1 ({label}) gave wrong results")
-                    del r
-            for key, reps in figs.items():
-                rec.figure(f"W9.{'direct' if delay < 0 else f'{delay:g}'}.{key}", reps)
+            for label, cs in (("w2_cs1", 1), ("w2_default", None)):
+                t = time.perf_counter()
+                r = pool.map(burn_timed, tasks, cs)
+                wall = time.perf_counter() - t
+                out.setdefault(f"{label}_eff", []).append(ideal / wall)
+                # the same against the CPU the tasks took in this run: what the cluster
+                # lost, without the machine's drift in speed
+                cpu = sum(x[2] for x in r)
+                out.setdefault(f"{label}_cpu_eff", []).append(cpu / PROCESSES / wall)
+                if [x[:2] for x in r] != expected2:
+                    raise AssertionError(f"W2 ({label}) gave wrong results")
+            for label, cs in (("w1_default", None), ("w1_cs10000", 10_000)):
+                t = time.perf_counter()
+                r = pool.map(square, range(n1), cs)
+                out.setdefault(f"{label}_s", []).append(time.perf_counter() - t)
+                if r != expected1:
+                    raise AssertionError(f"W1 ({label}) gave wrong results")
+                del r
         finally:
             cluster.port = server_port
             if pool is not None:
@@ -188,12 +192,24 @@ def run_w9(system: AchillesCliSystem, params: dict[str, Any], rec: Any) -> None:
             for node in cluster.nodes:
                 node.stop()
             cluster.nodes = []
-            if relay is not None:
-                relay.stop()
             wait_until(lambda: not cluster.status()["nodes"], 60, 0.1, "the nodes to be gone")
 
-    for name in rec.cases(["direct"] + [f"{d:g}ms" for d in params["w9_delays_ms"]]):
-        rec.run(name, partial(case, -1.0 if name == "direct" else float(name[:-2])))
+    def case() -> None:
+        relays: dict[str, tuple[Proc, int]] = {}
+        try:
+            for d in params["w9_delays_ms"]:
+                relays[f"{d:g}"] = start_relay(cluster, d)
+            for _ in range(params["reps"]):
+                for name in names:
+                    measure(cluster.port if name == "direct" else relays[name][1], figs[name])
+                    for key, reps in figs[name].items():
+                        rec.figure(f"W9.{name}.{key}", reps)
+        finally:
+            for relay, _ in relays.values():
+                relay.stop()
+
+    for name in rec.cases(["interleaved"]):
+        rec.run(name, case)
 
 
 def setup_server_only(system: AchillesCliSystem) -> None:

@@ -34,6 +34,15 @@ def burn(task: tuple[int, int]) -> tuple[int, int]:
     return i, acc
 
 
+def burn_timed(task: tuple[int, int]) -> tuple[int, int, float]:
+    """W9: ``burn``, and the CPU seconds it took in its worker, so that a run's
+    efficiency can also be judged against the CPU its tasks really took (the machine's
+    speed drifts between runs by more than the effects W9 looks for)."""
+    cpu = time.process_time()
+    i, acc = burn(task)
+    return i, acc, time.process_time() - cpu
+
+
 def calibrate_burn(task_s: float, probe_s: float = 0.05) -> int:
     """How many ``burn`` iterations take about ``task_s`` s of CPU on this machine now.
 
