@@ -112,12 +112,13 @@ class JobHandle:
     def deliver(self, seq: int, status: str, payload: bytes, elapsed: float) -> None:
         with self.cond:
             pos = self.core.position(seq)
-            sent = self.core.sent_at(seq)
+            sent, size = self.core.sent_at(seq)
             if not self.core.on_result(seq, status, payload):
                 return
             if pos is not None and status == "ok":
                 self.chunker.observe(pos[1] - pos[0], elapsed)
-                self.core.observe(elapsed, time.monotonic() - sent if sent >= 0 else -1.0)
+                turnaround = time.monotonic() - sent if sent >= 0 else -1.0
+                self.core.observe(elapsed, turnaround, size)
             self.cond.notify_all()
 
     def deliver_failure(self, seq: int, reason: str, detail: str) -> None:

@@ -38,6 +38,7 @@ class ChunkInfo:
     start: int  # position of the chunk's first argument in the input
     count: int
     sent: float = -1.0  # when it was made (the caller's clock), -1 unknown
+    size: int = -1  # its payload's bytes, -1 unknown
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,11 +120,11 @@ class Job:
     def can_add(self) -> bool:
         return self.outstanding < self.window
 
-    def add(self, count: int, now: float = -1.0) -> int:
+    def add(self, count: int, now: float = -1.0, size: int = -1) -> int:
         """Record a new chunk of ``count`` arguments (made at ``now``, if given); return
         its sequence number."""
         seq = self.added
-        self.pending[seq] = ChunkInfo(self.items, count, now)
+        self.pending[seq] = ChunkInfo(self.items, count, now, size)
         self.added += 1
         self.items += count
         return seq
@@ -137,19 +138,20 @@ class Job:
         self._ready[seq] = Outcome(seq, RAISED, b"", info.start, count, exc)
         return seq
 
-    def observe(self, elapsed: float, turnaround: float = -1.0) -> None:
+    def observe(self, elapsed: float, turnaround: float = -1.0, size: int = -1) -> None:
         """A chunk took ``elapsed`` s to compute (and ``turnaround`` s from being made to
         its result, if known). While chunks are much shorter than a round trip, keep
         more of them outstanding (the servers and nodes queue deeper too, see Pace), up
         to MAX_PREFETCH / PREFETCH times the base window; longer chunks keep the base."""
         rtt = turnaround - elapsed if turnaround >= 0 else -1.0
-        depth = self.pace.observe(elapsed, rtt)
+        depth = self.pace.observe(elapsed, rtt, size)
         self.window = min(MAX_WINDOW, self.base_window * (depth // PREFETCH))
 
-    def sent_at(self, seq: int) -> float:
-        """When pending chunk ``seq`` was made (-1: unknown or not pending)."""
+    def sent_at(self, seq: int) -> tuple[float, int]:
+        """When pending chunk ``seq`` was made, and its payload's size (-1: unknown or
+        not pending)."""
         info = self.pending.get(seq)
-        return -1.0 if info is None else info.sent
+        return (-1.0, -1) if info is None else (info.sent, info.size)
 
     def lift_window(self) -> None:
         """No limit on outstanding chunks any more: the caller waits for every task to

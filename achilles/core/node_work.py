@@ -338,7 +338,7 @@ class NodeWork:
                 continue
             self.done += 1
             if status == OK:
-                self.pace.observe(elapsed)
+                self.pace.observe(elapsed, size=len(item.payload))
             self._report(job, seq, status, payload, elapsed)
 
     def _report(self, job: str, seq: int, status: str, payload: bytes, elapsed: float) -> None:

@@ -15,6 +15,11 @@ MAX_PREFETCH = 64
 QUEUED_WORK = 0.002
 
 
+#: most argument bytes to hold queued per slot: chunks of microseconds that each carry
+#: megabytes are not queued 64 deep (W3: 64 arguments of 4 MiB went to one node, and
+#: copying them cost more than the frames saved)
+QUEUED_BYTES = 8 * 1024 * 1024
+
 #: the measured round trip counts this much: a slot's queue must outlast the round trip
 #: with room to spare (jitter), or the worker waits for each next chunk
 RTT_MARGIN = 1.5
@@ -34,15 +39,21 @@ class Pace:
         self.chunk_s = -1.0  # smoothed duration of a chunk, -1 until one is seen
         #: the least round trip seen (a chunk's turnaround less its run time), -1: none
         self.rtt = -1.0
+        self.chunk_bytes = -1.0  # smoothed size of a chunk's arguments, -1: unknown
 
-    def observe(self, elapsed: float, rtt: float = -1.0) -> int:
-        """A chunk took ``elapsed`` s (and ``rtt`` s of round trip besides, if known);
-        return the new depth. The least round trip seen is kept: a chunk that waited
-        in a queue took longer, and that is no distance."""
+    def observe(self, elapsed: float, rtt: float = -1.0, size: int = -1) -> int:
+        """A chunk took ``elapsed`` s (and ``rtt`` s of round trip besides, if known),
+        and its arguments were ``size`` bytes (if known); return the new depth. The
+        least round trip seen is kept: a chunk that waited in a queue took longer, and
+        that is no distance. Beyond PREFETCH, no more than QUEUED_BYTES are queued."""
         if rtt >= 0 and (self.rtt < 0 or rtt < self.rtt):
             self.rtt = rtt
         self.chunk_s = elapsed if self.chunk_s < 0 else 0.8 * self.chunk_s + 0.2 * elapsed
         ahead = QUEUED_WORK + RTT_MARGIN * max(self.rtt, 0.0)
         want = int(ahead / max(self.chunk_s, 1e-6)) + 1
+        if size >= 0:
+            b = self.chunk_bytes
+            self.chunk_bytes = size if b < 0 else 0.8 * b + 0.2 * size
+            want = min(want, int(QUEUED_BYTES / max(self.chunk_bytes, 1.0)))
         self.depth = max(PREFETCH, min(MAX_PREFETCH, want))
         return self.depth

@@ -74,6 +74,9 @@ from achilles.core.scheduler_state import (
 )
 from achilles.protocol.messages import CANCELLED, CRASHED, ERROR, OK, STATUSES, TIMEOUT
 
+#: a run of chunks to one node (see _dispatch) ends once it carries this many bytes
+RUN_BYTES = 256 * 1024
+
 
 class Scheduler:
     """Feed events with :meth:`handle`; carry out the instructions it returns, in order."""
@@ -304,7 +307,7 @@ class Scheduler:
         """A chunk ran (and returned or raised): pass its result on."""
         node.done += 1
         if status == OK:
-            node.pace.observe(elapsed, rtt)
+            node.pace.observe(elapsed, rtt, len(job.payloads[seq]))
         job.done += 1
         del job.payloads[seq]
         if job.isolated:  # a long-lived job: keep no history of its chunks
@@ -428,24 +431,30 @@ class Scheduler:
                 node.functions.add(job.id)
                 job.holders.add(node.id)
                 self._out.append(SendFunction(node.id, job.id, job.function))
-            # Chunks far shorter than a round trip go to a node in runs (one frame each
-            # way for several): spread one by one over 1,000 nodes, each chunk cost a
-            # frame and a system call both ways (W8). Long chunks go one at a time.
+            # Chunks far shorter than a round trip (or a far node's) go to a node in
+            # runs that fill its room (one frame each way for all of them): spread over
+            # 1,000 nodes, each chunk cost a frame and a system call both ways, and runs
+            # of half the room still cost 1,000 nodes twice what 10 cost (W8). A room of
+            # tiny chunks is ~QUEUED_WORK of work. Long chunks go one at a time.
             room = node.capacity - len(node.inflight)
-            for _ in range(min(room, max(1, node.pace.depth // PREFETCH))):
-                if not job.eligible():
-                    break
-                self._send_task(job, node)
+            sent = 0
+            for _ in range(room if node.pace.depth > PREFETCH else 1):
+                if not job.eligible() or sent >= RUN_BYTES:
+                    break  # big chunks are spread like long ones (W3: 4 MiB each)
+                sent += self._send_task(job, node)
             self._free.update(node)
 
-    def _send_task(self, job: JobState, node: NodeState) -> None:
+    def _send_task(self, job: JobState, node: NodeState) -> int:
+        """Send the job's next chunk to the node; return its payload's size."""
         seq = job.queue.popleft()
         self._picks += 1
         job.last_pick = self._picks
         job.inflight[seq] = node.id
         # its clock starts now if the node can be running it already (see NodeState)
         node.inflight[(job.id, seq)] = self._now if len(node.inflight) < node.slots else -1.0
-        self._out.append(SendTask(node.id, job.id, seq, job.payloads[seq], job.timeout))
+        payload = job.payloads[seq]
+        self._out.append(SendTask(node.id, job.id, seq, payload, job.timeout))
+        return len(payload)
 
     # -- invariants ------------------------------------------------------------------
     def validate(self) -> None:

@@ -123,7 +123,7 @@ def feed(
                 if not chunk:
                     break  # the input raised: it ends here
                 continue
-            seq = core.add(len(chunk), time.monotonic())
+            seq = core.add(len(chunk), time.monotonic(), len(payload))
         _reactor.call_soon(ctl.send_chunk, handle, seq, payload)
     with handle.cond:
         core.close_input()

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from achilles.core.pace import MAX_PREFETCH, PREFETCH, QUEUED_WORK
+from achilles.core.pace import MAX_PREFETCH, PREFETCH, QUEUED_BYTES, QUEUED_WORK, Pace
 from achilles.core.scheduler import (
     MAX_SLOTS,
+    RUN_BYTES,
     CancelOnNode,
     ChunkAdded,
     ChunksAdded,
@@ -896,9 +897,9 @@ def test_cluster_counts_follow_joins_drains_and_losses() -> None:
 
 
 def test_tiny_chunks_go_to_a_node_in_runs_long_ones_one_by_one() -> None:
-    """Once chunks are seen to take microseconds, a node with room is given several of
-    a job's chunks in a row (one frame each way for all of them); while chunks are long
-    (or unknown), they are spread one by one over the nodes."""
+    """Once chunks are seen to take microseconds, a node with room is given as many of a
+    job's chunks in a row as it has room for (one frame each way for all of them); while
+    chunks are long (or unknown), they are spread one by one over the nodes."""
     s = Scheduler()
     for node in range(1, 5):
         join(s, node, slots=1)
@@ -907,10 +908,12 @@ def test_tiny_chunks_go_to_a_node_in_runs_long_ones_one_by_one() -> None:
     assert [i.node for i in out if isinstance(i, SendTask)] == [1, 2, 3, 4]  # spread
     for node, seq in zip(range(1, 5), range(4)):
         report(s, node, "j", seq, elapsed=1e-5)  # tiny: node depth MAX_PREFETCH
-    run = MAX_PREFETCH // PREFETCH
-    out = s.handle(ChunksAdded("j", list(range(4, 4 + 2 * run)), [b"x"] * 2 * run, OWNER), 1.0)
+    n = 2 * MAX_PREFETCH + 3
+    out = s.handle(ChunksAdded("j", list(range(4, 4 + n)), [b"x"] * n, OWNER), 1.0)
     nodes = [i.node for i in out if isinstance(i, SendTask)]
-    assert nodes == [1] * run + [2] * run  # runs, not 1, 2, 3, 4, 1, ...
+    assert (
+        nodes == [1] * MAX_PREFETCH + [2] * MAX_PREFETCH + [3] * 3
+    )  # runs, not 1, 2, 3, 4, 1, ...
 
 
 def test_a_far_node_is_given_enough_chunks_to_cover_its_round_trip() -> None:
@@ -928,3 +931,24 @@ def test_a_far_node_is_given_enough_chunks_to_cover_its_round_trip() -> None:
         assert (depth > PREFETCH) is deeper, (rtt, depth)
         assert len(s.nodes[1].inflight) == depth
         assert s.nodes[1].pace.rtt == pytest.approx(rtt)
+
+
+def test_chunks_carrying_megabytes_are_neither_queued_deep_nor_sent_in_runs() -> None:
+    """Chunks of microseconds are queued up to MAX_PREFETCH per slot only while that is
+    at most QUEUED_BYTES of arguments (a node is not handed 64 arguments of 4 MiB), and
+    a run to one node ends at RUN_BYTES, so big chunks are spread over the nodes."""
+    pace = Pace()
+    assert pace.observe(1e-6, size=100) == MAX_PREFETCH
+    assert Pace().observe(1e-6, size=QUEUED_BYTES // 2) == PREFETCH
+    s = Scheduler()
+    for node in (1, 2):
+        join(s, node, slots=1)
+    submit(s)
+    big = b"x" * (RUN_BYTES + 1)
+    first = s.handle(ChunksAdded("j", [0, 1], [big, big], OWNER), 0.0)
+    for node, seq in ((1, 0), (2, 1)):
+        assert [i.seq for i in first if isinstance(i, SendTask) and i.node == node] == [seq]
+        report(s, node, "j", seq, elapsed=1e-6)  # tiny, but each is RUN_BYTES + 1
+    out = s.handle(ChunksAdded("j", list(range(2, 10)), [big] * 8, OWNER), 1.0)
+    nodes = [i.node for i in out if isinstance(i, SendTask)]
+    assert nodes == [1, 2] * 4  # one at a time, alternating
