@@ -140,16 +140,16 @@ def _fds(pids: list[int]) -> int:
 
 
 def _settled(cluster: Cluster, procs: int) -> int:
-    """Wait (up to SETTLE_S) until the nodes' trees have at most ``procs`` processes: a
-    node replacing a pool generation (a cancelled job, a failing one, a controller lost
-    mid-job) has an extra process and a dozen more descriptors for a moment, which is no
-    leak. Returns the count seen last."""
+    """Wait (up to SETTLE_S) until the nodes' trees have ``procs`` processes: a node
+    replacing a pool generation (a cancelled job, a failing one, a controller lost
+    mid-job) has one worker too many or too few for a moment, and a dozen descriptors
+    more or less, which is no leak. Returns the count seen last."""
     nodes = [n.pid for n in cluster.nodes]
     seen = [tree_memory(nodes)["procs"]]
 
     def calm() -> bool:
         seen[0] = tree_memory(nodes)["procs"]
-        return seen[0] <= procs
+        return seen[0] == procs
 
     try:
         wait_until(calm, SETTLE_S, 0.02, "the nodes' pool generations to settle")
@@ -169,11 +169,23 @@ def _checkpoint(cluster: Cluster, done: int, block_s: float, procs: int) -> dict
         "server_rss_mib": tree_memory([cluster.server.pid])["rss_mib"],
         "nodes_rss_mib": tree["rss_mib"],
         "nodes_procs": count or tree["procs"],
-        "daemons_rss_mib": sum(tree_memory([pid])["rss_mib"] for pid in nodes),
+        "daemons_rss_mib": round(sum(_own_rss_mib(pid) for pid in nodes), 1),
         "server_fds": _fds([cluster.server.pid]),
         "nodes_fds": _fds(nodes),
         "daemons_fds": sum(_own_fds(pid) for pid in nodes),
     }
+
+
+def _own_rss_mib(pid: int) -> float:
+    """One process's VmRSS, MiB (0 if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
 
 
 def _own_fds(pid: int) -> int:
@@ -195,8 +207,9 @@ def run_soak(system: AchillesCliSystem, params: dict[str, Any], rec: Any) -> Non
             kinds = _jobs(pool.pool)
             for job in kinds:  # each kind once before the baseline
                 job()
-            # the steady process count: each node, its fork server and its workers
-            procs = _settled(cluster, len(cluster.nodes) * (2 + WORKERS))
+            # the steady process count: each node, its resource tracker, its fork
+            # server and its workers
+            procs = _settled(cluster, len(cluster.nodes) * (3 + WORKERS))
             points = [_checkpoint(cluster, 0, 0.0, procs)]
             t_block = time.perf_counter()
             for i in range(1, total + 1):
