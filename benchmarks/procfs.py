@@ -27,6 +27,12 @@ def _status_kib(pid: int | str, *keys: str) -> dict[str, int]:
     return out
 
 
+def rss_mib(pid: int) -> float:
+    """One process's VmRSS, MiB (NaN if it cannot be read)."""
+    kib = _status_kib(pid, "VmRSS").get("VmRSS")
+    return float("nan") if kib is None else kib / 1024
+
+
 def self_mib(key: str) -> float:
     """VmRSS or VmHWM of this process, MiB."""
     return _status_kib("self", key).get(key, 0) / 1024

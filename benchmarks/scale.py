@@ -12,7 +12,7 @@ from functools import partial
 from typing import Any
 
 from achilles.testing import HOST, Cluster, Proc, wait_until
-from benchmarks.procfs import cpu_seconds
+from benchmarks.procfs import cpu_seconds, rss_mib
 from benchmarks.systems import PROCESSES, AchillesCliSystem, PoolAdapter, register_session
 
 _LISTENING = re.compile(r"listening on [\d.]+:(\d+)")
@@ -28,15 +28,6 @@ def _helper(cluster: Cluster, module: str, args: list[str], name: str) -> Proc:
     proc = Proc([sys.executable, "-m", module, *args], env=env, cwd=root, name=name)
     register_session(proc.pid)
     return proc
-
-
-def server_rss_mib(pid: int) -> float:
-    """The server's VmRSS, MiB."""
-    with open(f"/proc/{pid}/status", encoding="ascii") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def start_simnodes(cluster: Cluster, nodes: int, slots: int = 1, work_ms: float = 0.0) -> Proc:
@@ -101,7 +92,7 @@ def run_w8(system: AchillesCliSystem, params: dict[str, Any], rec: Any) -> None:
                 us.append((b[1] - a[1]) / m * 1e6)
             rec.figure(f"W8.{nodes}.chunks_per_s", rates)
             rec.figure(f"W8.{nodes}.server_us_per_chunk", us)
-            rec.figure(f"W8.{nodes}.server_rss_mib", [server_rss_mib(server)])
+            rec.figure(f"W8.{nodes}.server_rss_mib", [rss_mib(server)])
         finally:
             if pool is not None:
                 pool.close()

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from achilles.testing import HOST, Cluster, Proc, proc_table, wait_until
-from benchmarks.procfs import tree_memory
+from benchmarks.procfs import rss_mib, tree_memory
 from benchmarks.systems import AchillesCliSystem, PoolAdapter, register_session
 
 #: seconds a checkpoint waits for the nodes' process trees to settle
@@ -169,23 +169,11 @@ def _checkpoint(cluster: Cluster, done: int, block_s: float, procs: int) -> dict
         "server_rss_mib": tree_memory([cluster.server.pid])["rss_mib"],
         "nodes_rss_mib": tree["rss_mib"],
         "nodes_procs": count or tree["procs"],
-        "daemons_rss_mib": round(sum(_own_rss_mib(pid) for pid in nodes), 1),
+        "daemons_rss_mib": round(sum(rss_mib(pid) for pid in nodes), 1),
         "server_fds": _fds([cluster.server.pid]),
         "nodes_fds": _fds(nodes),
         "daemons_fds": sum(_own_fds(pid) for pid in nodes),
     }
-
-
-def _own_rss_mib(pid: int) -> float:
-    """One process's VmRSS, MiB (0 if it is gone)."""
-    try:
-        with open(f"/proc/{pid}/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
 
 
 def _own_fds(pid: int) -> int:

@@ -111,14 +111,13 @@ class JobHandle:
     # reactor thread ----------------------------------------------------------------
     def deliver(self, seq: int, status: str, payload: bytes, elapsed: float) -> None:
         with self.cond:
-            pos = self.core.position(seq)
-            sent, size = self.core.sent_at(seq)
+            info = self.core.pending.get(seq)  # taken out by on_result
             if not self.core.on_result(seq, status, payload):
                 return
-            if pos is not None and status == "ok":
-                self.chunker.observe(pos[1] - pos[0], elapsed)
-                turnaround = time.monotonic() - sent if sent >= 0 else -1.0
-                self.core.observe(elapsed, turnaround, size)
+            if info is not None and status == "ok":
+                self.chunker.observe(info.count, elapsed)
+                turnaround = time.monotonic() - info.sent if info.sent >= 0 else -1.0
+                self.core.observe(elapsed, turnaround, info.size)
             self.cond.notify_all()
 
     def deliver_failure(self, seq: int, reason: str, detail: str) -> None:

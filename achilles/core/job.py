@@ -147,12 +147,6 @@ class Job:
         depth = self.pace.observe(elapsed, rtt, size)
         self.window = min(MAX_WINDOW, self.base_window * (depth // PREFETCH))
 
-    def sent_at(self, seq: int) -> tuple[float, int]:
-        """When pending chunk ``seq`` was made, and its payload's size (-1: unknown or
-        not pending)."""
-        info = self.pending.get(seq)
-        return (-1.0, -1) if info is None else (info.sent, info.size)
-
     def lift_window(self) -> None:
         """No limit on outstanding chunks any more: the caller waits for every task to
         run before it consumes (``join()`` before reading an ``imap``), as

@@ -276,7 +276,6 @@ class Scheduler:
             # less its run time is the round trip to the node (see Pace)
             rtt = self._now - started - elapsed if started >= 0 else -1.0
             self._done(node, job, seq, status, payload, elapsed, rtt)
-            self._free.update(node)  # after _done: its pace may have changed
         elif status in (CRASHED, TIMEOUT):
             self._restart_clocks(node)  # the node restarted its pool: it reruns the rest
             self._retry(
@@ -290,8 +289,7 @@ class Scheduler:
                 CRASHED,
                 f"node {node.name} answered {CANCELLED!r} for it, though its job was live",
             )
-        if status not in (OK, ERROR):
-            self._free.update(node)
+        self._free.update(node)  # a chunk less in flight, and its pace may have changed
         return True
 
     def _done(

@@ -87,13 +87,19 @@ def _end_turn_later(reactor: Any) -> None:
 def _end_turn() -> None:
     """Run the turn's end (see at_turn_end), then write what the protocols held while
     reads were handled (see dataReceived)."""
-    global _corked, _turn_pending
+    global _turn_pending
     _turn_pending = False
     while _turn_end:
         fns = list(_turn_end)
         _turn_end.clear()
         for fn in fns:
             fn()
+    _flush_held()
+
+
+def _flush_held() -> None:
+    """Write what the protocols held while reads were handled."""
+    global _corked
     held, _corked = _corked or [], None
     for proto in held:
         proto._flush()
@@ -173,9 +179,7 @@ class FramedProtocol(protocol.Protocol):
                     # to the controller per result was a third of the server's CPU (W8).
                     _end_turn_later(reactor)
                 else:
-                    held, _corked = _corked or [], None
-                    for proto in held:
-                        proto._flush()
+                    _flush_held()
 
     def read_done(self) -> None:
         """Every frame of one read was handled (before the held frames are written)."""
